@@ -1,0 +1,159 @@
+"""The `tinyllm` command line: a table of commands, each a typed config dataclass plus one `run(cfg)`.
+
+`tinyllm <command> [--config file.toml] [--field value ...]` parses into the command's dataclass (fields,
+types, defaults and help come from the dataclass; a field's help is its `metadata["help"]`) and calls `run`.
+Commands with a space in their name (`calc params`) become sub-commands. The CLI holds no logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+# command → "module:ConfigClass:run_function"; modules are imported only when their command runs
+COMMANDS: dict[str, str] = {
+    "generate": "tinyllm.infer.cli_generate:GenerateConfig:run_generate",
+    "chat": "tinyllm.infer.cli_generate:ChatConfig:run_chat",
+    "calc params": "tinyllm.calc.cli:ParamsConfig:run_params",
+    "calc flops": "tinyllm.calc.cli:FlopsConfig:run_flops",
+    "calc kv-cache": "tinyllm.calc.cli:KVCacheConfig:run_kv_cache",
+    "calc memory": "tinyllm.calc.cli:MemoryConfig:run_memory",
+}
+
+_HELP = {
+    "generate": "generate text from a prompt with a checkpoint (HF directory or GGUF)",
+    "chat": "interactive chat with a checkpoint, using its chat template, streaming tokens",
+    "calc": "interview arithmetic: parameters, FLOPs, KV-cache and training memory",
+    "calc params": "exact parameter count of a preset, config.json or checkpoint",
+    "calc flops": "training FLOPs (6ND + attention) and forward FLOPs per token",
+    "calc kv-cache": "KV-cache bytes for a model, batch and context length (GQA-aware)",
+    "calc memory": "weights + gradients + optimizer memory for fp32 / mixed-precision training",
+}
+
+
+def _load(target: str) -> tuple[type, Any]:
+    module, cls, fn = target.split(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, fn)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the scalar type, whether None is allowed) of a field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{help_text} (default: {default!r})".strip()}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, **kwargs)
+        elif origin is list:
+            (item,) = typing.get_args(tp) or (str,)
+            parser.add_argument(flag, type=item, nargs="*", **kwargs)
+        elif tp in (int, float, str):
+            parser.add_argument(flag, type=tp, **kwargs)
+        else:
+            parser.add_argument(flag, type=str, **kwargs)
+        del optional
+
+
+def build_config(cls: type, args: argparse.Namespace) -> Any:
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None)
+    if config_file:
+        path = Path(config_file)
+        try:
+            values.update(tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            raise SystemExit(f"error: --config {path}: no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SystemExit(f"error: --config {path}: {e}") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SystemExit(f"error: --config {path}: unknown field(s) {unknown}")
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "_command")})
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyllm", description="tinyllm: LLM interview notes as one working, tested package.")
+    sub = parser.add_subparsers(dest="_top", metavar="command")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, target in COMMANDS.items():
+        parts = name.split(" ")
+        holder = sub
+        if len(parts) == 2:
+            if parts[0] not in groups:
+                gp = sub.add_parser(parts[0], help=_HELP.get(parts[0], ""), description=_HELP.get(parts[0], ""))
+                groups[parts[0]] = gp.add_subparsers(dest="_sub", metavar="subcommand", required=True)
+            holder = groups[parts[0]]
+        p = holder.add_parser(parts[-1], help=_HELP.get(name, ""), description=_HELP.get(name, ""))
+        p.add_argument("--config", default=None, help="TOML file with field values (flags override it)")
+        p.set_defaults(_command=name)
+        p.set_defaults(_target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # build only the sub-parser that is needed: import the command's module lazily
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
+    if name not in COMMANDS and not any(c.startswith(name + " ") for c in COMMANDS):
+        parser.error(f"unknown command {argv[0]!r}; choose from {sorted({c.split()[0] for c in COMMANDS})}")
+    if name not in COMMANDS:  # a group without its sub-command
+        parser.parse_args([*argv[:1], "--help"] if len(argv) == 1 else argv)
+        return 2
+    cls, run = _load(COMMANDS[name])
+    sub = argparse.ArgumentParser(prog=f"tinyllm {name}", description=_HELP.get(name, ""))
+    sub.add_argument("--config", default=None, help="TOML file with field values (flags override it)")
+    add_dataclass_arguments(sub, cls)
+    args = sub.parse_args(argv[len(name.split(" ")):])
+    cfg = build_config(cls, args)
+    result = run(cfg)
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
