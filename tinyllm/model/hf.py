@@ -119,7 +119,9 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
+    # parts a model declares optional (e.g. BERT's pooler / MLM head) may be absent and keep their init
+    optional = tuple(getattr(model, "optional_weight_prefixes", ()))
+    missing = sorted(k for k in set(own) - set(sd) if not (optional and k.startswith(optional)))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:6]}"
@@ -128,7 +130,7 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], source: 
     for k, v in sd.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, config expects {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=not optional)
 
 
 # Short names for real checkpoints that ship inside registry packages (offline-friendly).

@@ -149,7 +149,8 @@ class CausalLM(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE auxiliary losses of the last forward (None for a dense model)."""
-        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        # isinstance, not `is not None`: this module's own `aux_loss` is the bound method
+        losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
         return torch.stack(losses).sum() if losses else None
 
     def num_parameters(self, trainable_only: bool = False) -> int:
