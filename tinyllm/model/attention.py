@@ -13,6 +13,9 @@ Backends (registry `ATTENTION`), all with the signature
   exp(m_old − m_new), so the [Tq, Tk] matrix is never materialised. Exact, slow; it is the oracle that shows
   the tiling is right.
 
+A query row that may read no key at all (every key masked) yields a zero output in all three backends, the
+rule of `scaled_dot_product_attention`, never NaN.
+
 The KV cache is an argument implementing `KVCache` (DESIGN rule 2): the model calls
 `cache.update(layer_idx, k, v, meta)` and attends over what it returns, never knowing whether the cache is
 contiguous or paged. `AttnMeta` carries the mask for one forward, built once and shared by all layers.
@@ -122,7 +125,10 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     full = _full_mask(mask, is_causal, q.shape[2], k.shape[2], q.device)
     if full is not None:
         logits = logits.masked_fill(~full, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    probs = torch.softmax(logits, dim=-1)
+    if full is not None:  # a query that may read no key gets a zero output (SDPA's rule), not NaN
+        probs = probs.masked_fill(~full.any(-1, keepdim=True), 0.0)
+    probs = probs.to(v.dtype)
     return torch.matmul(probs, v)
 
 
@@ -174,7 +180,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
             denom = denom * correction + p.sum(-1, keepdim=True)
             acc = acc * correction + torch.matmul(p, v[:, :, ks:ke].float())
             m = m_new
-        out[:, :, qs:qe] = (acc / denom).to(q.dtype)
+        # denom = 0 only for a query that may read no key; its output is 0, as in SDPA
+        out[:, :, qs:qe] = (acc / denom.masked_fill(denom == 0, 1.0)).to(q.dtype)
     return out
 
 
