@@ -155,6 +155,13 @@ class ModelConfig:
         return self.model_type == "bert"
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with fields changed; derived sizes (MHA's KV heads, hidden/heads head_dim) follow."""
+        if ("num_attention_heads" in changes and "num_key_value_heads" not in changes
+                and self.num_key_value_heads == self.num_attention_heads):
+            changes["num_key_value_heads"] = None
+        if (("hidden_size" in changes or "num_attention_heads" in changes) and "head_dim" not in changes
+                and self.head_dim * self.num_attention_heads == self.hidden_size):
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,7 +241,8 @@ PRESETS: dict[str, Any] = {
                                      position_type="learned", attention_bias=True, attention_out_bias=True,
                                      mlp_bias=True, pad_token_id=0),
     "bert-large": lambda: PRESETS["bert-base"]().replace(hidden_size=1024, intermediate_size=4096,
-                                                         num_hidden_layers=24, num_attention_heads=16),
+                                                         num_hidden_layers=24, num_attention_heads=16,
+                                                         num_key_value_heads=16, head_dim=64),
     # tiny models for tests and the CPU training recipes
     "tiny": lambda: _llama(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
