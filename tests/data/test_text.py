@@ -63,9 +63,9 @@ def test_bad_inputs_name_the_value(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="token id 300"):
         write_token_shards([[1, 300]], tmp_path / "a", vocab_size=256, eos_token_id=0, progress=False)
     assert not (tmp_path / "a" / "index.json").exists()
-    with pytest.raises(ValueError, match="val_fraction=1.5"):
+    with pytest.raises(ValueError, match=r"val_fraction=1\.5"):
         write_token_shards([[1]], tmp_path / "b", vocab_size=256, eos_token_id=0, val_fraction=1.5)
-    with pytest.raises(FileNotFoundError, match="index.json"):
+    with pytest.raises(FileNotFoundError, match=r"index\.json"):
         TokenShards(tmp_path / "b")
     write_token_shards([[1, 2, 3]] * 10, tmp_path / "c", vocab_size=256, eos_token_id=0, val_fraction=0.0,
                        progress=False)

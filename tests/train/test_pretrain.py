@@ -1,0 +1,82 @@
+"""Pretraining end to end (tinyllm/train/pretrain.py): shards → model → HF checkpoint that transformers loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinyllm import cli
+from tinyllm.data.text import write_token_shards
+from tinyllm.model.hf import load_model
+from tinyllm.train.pretrain import PretrainConfig, run_pretrain
+
+SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    # a Markov chain: t → (3t + 1) mod 40 with probability 0.8, else uniform; learnable and shared by val
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(120):
+        t, doc = int(rng.integers(0, 40)), []
+        for _ in range(int(rng.integers(10, 40))):
+            doc.append(t)
+            t = (3 * t + 1) % 40 if rng.random() < 0.8 else int(rng.integers(0, 40))
+        docs.append(doc)
+    write_token_shards(docs, tmp_path / "shards", vocab_size=48, eos_token_id=47, shard_tokens=500,
+                       val_fraction=0.1, progress=False)
+    return tmp_path / "shards"
+
+
+def test_pretrain_learns_and_saves_a_transformers_checkpoint(shards: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    out = tmp_path / "run"
+    cfg = PretrainConfig(data_dir=str(shards), out_dir=str(out), seq_len=32, batch_size=8, max_steps=40, lr=1e-2,
+                         min_lr=1e-3, warmup_steps=4, eval_interval=20, eval_steps=2, log_interval=10,
+                         save_interval=0, device="cpu", progress=False, tokenizer=str(tmp_path / "tok"), **SIZE)
+    res = run_pretrain(cfg)
+    assert res.step == 40 and not res.interrupted
+    assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5]) - 0.5
+    assert res.eval_losses[40] < res.eval_losses[20]
+    resolved = json.loads((out / "pretrain_config.json").read_text())
+    assert resolved["model"]["vocab_size"] == 48 and resolved["model"]["eos_token_id"] == 47
+    assert resolved["model"]["hidden_size"] == 32 and resolved["seq_len"] == 32
+    final = out / "final"
+    assert (final / "tokenizer.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ours = load_model(final).eval()
+    ids = torch.randint(0, 48, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_and_cli(shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data_dir"):
+        PretrainConfig()
+    with pytest.raises(ValueError, match="vocab_size=10"):
+        run_pretrain(PretrainConfig(data_dir=str(shards), out_dir=str(tmp_path / "x"), vocab_size=10, **SIZE))
+    out = tmp_path / "cli"
+    rc = cli.main(["pretrain", "--data-dir", str(shards), "--out-dir", str(out), "--seq-len", "16",
+                   "--batch-size", "2", "--max-steps", "3", "--hidden-size", "32", "--intermediate-size", "64",
+                   "--num-hidden-layers", "1", "--num-attention-heads", "4", "--num-key-value-heads", "2",
+                   "--betas", "0.9", "0.99", "--device", "cpu", "--progress", "false"])
+    assert rc == 0
+    resolved = json.loads((out / "pretrain_config.json").read_text())
+    assert resolved["betas"] == [0.9, 0.99] and resolved["model"]["num_hidden_layers"] == 1
+    assert (out / "final" / "model.safetensors").exists()

@@ -1,0 +1,380 @@
+"""THE training loop (DESIGN rule 7; notes ch.04 training practice, ch.04.1.b MFU).
+
+`train(model, task, cfg)` owns everything generic about optimisation; a `Task` (pretraining, SFT, reward,
+DPO, PPO, GRPO) supplies only batches, a loss and the trainable parameters.
+
+One optimizer step s:
+  lr ← schedule(s)                                   (optim.lr_at: a pure function of s)
+  for each of the k = grad_accum_steps micro-batches:  (loss_i / k).backward()   under bf16 autocast if asked
+  g ← clip(g, grad_clip)                             (= torch.nn.utils.clip_grad_norm_; the norm is logged)
+  AdamW update; zero the gradients
+Gradient accumulation is exact for mean losses over equal-sized micro-batches: k micro-batches of b give the
+same gradient as one batch of k·b (tested). With masked labels of unequal counts (SFT) the average of
+per-micro-batch means weights tokens unequally, as in most trainers.
+
+Precision: "fp32", or "bf16" = autocast to bfloat16 for matmuls with fp32 master weights, gradients and
+optimizer state (no loss scaling needed: bf16 has fp32's exponent range). `compile` wraps the forward in
+torch.compile. Throughput is reported as tokens/s and MFU = achieved model FLOP/s ÷ the device's matmul peak,
+with model FLOPs per token = 6·N (N = parameters that take part in matmuls) + 12·L·H·d_head·T (attention
+scores and values, PaLM appendix B), and the peak measured once per process by timing a square matmul.
+
+Outputs under `cfg.out_dir`: `train_config.json`, `metrics.jsonl` (one JSON object per log/eval line),
+`loss.png` (plot.py) and `checkpoints/step-XXXXXX/` (checkpoint.py). Ctrl-C saves a checkpoint of the last
+completed step (with the data position and RNG states as they were at that step's start) and returns with
+`interrupted=True`; `resume=True` continues from `checkpoints/latest` and reproduces the uninterrupted run
+bit-exactly in fp32.
+
+Not covered here: multi-process data parallelism (train/parallel/ wraps the model and the batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from tinyllm.train import checkpoint as ckpt
+from tinyllm.train.optim import DECAY_SHAPES, SCHEDULES, build_optimizer, lr_at
+from tinyllm.utils import pick_device, seed_everything
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@runtime_checkable
+class Task(Protocol):
+    def train_batches(self) -> Iterator[Any]:
+        """An endless batch iterator with state_dict()/load_state_dict() (its data position)."""
+        ...
+
+    def eval_batches(self) -> Iterable[Any] | None:
+        """A fresh pass over held-out batches (None: no eval)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss to minimise and extra metrics to log (a "tokens" entry sets the token count)."""
+        ...
+
+    def trainable_parameters(self, model: nn.Module) -> Iterable[Any]:
+        """(name, parameter) pairs, or bare parameters, that the optimizer updates."""
+        ...
+
+
+def _meta(help_text: str, **kw: Any) -> dict[str, Any]:
+    return {"help": help_text, **kw}
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = field(default="out", metadata=_meta("directory for checkpoints, metrics and plots"))
+    max_steps: int = field(default=1000, metadata=_meta("optimizer steps"))
+    batch_size: int = field(default=8, metadata=_meta("sequences per micro-batch"))
+    grad_accum_steps: int = field(default=1, metadata=_meta("micro-batches per optimizer step"))
+    lr: float = field(default=3e-4, metadata=_meta("peak learning rate"))
+    min_lr: float = field(default=3e-5, metadata=_meta("final learning rate of cosine/wsd"))
+    warmup_steps: int = field(default=100, metadata=_meta("linear warm-up steps"))
+    schedule: str = field(default="cosine", metadata=_meta("learning-rate schedule", choices=list(SCHEDULES)))
+    decay_fraction: float = field(default=0.2, metadata=_meta("wsd: fraction of steps spent decaying"))
+    decay_shape: str = field(default="linear", metadata=_meta("wsd decay shape", choices=list(DECAY_SHAPES)))
+    weight_decay: float = field(default=0.1, metadata=_meta("AdamW decoupled weight decay (≥2-D params)"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_meta("AdamW β1 β2"))
+    grad_clip: float = field(default=1.0, metadata=_meta("max global gradient norm (0: no clipping)"))
+    precision: str = field(default="fp32", metadata=_meta("fp32 or bf16 autocast", choices=list(PRECISIONS)))
+    compile: bool = field(default=False, metadata=_meta("wrap the forward in torch.compile"))
+    eval_interval: int = field(default=200, metadata=_meta("evaluate every N steps (0: only at the end)"))
+    eval_steps: int = field(default=20, metadata=_meta("eval batches per evaluation (0: no eval)"))
+    log_interval: int = field(default=10, metadata=_meta("write a metrics line every N steps"))
+    save_interval: int = field(default=500, metadata=_meta("checkpoint every N steps (0: only at the end)"))
+    keep_last: int = field(default=0, metadata=_meta("keep only the newest N checkpoints (0: all)"))
+    seed: int = field(default=0, metadata=_meta("seed for python/numpy/torch and the data order"))
+    device: str = field(default="auto", metadata=_meta("cpu, cuda, cuda:N or auto"))
+    resume: bool = field(default=False, metadata=_meta("continue from out_dir/checkpoints/latest"))
+    progress: bool = field(default=True, metadata=_meta("show a progress bar"))
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
+        for name, allowed in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction!r} must be in (0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.betas = [float(b) for b in self.betas]
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0")
+
+    def train_fields(self) -> dict[str, Any]:
+        """This config's TrainConfig fields (also for subclasses that add their own)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed in total
+    start_step: int  # step this call started from (> 0 after resume)
+    losses: list[float]  # training loss of each step run in this call
+    eval_losses: dict[int, float]
+    tokens: int  # tokens trained on in this call
+    seconds: float
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+
+
+# ------------------------------------------------------------------ throughput accounting
+@functools.lru_cache(maxsize=8)
+def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """Measured FLOP/s of an n×n matmul on `device` (best of a few runs; cached per process)."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    best = math.inf
+    for i in range(6):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:  # the first run warms up
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6·N_matmul + 12·L·H·d_head·T training FLOPs per token (forward + backward)."""
+    matmul_params = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
+    n = sum(matmul_params.values())
+    cfg = getattr(model, "config", None)
+    attn = 0.0
+    if cfg is not None and hasattr(cfg, "num_hidden_layers"):
+        attn = 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.head_dim or 0) * seq_len
+    return 6.0 * n + attn
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _named(params: Iterable[Any]) -> list[tuple[str, nn.Parameter]]:
+    return [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------ the loop
+class _Run:
+    """State of one `train` call; methods are the loop's phases."""
+
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig) -> None:
+        self.model, self.task, self.cfg = model, task, cfg
+        self.out = Path(cfg.out_dir)
+        self.device = pick_device(cfg.device)
+        self.model.to(self.device)
+        self.params = _named(task.trainable_parameters(model))
+        self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+        self.fwd = torch.compile(model) if cfg.compile else model
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self.data = task.train_batches()
+        self.flops_per_token: float | None = None
+        self.eval_losses: dict[int, float] = {}
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, c.schedule, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_fraction, c.decay_shape)
+
+    def data_state(self) -> Any:
+        fn = getattr(self.data, "state_dict", None)
+        return fn() if fn is not None else None
+
+    def resume(self) -> int:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            raise FileNotFoundError(f"resume=True but {self.out / 'checkpoints'} holds no checkpoint")
+        state = ckpt.load_checkpoint(path, self.model, self.opt)
+        if state.get("data") is not None:
+            self.data.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        return int(state["step"])
+
+    def save(self, step: int, data_state: Any, rng: dict[str, Any]) -> Path:
+        trainer_state = {"lr_schedule_step": step, "rng": rng, "data": data_state}
+        return ckpt.save_checkpoint(self.out, step, self.model, self.opt, trainer_state,
+                                    dataclasses.asdict(self.cfg), self.cfg.keep_last)
+
+    def step(self, step: int) -> tuple[float, int, float, dict[str, float]]:
+        """One optimizer step; returns (mean micro-batch loss, tokens, grad norm, task metrics)."""
+        lr = self.lr(step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        k = self.cfg.grad_accum_steps
+        total, tokens, metrics = 0.0, 0, {}
+        for _ in range(k):
+            batch = _to_device(next(self.data), self.device)
+            with self.autocast:
+                loss, metrics = self.task.loss(self.fwd, batch)
+            (loss / k).backward()
+            total += loss.item()
+            first = _first_tensor(batch)
+            tokens += int(metrics.get("tokens", first.numel() if first is not None else 0))
+            if self.flops_per_token is None and first is not None:
+                self.flops_per_token = model_flops_per_token(self.model, first.shape[-1])
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total / k, tokens, float(norm), metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.cfg.eval_steps == 0:
+            return None
+        batches = self.task.eval_batches()
+        if batches is None:
+            return None
+        self.model.eval()
+        losses = []
+        try:
+            for i, batch in enumerate(batches):
+                if i == self.cfg.eval_steps:
+                    break
+                with self.autocast:
+                    loss, _ = self.task.loss(self.fwd, _to_device(batch, self.device))
+                losses.append(loss.item())
+        finally:
+            self.model.train()
+        return sum(losses) / len(losses) if losses else None
+
+
+def train(model: nn.Module, task: Task, cfg: TrainConfig) -> TrainResult:
+    """Optimise `model` on `task` for cfg.max_steps steps (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.seed)
+    run = _Run(model, task, cfg)
+    run.out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(run.out / "train_config.json", dataclasses.asdict(cfg))
+    start = run.resume() if cfg.resume else 0
+    metrics_path = run.out / "metrics.jsonl"
+    if not cfg.resume:
+        metrics_path.unlink(missing_ok=True)
+    model.train()
+    losses: list[float] = []
+    total_tokens, window_tokens, window_losses = 0, 0, []
+    t_start = t_window = time.perf_counter()
+    peak = None
+    interrupted, last_ckpt = False, None
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    step, in_step, data_state, rng = start, False, None, None
+    with open(metrics_path, "a") as log:
+        def emit(record: dict[str, Any]) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        try:
+            while step < cfg.max_steps:
+                # what a checkpoint of "step completed steps" must hold, captured before the step consumes it
+                in_step, data_state, rng = True, run.data_state(), ckpt.rng_state()
+                loss, tokens, norm, task_metrics = run.step(step)
+                step += 1
+                in_step = False
+                losses.append(loss)
+                window_losses.append(loss)
+                total_tokens += tokens
+                window_tokens += tokens
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - t_window, 1e-9)
+                    if peak is None:
+                        peak = matmul_peak_flops(str(run.device), torch.bfloat16 if cfg.precision == "bf16"
+                                                 else torch.float32)
+                    mfu = tps * (run.flops_per_token or 0.0) / peak
+                    emit({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": run.lr(step - 1),
+                          "grad_norm": norm, "tokens": total_tokens, "tokens_per_s": tps, "mfu": mfu,
+                          "elapsed_s": now - t_start,
+                          **{k: float(v) for k, v in task_metrics.items() if k != "tokens"}})
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
+                    t_window, window_tokens, window_losses = now, 0, []
+                bar.update(1)
+                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+                    ev = run.evaluate()
+                    if ev is not None:
+                        run.eval_losses[step] = ev
+                        emit({"step": step, "eval_loss": ev})
+                if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps:
+                    last_ckpt = run.save(step, run.data_state(), ckpt.rng_state())
+        except KeyboardInterrupt:
+            interrupted = True
+            run.opt.zero_grad(set_to_none=True)
+            if not in_step:  # the step had completed: its own end state is the one to keep
+                data_state, rng = run.data_state(), ckpt.rng_state()
+            bar.write(f"interrupted: saving a checkpoint of step {step}")
+            last_ckpt = run.save(step, data_state, rng)
+        finally:
+            bar.close()
+    plot_path = write_plot(metrics_path, run.out / "loss.png")
+    return TrainResult(step=step, start_step=start, losses=losses, eval_losses=run.eval_losses,
+                       tokens=total_tokens, seconds=time.perf_counter() - t_start, interrupted=interrupted,
+                       checkpoint=last_ckpt, metrics_path=metrics_path, plot_path=plot_path)
+
+
+def write_plot(metrics_path: Path, png_path: Path) -> Path | None:
+    """Train and eval loss curves from metrics.jsonl → PNG (None when there is nothing to plot)."""
+    from tinyllm.train.plot import write_loss_plot
+
+    train_xy: tuple[list[float], list[float]] = ([], [])
+    eval_xy: tuple[list[float], list[float]] = ([], [])
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        for key, xy in (("loss", train_xy), ("eval_loss", eval_xy)):
+            if key in rec:
+                xy[0].append(rec["step"])
+                xy[1].append(rec[key])
+    if not train_xy[0]:
+        return None
+    return write_loss_plot(png_path, {"train": train_xy, "eval": eval_xy})

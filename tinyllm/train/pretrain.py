@@ -1,0 +1,148 @@
+"""Pretraining: next-token prediction on packed token shards (notes ch.01.1 language modelling, ch.03 data).
+
+`tinyllm pretrain --data-dir shards/ --model-preset tiny --max-steps 2000 --out-dir runs/tiny` builds a
+decoder from a preset (any field overridable), streams packed windows from the shards written by
+`tinyllm.data.text.write_shards`, minimises the causal-LM cross entropy (+ the MoE auxiliary loss when the
+model has experts) with THE training loop, and writes
+
+  out_dir/pretrain_config.json   the resolved config (training fields + the exact ModelConfig)
+  out_dir/final/                 HF checkpoint (loads in transformers.AutoModelForCausalLM), with the
+                                 tokenizer files copied in when `tokenizer` names a directory
+  out_dir/checkpoints/, metrics.jsonl, loss.png   from the loop
+
+The tokenizer is an input: shards are already token ids, and the model's vocabulary defaults to the shards'.
+Not covered: data mixing across several shard directories, curriculum or sequence-length warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tinyllm.data.text import PackedBatches, TokenShards
+from tinyllm.train.loop import TrainConfig, TrainResult, train
+from tinyllm.train.losses import causal_lm_loss
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model")
+MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data_dir: str = field(default="", metadata={"help": "directory of token shards (index.json + *.bin)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training window"})
+    model_preset: str = field(default="tiny", metadata={"help": "ModelConfig preset the fields below override"})
+    init_from: str | None = field(default=None, metadata={"help": "start from this HF checkpoint instead"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory copied into final/"})
+    vocab_size: int | None = field(default=None, metadata={"help": "default: the shards' vocabulary size"})
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = field(default=None, metadata={"help": "default: ≥ seq_len"})
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data_dir:
+            raise ValueError("data_dir='' : pass the directory of token shards (--data-dir)")
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            raise ValueError(f"seq_len={self.seq_len!r} must be a positive integer")
+
+    def model_config(self, shards_vocab: int, eos_token_id: int) -> Any:
+        from tinyllm.model.config import preset
+
+        overrides = {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
+        overrides.setdefault("vocab_size", shards_vocab)
+        base = preset(self.model_preset)
+        overrides.setdefault("max_position_embeddings", max(base.max_position_embeddings, self.seq_len))
+        if overrides["vocab_size"] < shards_vocab:
+            raise ValueError(f"vocab_size={overrides['vocab_size']} is smaller than the shards' vocabulary "
+                             f"({shards_vocab})")
+        if overrides["max_position_embeddings"] < self.seq_len:
+            raise ValueError(f"max_position_embeddings={overrides['max_position_embeddings']} < "
+                             f"seq_len={self.seq_len}")
+        return base.replace(eos_token_id=eos_token_id, **overrides)
+
+
+class PretrainTask:
+    """Packed next-token prediction: loss = CE(model(x), y) (+ MoE aux loss), labels already shifted."""
+
+    def __init__(self, data_dir: str | Path, batch_size: int, seq_len: int, seed: int, eval_batch_size: int) -> None:
+        self.train_shards = TokenShards(data_dir, "train")
+        self.val_shards = TokenShards(data_dir, "val")
+        self.batch_size, self.seq_len, self.seed, self.eval_batch_size = batch_size, seq_len, seed, eval_batch_size
+
+    def train_batches(self) -> Iterator[Any]:
+        return PackedBatches(self.train_shards, self.batch_size, self.seq_len, self.seed)
+
+    def eval_batches(self) -> Iterable[Any] | None:
+        if len(self.val_shards) <= self.seq_len:
+            return None
+        # in order, from the start: every evaluation sees the same held-out windows
+        return PackedBatches(self.val_shards, self.eval_batch_size, self.seq_len, shuffle=False)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        ce = causal_lm_loss(model(x), y)
+        aux_fn = getattr(model, "aux_loss", None) or getattr(getattr(model, "_orig_mod", None), "aux_loss", None)
+        aux = aux_fn() if aux_fn is not None else None
+        if aux is None:
+            return ce, {"tokens": y.numel()}
+        return ce + aux, {"tokens": y.numel(), "ce_loss": ce.item(), "aux_loss": aux.item()}
+
+    def trainable_parameters(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_pretrain_model(cfg: PretrainConfig, shards: TokenShards) -> nn.Module:
+    if cfg.init_from:
+        from tinyllm.model.hf import load_model
+
+        model = load_model(cfg.init_from)
+        if model.config.vocab_size < shards.vocab_size:
+            raise ValueError(f"init_from={cfg.init_from!r} has vocab_size={model.config.vocab_size} < the "
+                             f"shards' {shards.vocab_size}")
+        return model
+    from tinyllm.model.hf import build_model
+
+    return build_model(cfg.model_config(shards.vocab_size, shards.eos_token_id))
+
+
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Build the model, train it on the shards, save `out_dir/final` (HF format) and the resolved config."""
+    from tinyllm.utils import seed_everything
+
+    seed_everything(cfg.seed)  # the initial weights depend on the seed alone
+    task = PretrainTask(cfg.data_dir, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.batch_size)
+    model = build_pretrain_model(cfg, task.train_shards)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**dataclasses.asdict(cfg), "model": model.config.to_dict(),
+                "num_parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+    tmp = out / ".pretrain_config.json.tmp"
+    tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    tmp.replace(out / "pretrain_config.json")
+    result = train(model, task, TrainConfig(**cfg.train_fields()))
+    if result.interrupted:
+        return result
+    from tinyllm.model.hf import save_pretrained
+
+    final = save_pretrained(model.cpu(), out / "final")
+    if cfg.tokenizer:
+        for name in TOKENIZER_FILES:
+            src = Path(cfg.tokenizer) / name
+            if src.exists():
+                shutil.copy2(src, final / name)
+    return result
