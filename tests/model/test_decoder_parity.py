@@ -3,7 +3,8 @@
 HF → tinyllm: a tiny random transformers model is saved, loaded with `tinyllm.model.hf.load_model` and must give
 the same fp32 logits. tinyllm → HF: a tinyllm model saved with `save_pretrained` must give the same logits in
 `AutoModelForCausalLM.from_pretrained`. Covered: MHA/GQA/MQA, tied/untied head, every RoPE scaling type (dynamic
-NTK past max_position_embeddings), llama biases, qwen2, mistral's sliding window, and a left-padded batch.
+NTK past max_position_embeddings), llama biases, qwen2 (with and without its sliding window), mistral's sliding
+window, and a left-padded batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ CASES: dict[str, tuple[str, dict[str, Any], int]] = {
         "original_max_position_embeddings": 64, "rope_theta": 1e4}), 40),
     "qwen2": ("qwen2", {}, 20),
     "mistral-window": ("mistral", dict(sliding_window=8), 24),
+    # regression: export wrote max_window_layers=num_hidden_layers, so HF slid the window in no layer
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0), 24),
 }
 
 

@@ -239,7 +239,7 @@ PRESETS: dict[str, Any] = {
                                      max_position_embeddings=512, hidden_act="gelu", mlp_type="plain",
                                      norm_type="layernorm", norm_position="post", rms_norm_eps=1e-12,
                                      position_type="learned", attention_bias=True, attention_out_bias=True,
-                                     mlp_bias=True, pad_token_id=0),
+                                     mlp_bias=True, pad_token_id=0, tie_word_embeddings=True),
     "bert-large": lambda: PRESETS["bert-base"]().replace(hidden_size=1024, intermediate_size=4096,
                                                          num_hidden_layers=24, num_attention_heads=16,
                                                          num_key_value_heads=16, head_dim=64),

@@ -41,6 +41,23 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, merged
 
 
+def _qwen2_window(hf: dict[str, Any]) -> int | None:
+    """Qwen2 slides the window only in layers listed as "sliding_attention" (transformers 5 `layer_types`) or,
+    in older configs, in layers i >= max_window_layers. tinyllm applies one window to all layers or none."""
+    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return None
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)]
+    sliding = sum(t == "sliding_attention" for t in types)
+    if sliding == 0:
+        return None
+    if sliding != len(types):
+        raise ConfigError(f"qwen2 sliding window in {sliding} of {len(types)} layers (layer_types={types}); "
+                          "tinyllm applies sliding_window to all layers or none")
+    return hf["sliding_window"]
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in MODEL_TYPES:
@@ -66,8 +83,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
     elif mt == "qwen2":
         kw["attention_bias"] = True
-        if hf.get("use_sliding_window"):
-            kw["sliding_window"] = hf.get("sliding_window")
+        kw["sliding_window"] = _qwen2_window(hf)
     elif mt in ("mistral", "mixtral"):
         kw["sliding_window"] = hf.get("sliding_window")
     if mt == "mixtral":
@@ -98,6 +114,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         v = getattr(cfg, k)
         if v is not None:
             hf[k] = v
+    # token ids are written even when None: transformers would otherwise fill in llama's 1/2 defaults
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        hf[k] = getattr(cfg, k)
     hf["hidden_act"] = _ACTS_BACK[cfg.hidden_act]
     hf["rope_theta"] = cfg.rope_theta
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -112,7 +131,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.model_type == "qwen2":
         hf["use_sliding_window"] = cfg.sliding_window is not None
         hf["sliding_window"] = cfg.sliding_window
-        hf["max_window_layers"] = cfg.num_hidden_layers
+        # Qwen2 slides the window in layers i >= max_window_layers: 0 → every layer, as tinyllm does
+        hf["max_window_layers"] = 0 if cfg.sliding_window is not None else cfg.num_hidden_layers
     if cfg.model_type in ("mistral", "mixtral"):
         hf["sliding_window"] = cfg.sliding_window
     if cfg.model_type == "mixtral":
@@ -131,6 +151,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"position_type={cfg.position_type!r} (HF: rope)")
     if cfg.mlp_type != "gated":
         problems.append(f"mlp_type={cfg.mlp_type!r} (HF: gated)")
+    if cfg.partial_rotary_factor != 1.0:
+        problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor} (HF rotates the whole head)")
+    if cfg.model_type == "llama" and cfg.sliding_window is not None:
+        problems.append(f"sliding_window={cfg.sliding_window} (HF llama has none; use mistral or qwen2)")
     if cfg.qk_norm:
         problems.append("qk_norm=True")
     if cfg.model_type == "qwen2" and (not cfg.attention_bias or cfg.attention_out_bias):
