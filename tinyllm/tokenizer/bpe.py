@@ -497,7 +497,7 @@ class BPETokenizer:
             config["chat_template"] = self.chat_template
         for name, obj in (("tokenizer.json", self.to_hf_json()), ("tokenizer_config.json", config)):
             tmp = out / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+            tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
             tmp.replace(out / name)
         return out
 
