@@ -1,10 +1,11 @@
 """tinyllm: the mechanisms of the LLM interview notes as one working, tested package.
 
-Public surface: ModelConfig, load_model, save_pretrained, build_model.
+Public surface: ModelConfig, preset, load_model, save_pretrained, build_model, load_tokenizer.
 """
 
 from tinyllm.model.config import ModelConfig, preset
 from tinyllm.model.hf import build_model, load_model, save_pretrained
+from tinyllm.tokenizer import load_tokenizer
 
-__all__ = ["ModelConfig", "build_model", "load_model", "preset", "save_pretrained"]
+__all__ = ["ModelConfig", "build_model", "load_model", "load_tokenizer", "preset", "save_pretrained"]
 __version__ = "0.1.0"
