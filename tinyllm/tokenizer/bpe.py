@@ -113,6 +113,42 @@ def _merge_word(symbols: tuple[int, ...], a: int, b: int, new: int) -> tuple[int
     return tuple(out)
 
 
+def _merge_with_deltas(symbols: list[int], a: int, b: int, new: int) -> tuple[list[int], list[tuple[Pair, int]]]:
+    """`_merge_word` plus the pair-count changes it causes, found only around the merged positions: each
+    occurrence removes (left, a), (a, b), (b, right) and adds (left, new), (new, right); two adjacent
+    occurrences share one neighbour, which becomes (new, new). `list.index` skips to candidates at C speed."""
+    out: list[int] = []
+    deltas: list[tuple[Pair, int]] = []
+    n, i, start, prev_end = len(symbols), 0, 0, -1
+    while True:
+        try:
+            i = symbols.index(a, i)
+        except ValueError:
+            break
+        if i + 1 >= n:
+            break
+        if symbols[i + 1] != b:
+            i += 1
+            continue
+        out.extend(symbols[start:i])
+        if i > 0:
+            if prev_end == i:  # (b, a) between the two occurrences was already removed
+                deltas.append(((new, new), 1))
+            else:
+                deltas += [((symbols[i - 1], a), -1), ((symbols[i - 1], new), 1)]
+        deltas.append(((a, b), -1))
+        if i + 2 < n:
+            right = symbols[i + 2]
+            if right == a and i + 3 < n and symbols[i + 3] == b:
+                deltas.append(((b, a), -1))
+            else:
+                deltas += [((b, right), -1), ((new, right), 1)]
+        out.append(new)
+        i = start = prev_end = i + 2
+    out.extend(symbols[start:])
+    return out, deltas
+
+
 class _Vocab:
     """Growing id <-> bytes table for the trainers; a merge whose bytes already exist reuses that id."""
 
@@ -143,7 +179,7 @@ def train_merges(types: Mapping[bytes, int], num_tokens: int, min_frequency: int
 
     vocab = _Vocab()
     tok = vocab.tokens
-    words = [tuple(w) for w in types]
+    words = [list(w) for w in types]
     freqs = list(types.values())
     counts: dict[Pair, int] = {}
     where: dict[Pair, set[int]] = {}
@@ -169,22 +205,17 @@ def train_merges(types: Mapping[bytes, int], num_tokens: int, min_frequency: int
         new = vocab.add(tok[a] + tok[b])
         merges.append((a, b))
         gained: set[Pair] = set()
+        # the index may list words that lost the pair already (entries are never removed): they yield no deltas
         for w in where.pop((a, b)):
-            old, f = words[w], freqs[w]
-            merged = _merge_word(old, a, b, new)
-            old_pairs, new_pairs = list(pairwise(old)), list(pairwise(merged))
-            for p in old_pairs:
-                counts[p] -= f
-            for p in new_pairs:
-                counts[p] = counts.get(p, 0) + f
-                if new in p:  # only pairs touching the new symbol can have gained occurrences
+            merged, deltas = _merge_with_deltas(words[w], a, b, new)
+            if not deltas:
+                continue
+            f = freqs[w]
+            for p, d in deltas:
+                counts[p] = counts.get(p, 0) + d * f
+                if d > 0:  # only pairs touching the new symbol gain occurrences
+                    where.setdefault(p, set()).add(w)
                     gained.add(p)
-            old_set, new_set = set(old_pairs), set(new_pairs)
-            for p in old_set - new_set:
-                if p != (a, b):
-                    where[p].discard(w)
-            for p in new_set - old_set:
-                where.setdefault(p, set()).add(w)
             words[w] = merged
         del counts[(a, b)]
         for p in gained:
