@@ -117,6 +117,7 @@ def test_special_tokens_only_when_allowed(trained: BPETokenizer) -> None:
     assert 418 not in plain and trained.decode(plain) == text
     ids = trained.encode(text, allowed_special="all")
     assert ids[0] == 418 and ids[-1] == 419 and trained.decode(ids) == text
+    assert trained.decode(ids, skip_special_tokens=True) == "你好"
     assert trained.encode(text, allowed_special={"<|im_end|>"})[-1] == 419
     with pytest.raises(ValueError, match="<bogus>"):
         trained.encode(text, allowed_special={"<bogus>"})

@@ -436,8 +436,11 @@ class BPETokenizer:
         except KeyError as e:
             raise ValueError(f"unknown token id {e.args[0]!r}") from None
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Bytes of all tokens joined, then UTF-8 decoded; a sequence cut inside a character gives U+FFFD."""
+        if skip_special_tokens:
+            specials = set(self.special_tokens.values())
+            ids = [i for i in ids if i not in specials]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     # --- import --------------------------------------------------------------------------------------------
