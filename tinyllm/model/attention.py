@@ -19,6 +19,8 @@ rule of `scaled_dot_product_attention`, never NaN.
 The KV cache is an argument implementing `KVCache` (DESIGN rule 2): the model calls
 `cache.update(layer_idx, k, v, meta)` and attends over what it returns, never knowing whether the cache is
 contiguous or paged. `AttnMeta` carries the mask for one forward, built once and shared by all layers.
+A cache may also offer `attend(layer_idx, q, cache_meta, scale) -> out | None` (the engine's paged cache
+does, to attend per sequence over its blocks); None, or a position bias, means the backend attends.
 """
 
 from __future__ import annotations
@@ -218,7 +220,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,D]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, meta.cache_meta)
-        out = self.attend(q, k, v, meta.mask, bias, meta.is_causal, self.scale)  # [B,H,T,D]
+            paged = getattr(cache, "attend", None)  # a paged cache may attend over its own block layout
+            if paged is not None and bias is None:
+                out = paged(self.layer_idx, q, meta.cache_meta, self.scale)
+        if out is None:
+            out = self.attend(q, k, v, meta.mask, bias, meta.is_causal, self.scale)  # [B,H,T,D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

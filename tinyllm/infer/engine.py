@@ -1,0 +1,293 @@
+"""The vLLM-style engine: `LLMEngine` (add_request / step / abort, streaming) and the offline `LLM` front end
+(notes ch.06.4 vLLM, ch.06.3.c continuous batching; Kwon et al. 2023).
+
+One `step()` = schedule (continuous batching, chunked prefill, preemption; `scheduler.py`) → copy-on-write
+block copies → one forward over the mixed batch on the paged KV cache (`runner.py`, `paged.py`) → fork
+n > 1 requests whose prompt just finished → sample → append tokens, detokenize, check stop conditions,
+free finished sequences' blocks → one `RequestOutput` per request that progressed. `LLM.generate` runs
+steps until every request is done and returns the outputs in request order.
+
+Stop conditions, in this order: a stop token id (`stop_reason` = the id), EOS unless `ignore_eos` (EOS ids
+of the model config and tokenizer), a stop string in the text (the text is cut before it, `stop_reason` = the
+string), `max_tokens` or the model's `max_model_len` ("length"). Stop tokens and EOS stay in `token_ids` but
+not in the text. While a request streams, the last len(longest stop string) − 1 characters are held back so
+that a stop string is never half-reported.
+
+Not covered: beam search, best_of, LoRA per request, multi-device workers, async serving (see serve/).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyllm.infer.paged import BlockManager, PagedKVCache
+from tinyllm.infer.runner import ModelRunner, Sampled
+from tinyllm.infer.sampling_params import SamplingParams
+from tinyllm.infer.scheduler import Scheduler
+from tinyllm.infer.sequence import CompletionOutput, Request, RequestOutput, Sequence
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # upper bound of the default pool (bytes)
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache.
+
+    num_blocks or kv_cache_memory (bytes) size the pool; by default it holds max_num_seqs sequences of
+    max_model_len tokens, at most 1 GiB. attention: "paged" (fast path) or "gather" (the reference).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, attention: str = "paged",
+                 max_model_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if num_blocks is None and kv_cache_memory is None:
+            per_block = PagedKVCache.bytes_per_block(model, block_size)
+            wanted = max_num_seqs * -(-self.max_model_len // block_size)
+            num_blocks = max(1, min(wanted, DEFAULT_KV_CACHE_MEMORY // per_block))
+        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len="
+                             f"{self.max_model_len}: without chunked prefill a long prompt would never fit a step")
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size, kv_cache_memory)
+        self.block_manager = BlockManager(self.cache.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)
+        self.runner = ModelRunner(model, self.cache, attention)
+        self.device = next(model.parameters()).device
+        self.eos_ids = set(_ids(getattr(cfg, "eos_token_id", None)))
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.requests: dict[str, Request] = {}
+        self._arrival = itertools.count()
+        self._seq_ids = itertools.count()
+        self._pending: list[RequestOutput] = []
+        self.num_steps = 0
+
+    # -------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | list[int] | None = None,
+                    params: SamplingParams | None = None, *, prompt_token_ids: list[int] | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        text = None
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("a text prompt needs a tokenizer; pass prompt_token_ids instead")
+                text, prompt_token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            elif prompt is not None:
+                prompt_token_ids = list(prompt)
+        else:
+            text = prompt if isinstance(prompt, str) else None
+        ids = [int(t) for t in (prompt_token_ids or [])]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError(f"request {request_id!r}: empty prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"request {request_id!r}: prompt token ids outside [0, {vocab}): "
+                             f"min {min(ids)}, max {max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens leaves no room under "
+                             f"max_model_len={self.max_model_len}")
+        need = -(-min(len(ids) + params.max_tokens, self.max_model_len) // self.cache.block_size)
+        if need > self.cache.num_blocks:
+            raise ValueError(f"request {request_id!r} may need {need} KV blocks but the pool has only "
+                             f"{self.cache.num_blocks}; raise num_blocks/kv_cache_memory or lower max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer")
+        req = Request(request_id, text, ids, params, next(self._arrival))
+        req.seqs.append(self._new_seq(req, 0, list(ids)))
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        gen = None
+        if req.params.seed is not None and not req.params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(req.params.seed + index)
+        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids), generator=gen)
+        if req.params.logprobs is not None:
+            seq.logprobs, seq.cumulative_logprob = [], 0.0
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its final output (finish_reason "abort") comes with the next step."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        self._pending.append(self._output(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {"steps": self.num_steps, "preemptions": self.scheduler.num_preemptions,
+                "prefix_hit_tokens": bm.prefix_hit_tokens, "cow_copies": bm.cow_copies,
+                "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks}
+
+    # -------------------------------------------------------------- one iteration
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched:
+            return outputs
+        self.num_steps += 1
+        bm = self.block_manager
+        self.cache.copy_blocks(bm.pending_copies)
+        bm.pending_copies.clear()
+        wanted, logits = self.runner.forward(sched.seqs, sched.num_new)
+        for seq, n in zip(sched.seqs, sched.num_new, strict=True):
+            seq.num_computed += n
+            bm.commit_full_blocks(seq)
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for row, seq in enumerate(wanted):
+            req = seq.request
+            family = [seq]
+            if req.params.n > 1 and not req.forked:  # prompt done: fork n samples sharing its blocks
+                req.forked = True
+                for i in range(1, req.params.n):
+                    child = self._new_seq(req, i, list(seq.token_ids))
+                    bm.fork(seq, child)
+                    req.seqs.append(child)
+                    self.scheduler.add_running(child)
+                    family.append(child)
+            seqs.extend(family)
+            rows.extend([row] * len(family))
+        touched: dict[str, Request] = {}
+        for seq, smp in zip(seqs, self.runner.sample(seqs, rows, logits), strict=True):
+            self._append(seq, smp)
+            touched[seq.request.request_id] = seq.request
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _append(self, seq: Sequence, smp: Sampled) -> None:
+        p = seq.request.params
+        tok = smp.token
+        seq.token_ids.append(tok)
+        if seq.logprobs is not None:
+            seq.logprobs.append(smp.top or {})
+            seq.cumulative_logprob += smp.logprob or 0.0
+        reason: str | None = None
+        stop_reason: int | str | None = None
+        if tok in p.stop_token_ids:
+            reason, stop_reason = "stop", tok
+        elif not p.ignore_eos and tok in self.eos_ids:
+            reason = "stop"
+        if self.tokenizer is not None:
+            out = seq.output_ids[:-1] if reason else seq.output_ids  # the stop token is not text
+            text = self.tokenizer.decode(out, skip_special_tokens=p.skip_special_tokens)
+            if p.stop and reason is None:
+                hits = [(text.find(s), s) for s in p.stop if s in text]
+                if hits:
+                    cut, s = min(hits)
+                    text, reason, stop_reason = text[:cut], "stop", s
+            seq.text = text
+        if reason is None and (len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    def _output(self, req: Request) -> RequestOutput:
+        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        outs = []
+        for seq in req.seqs:
+            visible = seq.text
+            if not seq.finished:
+                visible = visible[:len(visible) - hold] if hold else visible
+                visible = visible.rstrip("\ufffd")  # an incomplete UTF-8 character waits for its next byte
+            delta = visible[seq.emitted_text:] if len(visible) > seq.emitted_text else ""
+            seq.emitted_text = max(seq.emitted_text, len(visible))
+            ids = seq.output_ids
+            outs.append(CompletionOutput(
+                seq.index, visible, ids, seq.cumulative_logprob,
+                list(seq.logprobs) if seq.logprobs is not None else None, seq.finish_reason, seq.stop_reason,
+                delta, ids[seq.emitted_tokens:]))
+            seq.emitted_tokens = len(ids)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished)
+
+
+class LLM:
+    """Offline batched generation: `LLM(model).generate(prompts, params)`.
+
+    model: a model object, or anything `tinyllm.load_model` accepts (HF directory, GGUF file, short name);
+    then the tokenizer comes from the same path. Other keyword arguments go to `LLMEngine`.
+    """
+
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
+                 dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                 **engine_kwargs: Any) -> None:
+        from tinyllm.model.hf import load_model, resolve_model_path
+        from tinyllm.tokenizer import load_tokenizer
+
+        if isinstance(model, (str, os.PathLike)):
+            path = resolve_model_path(model)
+            if tokenizer is None and not (Path(path).is_dir() and not (Path(path) / "tokenizer.json").exists()):
+                tokenizer = load_tokenizer(path)  # a directory without tokenizer.json serves token ids only
+            model = load_model(path, dtype=dtype or torch.float32, device=device or "cpu")
+        elif dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        self.engine = LLMEngine(model, tokenizer, **engine_kwargs)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt (text, or a list of token ids) to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params, strict=True):
+            rid = str(next(self._counter))
+            if isinstance(prompt, str):
+                self.engine.add_request(rid, prompt, p)
+            else:
+                self.engine.add_request(rid, None, p, prompt_token_ids=list(prompt))
+            ids.append(rid)
+        from tqdm.auto import tqdm
+
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[r] for r in ids]

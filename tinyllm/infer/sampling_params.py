@@ -1,0 +1,92 @@
+"""Per-request decoding parameters of the engine (notes ch.06.1 "LLM推理常见参数", ch.06.4 vLLM `SamplingParams`).
+
+The fields and their meaning follow vLLM's `SamplingParams`: temperature 0 means greedy decoding; top_k ≤ 0
+(vLLM writes −1) and top_p = 1 disable those filters; repetition_penalty is CTRL's (applied to prompt and
+output tokens, as transformers does); presence/frequency penalties are OpenAI's additive ones over the output
+tokens only: z_i ← z_i − presence·[c_i > 0] − frequency·c_i with c_i the count of token i in the output.
+Processing order: repetition → presence/frequency → temperature → top-k → top-p → min-p.
+
+`seed` gives the request its own `torch.Generator`, so its samples do not depend on which other requests
+share the batch; with n > 1, sample i draws from a generator seeded with seed + i.
+`logprobs=k` returns, for every generated token, the log-probabilities under the *raw* model distribution
+(log_softmax of the logits before any processing) of the chosen token and the k most likely tokens.
+
+Not covered: best_of, beam search in the engine, guided decoding, bad_words, logit_bias, min_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tinyllm.infer.sampling import LogitsProcessor, build_processors
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def integer(name: str, minimum: int) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"{name}={v!r} must be an integer >= {minimum}")
+
+        integer("n", 1)
+        integer("max_tokens", 1)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= -1 (-1 or 0 disables it)")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name}={v!r} must be in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed={self.seed!r} must be an integer or None")
+        if self.logprobs is not None:
+            integer("logprobs", 0)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must hold non-empty strings")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must hold non-negative integer token ids")
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def processors(self) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
+        """(penalties, warpers): the transformers-ordered chains of `tinyllm.infer.sampling` for this request;
+        the presence/frequency penalties go between the two."""
+        penalties = build_processors(do_sample=False, repetition_penalty=self.repetition_penalty)
+        warpers = [] if self.greedy else build_processors(
+            do_sample=True, temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+            min_p=self.min_p)
+        return penalties, warpers
