@@ -211,3 +211,12 @@ def test_flops_per_token_counts_matmul_parameters_and_attention() -> None:
     linear = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed" not in n)
     assert model_flops_per_token(m, 12) == 6 * linear + 12 * 2 * 4 * 8 * 12
     assert copy.deepcopy(m).config.head_dim == 8
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_like_eager(tmp_path: Path) -> None:
+    """cfg.compile wraps the forward in torch.compile (minutes of compilation on CPU: slow)."""
+    batches = random_batches(2, 2)
+    eager = train(tiny_model(), LMTask(batches), cfg(tmp_path / "eager", max_steps=2))
+    compiled = train(tiny_model(), LMTask(batches), cfg(tmp_path / "compiled", max_steps=2, compile=True))
+    assert compiled.losses == pytest.approx(eager.losses, abs=1e-4)
