@@ -12,7 +12,7 @@ block, allocated on demand, so only the last block of a sequence wastes memory (
   reusable until the allocator hands it out again (unnamed blocks are handed out first). Writing into a
   shared block copies it first (copy-on-write). Hash equality is trusted (a 64-bit collision would alias
   two prefixes, the same trade-off vLLM makes).
-- `PagedKVCache`: the pool [layers, blocks, B, H_kv, D] for K and for V; implements the model's `KVCache`
+- `PagedKVCache`: the pool [layers, 2 (K, V), blocks, B, H_kv, D]; implements the model's `KVCache`
   protocol. A forward covers a *mixed batch* flattened into one row (B = 1, T = all new tokens of all
   sequences: decodes first, then prefill chunks); `update` scatters the new K/V into the pool by a slot
   mapping (slot = block_table[p // B]·B + p % B).
@@ -255,10 +255,11 @@ class PagedKVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        # zeros, not empty: padded tails of blocks are read (masked) and must never hold NaN
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        # zeros, not empty: padded tails of blocks are read (masked) and must never hold NaN.
+        # K and V of a layer side by side, so one scatter and one gather serve both
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # [layers, blocks, B, H_kv, D] views
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int = 16, dtype: torch.dtype | None = None) -> int:
@@ -291,26 +292,25 @@ class PagedKVCache:
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.k.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.k.device)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        src = torch.tensor([s for s, _ in pairs], device=self.kv.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.kv.device)
+        self.kv[:, :, dst] = self.kv[:, :, src]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: [1, Hkv, T, D] → pool slots [T] of the flat view [blocks·B, Hkv, D]
-        flat_k = self.k[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slots, k[0].transpose(0, 1))
-        flat_v.index_copy_(0, meta.slots, v[0].transpose(0, 1))
+        # k, v: [1, Hkv, T, D] → pool slots [T] of the flat view [2, blocks·B, Hkv, D]
+        flat = self.kv[layer_idx].view(2, -1, self.num_kv_heads, self.head_dim)
+        flat.index_copy_(1, meta.slots, torch.stack((k[0], v[0])).transpose(1, 2))  # [2, T, Hkv, D]
         if meta.gather_slots is None:
             return k, v  # the fast path reads the pool itself in `attend`
-        return (flat_k[meta.gather_slots].transpose(0, 1)[None],  # [1, Hkv, Tk, D]
-                flat_v[meta.gather_slots].transpose(0, 1)[None])
+        kv = flat.index_select(1, meta.gather_slots).transpose(1, 2)  # [2, Hkv, Tk, D]
+        return kv[0][None], kv[1][None]
 
-    def _context(self, pool: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
-        # tables [N, nb] → [N, nb, B, Hkv, D] → [N, Hkv, length, D]
+    def _context(self, layer_idx: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # tables [N, nb] → [2, N·nb, B, Hkv, D] → K and V [N, Hkv, length, D]
         n = tables.shape[0]
-        return pool[tables].view(n, -1, self.num_kv_heads, self.head_dim)[:, :length].transpose(1, 2)
+        kv = self.kv[layer_idx].index_select(1, tables.view(-1))
+        kv = kv.view(2, n, -1, self.num_kv_heads, self.head_dim)[:, :, :length].transpose(2, 3)
+        return kv[0], kv[1]
 
     def attend(self, layer_idx: int, q: torch.Tensor, meta: Any, scale: float) -> torch.Tensor | None:
         """Attention of the new queries q [1, H, T, D] over their own sequences' blocks; None in gather mode
@@ -319,17 +319,14 @@ class PagedKVCache:
             return None
         gqa = q.shape[1] != self.num_kv_heads
         outs = []
-        kp, vp = self.k[layer_idx], self.v[layer_idx]
         nd = meta.num_decode
         if nd:
             qd = q[0, :, :nd].transpose(0, 1)[:, :, None]  # [Nd, H, 1, D]
-            kd = self._context(kp, meta.decode_tables, meta.decode_len)
-            vd = self._context(vp, meta.decode_tables, meta.decode_len)
+            kd, vd = self._context(layer_idx, meta.decode_tables, meta.decode_len)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
             outs.append(od[:, :, 0].transpose(0, 1)[None])  # [1, H, Nd, D]
         for start, n, ids, ctx, mask in meta.prefills:
-            kc = self._context(kp, ids[None], ctx)
-            vc = self._context(vp, ids[None], ctx)
+            kc, vc = self._context(layer_idx, ids[None], ctx)
             qc = q[:, :, start:start + n]
             outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, is_causal=mask is None,
                                                        scale=scale, enable_gqa=gqa))
