@@ -21,6 +21,8 @@ from typing import Any
 COMMANDS: dict[str, str] = {
     "generate": "tinyllm.infer.cli_generate:GenerateConfig:run_generate",
     "chat": "tinyllm.infer.cli_generate:ChatConfig:run_chat",
+    "pretrain": "tinyllm.train.pretrain:PretrainConfig:run_pretrain",
+    "sft": "tinyllm.train.sft:SFTConfig:run_sft",
     "calc params": "tinyllm.calc.cli:ParamsConfig:run_params",
     "calc flops": "tinyllm.calc.cli:FlopsConfig:run_flops",
     "calc kv-cache": "tinyllm.calc.cli:KVCacheConfig:run_kv_cache",
@@ -30,6 +32,8 @@ COMMANDS: dict[str, str] = {
 _HELP = {
     "generate": "generate text from a prompt with a checkpoint (HF directory or GGUF)",
     "chat": "interactive chat with a checkpoint, using its chat template, streaming tokens",
+    "pretrain": "pretrain a decoder from a preset on token shards (writes an HF checkpoint)",
+    "sft": "supervised fine-tuning on conversations (assistant tokens only; writes an HF checkpoint)",
     "calc": "interview arithmetic: parameters, FLOPs, KV-cache and training memory",
     "calc params": "exact parameter count of a preset, config.json or checkpoint",
     "calc flops": "training FLOPs (6ND + attention) and forward FLOPs per token",

@@ -170,7 +170,8 @@ class RotaryPosition(NoPosition):
         return rope_inv_freq(self.dim, base).to(self.inv_freq.device)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self.frequencies(int(positions.max()) + 1)
+        # only dynamic NTK needs the largest position; reading it syncs and breaks torch.compile graphs
+        inv = self.frequencies(int(positions.max()) + 1) if self.rope_type == "dynamic" else self.inv_freq
         ang = positions[..., None].float() * inv  # [B, T, dim/2]
         emb = torch.cat((ang, ang), dim=-1)  # [B, T, dim]
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
