@@ -93,8 +93,17 @@ class _ShardWriter:
 
 def write_shards(texts: Iterable[str], tokenizer: TextTokenizer, out_dir: str | os.PathLike,
                  shard_tokens: int = 2**24, val_fraction: float = 0.01, vocab_size: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Tokenize `texts` (each one document) into token shards under `out_dir`; return the index dict."""
+                 progress: bool = True, val_texts: Iterable[str] | None = None) -> dict[str, Any]:
+    """Tokenize `texts` (each one document) into token shards under `out_dir`; return the index dict.
+
+    The validation split is every ⌊1/val_fraction⌋-th document, or exactly `val_texts` when given (a corpus
+    with its own held-out split; then all of `texts` trains).
+    """
+    if val_texts is not None:
+        from itertools import chain
+
+        texts = chain(((t, "val") for t in val_texts), ((t, "train") for t in texts))
+        val_fraction = 0.0
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens={shard_tokens} must be > 0")
     if not 0.0 <= val_fraction < 1.0:
@@ -113,13 +122,14 @@ def write_shards(texts: Iterable[str], tokenizer: TextTokenizer, out_dir: str | 
     n_docs = {s: 0 for s in SPLITS}
     n_tokens = 0
     bar = tqdm(texts, desc="tokenizing", unit="doc", disable=not progress)
-    for i, text in enumerate(bar):
+    for i, item in enumerate(bar):
+        text, forced = item if val_texts is not None else (item, None)
         ids = tokenizer.encode(text)
         ids = list(getattr(ids, "ids", ids))
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"document {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
-        split = "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
+        split = forced or ("val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train")
         writers[split].add([*ids, eos])
         n_docs[split] += 1
         n_tokens += len(ids) + 1

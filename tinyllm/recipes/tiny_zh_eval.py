@@ -1,0 +1,178 @@
+"""Evaluation and report of the tiny-zh recipe (notes ch.09): perplexity, sentiment accuracy against the
+majority baseline, title ROUGE-L by character, chat samples, and `report.md`."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAMPLE_PROMPTS = (
+    "你好，请介绍一下你自己。",
+    "把下面的中文翻译成英文。\n\n我喜欢学习中文。",
+    "判断下面这段新闻的情感倾向（积极、中性或消极）。\n\n今天市场大涨，投资者信心十足，多家企业公布了亮眼的业绩。",
+)
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    from tinyllm.tokenizer.chat import apply_chat_template
+
+    text = apply_chat_template(messages, getattr(tokenizer, "chat_template", None), add_generation_prompt=True)
+    try:
+        return tokenizer.encode(text, allowed_special="all")
+    except TypeError:
+        return tokenizer.encode(text)
+
+
+def _user_text(rec: dict[str, str]) -> str:
+    return f"{rec['instruction']}\n\n{rec['input']}" if rec.get("input") else rec["instruction"]
+
+
+def _greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, stop: list[int],
+                  batch_size: int = 16) -> list[str]:
+    from tinyllm.infer.generate import generate
+
+    texts = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=pad)
+        for r in range(len(chunk)):
+            new = [t for t in out[r, width:].tolist() if t not in stop and t != pad]
+            texts.append(tokenizer.decode(new).strip())
+    return texts
+
+
+@torch.no_grad()
+def evaluate(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> dict[str, Any]:
+    from tinyllm.data.corpora import INEWS_LABELS, inews, sft_examples
+    from tinyllm.data.text import PackedBatches, TokenShards
+    from tinyllm.eval.harness import choice_logprobs, sequence_nll
+    from tinyllm.eval.metrics import accuracy, majority_baseline, mean_rouge_l, perplexity
+    from tinyllm.model.hf import load_model
+
+    path = out / "metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    metrics: dict[str, Any] = {}
+    stop = [i for i in (tokenizer.eos_token_id, tokenizer.special_tokens.get("<|im_end|>")) if i is not None]
+    for name, mdir in (("pretrain", out / "pretrain" / "final"), ("sft", model_dir)):
+        model = load_model(mdir).eval()
+        val = TokenShards(out / "shards", "val")
+        n_windows = min(32, (len(val) - 1) // sc.seq_len)
+        batches = PackedBatches(val, 1, sc.seq_len, shuffle=False)
+        nll, count = sequence_nll(model, [next(batches) for _ in range(n_windows)])
+        metrics[f"{name}_val_loss"] = nll / count
+        metrics[f"{name}_val_ppl"] = perplexity(nll, count)
+
+    # sentiment: pick the label with the highest log-likelihood after the chat prompt
+    test = [r for r in sft_examples("sentiment", "test", max_chars=120)][: sc.eval_sentiment]
+    label_of = {lab: i for i, lab in enumerate(INEWS_LABELS)}
+    prompts = [_encode_chat(tokenizer, [{"role": "user", "content": _user_text(r)}]) for r in test]
+    choices = [tokenizer.encode(lab) + stop[-1:] for lab in INEWS_LABELS]
+    scores = choice_logprobs(model, prompts, choices, pad_id=tokenizer.pad_token_id or 0)
+    preds = scores.argmax(-1).tolist()
+    gold = [label_of[r["output"]] for r in test]
+    metrics["sentiment_accuracy"] = accuracy(preds, gold)
+    metrics["sentiment_majority_baseline"] = majority_baseline([a.label for a in inews("train")], gold)
+    metrics["sentiment_examples"] = len(test)
+
+    titles = sft_examples("title", "test", max_chars=120)[: sc.eval_titles]
+    prompts = [_encode_chat(tokenizer, [{"role": "user", "content": _user_text(r)}]) for r in titles]
+    gen = _greedy_batch(model, tokenizer, prompts, 24, stop)
+    metrics["title_rouge_l_char"] = mean_rouge_l(gen, [r["output"] for r in titles], "char")
+    metrics["title_examples"] = [{"reference": r["output"], "generated": g} for r, g in zip(titles[:5], gen[:5])]
+
+    samples = _greedy_batch(model, tokenizer,
+                            [_encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in SAMPLE_PROMPTS],
+                            48, stop)
+    metrics["samples"] = [{"prompt": p, "reply": s} for p, s in zip(SAMPLE_PROMPTS, samples)]
+    metrics["eval_seconds"] = time.time() - t0
+    tmp = path.with_name(".metrics.json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return metrics
+
+
+def _metric_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_summary(run: Path) -> dict[str, Any]:
+    lines = _metric_lines(run / "metrics.jsonl")
+    train = [m for m in lines if "loss" in m and "eval_loss" not in m]
+    last = train[-1] if train else {}
+    tps = [m["tokens_per_s"] for m in train if "tokens_per_s" in m]
+    mfu = [m["mfu"] for m in train if "mfu" in m]
+    return {"steps": last.get("step"), "final_loss": last.get("loss"),
+            "tokens": last.get("tokens_seen") or last.get("tokens"),
+            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+            "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None}
+
+
+def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: dict[str, Any],
+                 timings: dict[str, float]) -> Path:
+    import dataclasses
+
+    model_cfg = json.loads((out / "model" / "config.json").read_text())
+    n_params = json.loads((out / "pretrain" / "pretrain_config.json").read_text()).get("num_parameters")
+    pre, sft = _train_summary(out / "pretrain"), _train_summary(out / "sft")
+
+    def fmt(x: Any, spec: str = ".3f") -> str:
+        return "–" if x is None else format(x, spec) if isinstance(x, int | float) else str(x)
+
+    lines = [
+        "# tiny-zh: a tiny Chinese LLM trained end to end on a CPU", "",
+        f"Scale `{cfg.scale}`, precision {cfg.precision}, seed {cfg.seed}. Stage times: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ".", "",
+        "## Model", "",
+        f"LLaMA-style decoder, {fmt(n_params, ',')} parameters: hidden {model_cfg['hidden_size']}, "
+        f"{model_cfg['num_hidden_layers']} layers, {model_cfg['num_attention_heads']} heads / "
+        f"{model_cfg['num_key_value_heads']} KV heads, FFN {model_cfg['intermediate_size']}, vocab "
+        f"{model_cfg['vocab_size']} (byte-level BPE trained here), tied embeddings. Checkpoint: `model/` "
+        "(Hugging Face format; loads in transformers).", "",
+        "## Training", "",
+        "| stage | steps | tokens | tokens/s (median) | MFU (median) | final train loss |",
+        "|---|---|---|---|---|---|",
+        f"| pretrain | {fmt(pre['steps'], 'd')} | {fmt(pre['tokens'], ',')} | {fmt(pre['tokens_per_s'], ',.0f')} | "
+        f"{fmt(pre['mfu'], '.1%')} | {fmt(pre['final_loss'])} |",
+        f"| sft | {fmt(sft['steps'], 'd')} | {fmt(sft['tokens'], ',')} | {fmt(sft['tokens_per_s'], ',.0f')} | "
+        f"{fmt(sft['mfu'], '.1%')} | {fmt(sft['final_loss'])} |", "",
+        "Loss curves: `pretrain/loss.png`, `sft/loss.png`.", "",
+        "## Evaluation", "",
+        "| metric | value |", "|---|---|",
+        f"| validation loss / perplexity after pretraining | {fmt(metrics['pretrain_val_loss'])} / "
+        f"{fmt(metrics['pretrain_val_ppl'], '.1f')} |",
+        f"| validation loss / perplexity after SFT | {fmt(metrics['sft_val_loss'])} / {fmt(metrics['sft_val_ppl'], '.1f')} |",
+        f"| sentiment accuracy (inews test, {metrics['sentiment_examples']} articles, label log-likelihood) | "
+        f"{fmt(metrics['sentiment_accuracy'], '.1%')} |",
+        f"| majority-class baseline | {fmt(metrics['sentiment_majority_baseline'], '.1%')} |",
+        f"| title ROUGE-L (characters, inews test) | {fmt(metrics['title_rouge_l_char'], '.3f')} |", "",
+        "## Title samples", "", "| reference | generated |", "|---|---|",
+        *[f"| {e['reference']} | {e['generated'] or '∅'} |" for e in metrics["title_examples"]], "",
+        "## Chat samples", "",
+        *[f"**用户:** {s['prompt']}\n\n**模型:** {s['reply'] or '∅'}\n" for s in metrics["samples"]],
+        "## Configuration", "", "```json",
+        json.dumps({"recipe": dataclasses.asdict(cfg), "scale": dataclasses.asdict(sc), "plan": plan},
+                   indent=2, ensure_ascii=False), "```", "",
+    ]
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    if not math.isfinite(metrics["sft_val_loss"]):
+        raise RuntimeError("validation loss is not finite")
+    return path
