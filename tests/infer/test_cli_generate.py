@@ -42,7 +42,7 @@ def _expected(path: Path, text: str, n: int) -> str:
     model, tok = load_model(path), load_tokenizer(path)
     out = generate(model, torch.tensor([tok.encode(text)]), max_new_tokens=n, eos_token_id=[2])
     new = out[0, len(tok.encode(text)):].tolist()
-    return tok.decode(new[: new.index(2)] if 2 in new else new)
+    return tok.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("stream", ["true", "false"])
@@ -63,11 +63,11 @@ def test_generate_with_chat_template_and_sampling(checkpoint: Path, capsys) -> N
     assert main(args) == 0
     assert capsys.readouterr().out == first  # seeded sampling is reproducible
     model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
-    ids = tok.encode(apply_chat_template([{"role": "user", "content": "注意力机制"}], None))
+    ids = tok.encode(apply_chat_template([{"role": "user", "content": "注意力机制"}], None), allowed_special="all")
     out = generate(model, torch.tensor([ids]), max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20,
                    seed=3, eos_token_id=[2])
     new = out[0, len(ids):].tolist()
-    assert first == tok.decode(new[: new.index(2)] if 2 in new else new) + "\n"
+    assert first == tok.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True) + "\n"
 
 
 def test_chat_loop_keeps_history_and_obeys_commands(checkpoint: Path, capsys, monkeypatch) -> None:
@@ -79,9 +79,9 @@ def test_chat_loop_keeps_history_and_obeys_commands(checkpoint: Path, capsys, mo
     model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
 
     def reply(messages):
-        ids = tok.encode(apply_chat_template(messages, None))
+        ids = tok.encode(apply_chat_template(messages, None), allowed_special="all")
         new = generate(model, torch.tensor([ids]), max_new_tokens=6, eos_token_id=[2])[0, len(ids):].tolist()
-        return tok.decode(new[: new.index(2)] if 2 in new else new)
+        return tok.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True)
 
     r1 = reply([{"role": "user", "content": "the model"}])
     r2 = reply([{"role": "user", "content": "the model"}, {"role": "assistant", "content": r1},

@@ -179,3 +179,40 @@ def test_export_matches_hf_on_random_text(trained: BPETokenizer, text: str) -> N
 def test_byte_alphabet_is_a_bijection() -> None:
     table = bytes_to_unicode()
     assert len(set(table.values())) == 256 and table[ord("A")] == "A" and table[ord(" ")] == "Ġ"
+
+
+@settings(max_examples=40, deadline=None)
+@given(words=st.lists(st.text(alphabet="aab 中", min_size=1, max_size=24), min_size=1, max_size=10),
+       vocab_size=st.integers(257, 320))
+def test_trainer_equals_oracle_on_runs_of_one_symbol(words: list[str], vocab_size: int) -> None:
+    # "aaaa" merges (a, a) twice, left to right; neighbouring occurrences turn the pair between them into (new, new)
+    kw = dict(pattern=r"\S+|\s+", min_frequency=1, show_progress=False)
+    fast, slow = train_bpe(words, vocab_size, **kw), train_bpe(words, vocab_size, algorithm="naive", **kw)
+    assert fast.merges == slow.merges and fast.tokens == slow.tokens
+
+
+ZH = ("自然语言处理是人工智能的一个重要方向，分词是中文处理的第一步。大语言模型的分词器把文本切成token，"
+      "词表的大小影响模型的效率与压缩率。今天天气很好，我们去公园散步吧！机器学习、深度学习和强化学习。") * 3
+
+
+@pytest.fixture(scope="module")
+def zh_trained() -> BPETokenizer:
+    return train_bpe([ZH, *CORPUS], 900, show_progress=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="自然语言处理是人工智能的一个重要方向分词中文第步，。！ a1😀", max_size=80) | st.text(max_size=40))
+def test_character_shortcut_equals_plain_bpe(zh_trained: BPETokenizer, text: str) -> None:
+    # encoding may start from whole characters (bpe._partial_char_fragments); it must change no id
+    plain = BPETokenizer(zh_trained.tokens, zh_trained.merges, pattern=zh_trained.pattern)
+    plain._unsafe = None
+    assert zh_trained._unsafe is not None
+    assert zh_trained.encode(text) == plain.encode(text)
+
+
+def test_trained_on_chinese_matches_hf_tokenizers(zh_trained: BPETokenizer) -> None:
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_str(json.dumps(zh_trained.to_hf_json()))
+    for text in [ZH, *MIXED]:
+        assert hf.encode(text, add_special_tokens=False).ids == zh_trained.encode(text)

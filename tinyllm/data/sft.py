@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from tinyllm.data.formats import Conversation
+from tinyllm.tokenizer.chat import ChatTemplateError, chat_segments
 
 IGNORE_INDEX = -100
 Render = Callable[[list[dict[str, str]], bool], str]
@@ -41,29 +42,12 @@ class SFTExample:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-class TemplateError(ValueError):
-    """The chat template does not render conversations as growing prefixes, so spans cannot be found."""
+TemplateError = ChatTemplateError  # the template does not render conversations as growing prefixes
 
 
 def segments(conv: Conversation, render: Render) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, learned?) segments."""
-    msgs = conv.as_dicts()
-    out: list[tuple[str, bool]] = []
-    done = ""
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prompt = render(msgs[:i], True)
-        full = render(msgs[: i + 1], False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise TemplateError(f"the chat template does not render message {i} as an extension of the "
-                                "previous ones; assistant-only labels need a prefix-stable template")
-        out += [(prompt[len(done):], False), (full[len(prompt):], True)]
-        done = full
-    tail = render(msgs, False)[len(done):]
-    if tail:
-        out.append((tail, False))
-    return [(t, learn) for t, learn in out if t]
+    """The rendered conversation cut into (text, learned?) segments (the logic lives with the chat templates)."""
+    return chat_segments(conv.as_dicts(), render)
 
 
 def tokenize_conversation(conv: Conversation, render: Render, encode: Encode,

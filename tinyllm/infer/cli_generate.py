@@ -125,7 +125,7 @@ def _complete(model: torch.nn.Module, tokenizer: Any, ids: list[int], gen: Gener
         sys.stdout.write(decoder.flush() + "\n")
     else:
         out = generate(model, prompt, gen)
-    text = tokenizer.decode(_until_stop(out[0, len(ids):].tolist(), gen.eos_token_id))
+    text = tokenizer.decode(_until_stop(out[0, len(ids):].tolist(), gen.eos_token_id), skip_special_tokens=True)
     if not (stream and gen.num_beams == 1):
         sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -151,7 +151,7 @@ def run_generate(cfg: GenerateConfig) -> int:
         if cfg.chat:
             messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
             text = _render(tokenizer, [*messages, {"role": "user", "content": cfg.prompt}])
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = tokenizer.encode(text, allowed_special="all")  # the template's special tokens stay whole
         else:
             ids = tokenizer.encode(cfg.prompt, add_special_tokens=True)
         if not ids:
@@ -165,7 +165,7 @@ def run_generate(cfg: GenerateConfig) -> int:
 def _fit_context(model: torch.nn.Module, tokenizer: Any, messages: list[dict[str, str]], budget: int) -> list[int]:
     """Encode the conversation, dropping the oldest turns (never the system message) until it fits."""
     while True:
-        ids = tokenizer.encode(_render(tokenizer, messages), add_special_tokens=False)
+        ids = tokenizer.encode(_render(tokenizer, messages), allowed_special="all")
         first = 1 if messages and messages[0]["role"] == "system" else 0
         if len(ids) <= budget or len(messages) - first <= 1:
             return ids[-budget:]

@@ -1,7 +1,11 @@
-"""Tokenization (notes ch.01): checkpoint tokenizers (currently through the `tokenizers` library, see
-`hf_shim`) and chat templates (`chat`)."""
+"""Tokenization (notes ch.01, ch.02.4): tinyllm's byte-level BPE (`bpe`, files in `bpe_io`), regex
+pre-tokenizers (`pretokenize`), one `Tokenizer` interface and its loader (`interface`), the `tokenizers`
+fallback for non-BPE checkpoints (`hf_shim`) and chat templates with assistant-only loss masks (`chat`)."""
 
-from tinyllm.tokenizer.chat import apply_chat_template
-from tinyllm.tokenizer.hf_shim import CheckpointTokenizer, IncrementalDecoder, load_tokenizer
+from tinyllm.tokenizer.bpe import BPETokenizer, train_bpe
+from tinyllm.tokenizer.chat import apply_chat_template, encode_chat
+from tinyllm.tokenizer.hf_shim import CheckpointTokenizer
+from tinyllm.tokenizer.interface import IncrementalDecoder, Tokenizer, load_tokenizer
 
-__all__ = ["CheckpointTokenizer", "IncrementalDecoder", "apply_chat_template", "load_tokenizer"]
+__all__ = ["BPETokenizer", "CheckpointTokenizer", "IncrementalDecoder", "Tokenizer", "apply_chat_template",
+           "encode_chat", "load_tokenizer", "train_bpe"]

@@ -27,10 +27,8 @@ byte fallback), WordPiece/Unigram (separate modules).
 
 from __future__ import annotations
 
-import base64
 import functools
 import heapq
-import json
 import os
 import unicodedata
 from collections import Counter
@@ -43,13 +41,14 @@ import regex
 
 from tinyllm.tokenizer.pretokenize import (
     DEFAULT_PATTERN,
-    LLAMA3_PATTERN,
     compile_pattern,
     resolve_pattern,
-    to_oniguruma,
 )
 
 Pair = tuple[int, int]
+_SHIFT = 24  # the trainer packs a pair of ids into one int: a << 24 | b
+_LOW = (1 << _SHIFT) - 1
+_INF = 1 << 62  # rank of a pair that never merges
 
 
 @functools.cache
@@ -113,42 +112,6 @@ def _merge_word(symbols: tuple[int, ...], a: int, b: int, new: int) -> tuple[int
     return tuple(out)
 
 
-def _merge_with_deltas(symbols: list[int], a: int, b: int, new: int) -> tuple[list[int], list[tuple[Pair, int]]]:
-    """`_merge_word` plus the pair-count changes it causes, found only around the merged positions: each
-    occurrence removes (left, a), (a, b), (b, right) and adds (left, new), (new, right); two adjacent
-    occurrences share one neighbour, which becomes (new, new). `list.index` skips to candidates at C speed."""
-    out: list[int] = []
-    deltas: list[tuple[Pair, int]] = []
-    n, i, start, prev_end = len(symbols), 0, 0, -1
-    while True:
-        try:
-            i = symbols.index(a, i)
-        except ValueError:
-            break
-        if i + 1 >= n:
-            break
-        if symbols[i + 1] != b:
-            i += 1
-            continue
-        out.extend(symbols[start:i])
-        if i > 0:
-            if prev_end == i:  # (b, a) between the two occurrences was already removed
-                deltas.append(((new, new), 1))
-            else:
-                deltas += [((symbols[i - 1], a), -1), ((symbols[i - 1], new), 1)]
-        deltas.append(((a, b), -1))
-        if i + 2 < n:
-            right = symbols[i + 2]
-            if right == a and i + 3 < n and symbols[i + 3] == b:
-                deltas.append(((b, a), -1))
-            else:
-                deltas += [((b, right), -1), ((new, right), 1)]
-        out.append(new)
-        i = start = prev_end = i + 2
-    out.extend(symbols[start:])
-    return out, deltas
-
-
 class _Vocab:
     """Growing id <-> bytes table for the trainers; a merge whose bytes already exist reuses that id."""
 
@@ -174,27 +137,52 @@ def _chunk_types(texts: Iterable[str], pattern: str) -> Counter:
 def train_merges(types: Mapping[bytes, int], num_tokens: int, min_frequency: int = 2,
                  show_progress: bool = False) -> tuple[list[bytes], list[Pair]]:
     """Incremental BPE on chunk types (bytes -> frequency) until the vocab holds `num_tokens` tokens or no pair
-    occurs `min_frequency` times. Returns (tokens by id, merges in order)."""
+    occurs `min_frequency` times. Returns (tokens by id, merges in order).
+
+    Layout (numpy): the bytes of all chunk types back to back in one symbol array, `nxt`/`prv` links between
+    the live symbols of a type, and each position's type frequency. `where[pair]` holds arrays of positions
+    where the pair started at some point (stale ones are filtered when used). A merge handles all its
+    occurrences at once: keep the positions that still hold (a, b); for a == b keep every other one of a run
+    ("aaaa" -> two merges, left to right, as the sequential rule does); then the neighbour pairs (x, a) and
+    (b, y) lose the occurrence's frequency and (x, new), (new, y) gain it -- where two occurrences touch, the
+    pair between them becomes (new, new). Cost per merge: a few numpy calls on its occurrences only.
+    """
+    import numpy as np
     from tqdm.auto import tqdm
 
     vocab = _Vocab()
     tok = vocab.tokens
-    words = [list(w) for w in types]
-    freqs = list(types.values())
-    counts: dict[Pair, int] = {}
-    where: dict[Pair, set[int]] = {}
-    for w, symbols in enumerate(words):
-        for p in pairwise(symbols):
-            counts[p] = counts.get(p, 0) + freqs[w]
-            where.setdefault(p, set()).add(w)
+    lengths = np.fromiter(map(len, types), dtype=np.int64, count=len(types))
+    freqs = np.fromiter(types.values(), dtype=np.int64, count=len(types))
+    sym = np.frombuffer(b"".join(types), dtype=np.uint8).astype(np.int64)
+    n = len(sym)
+    ends = np.cumsum(lengths)[lengths > 0]
+    firsts = ends - lengths[lengths > 0]
+    weight = np.repeat(freqs, lengths)
+    nxt = np.arange(1, n + 1, dtype=np.int64)
+    nxt[ends - 1] = -1
+    prv = np.arange(-1, n - 1, dtype=np.int64)
+    prv[firsts] = -1
+    # initial byte pairs, counted and indexed at once (positions ascending inside each group)
+    starts = np.flatnonzero(nxt >= 0)
+    codes = sym[starts] << _SHIFT | sym[starts + 1]
+    order = np.argsort(codes, kind="stable")
+    keys, first_of = np.unique(codes[order], return_index=True)
+    totals = np.add.reduceat(weight[starts][order], first_of) if len(keys) else np.zeros(0, dtype=np.int64)
+    grouped = starts[order]
+    bounds = [*first_of.tolist(), len(grouped)]
+    counts: dict[int, int] = dict(zip(keys.tolist(), totals.tolist()))
+    where: dict[int, list] = {k: [grouped[bounds[g]:bounds[g + 1]]] for g, k in enumerate(keys.tolist())}
     # heap entries are upper bounds of the true count; the key orders by count desc, then bytes asc
-    heap = [(-c, tok[a], tok[b], a, b) for (a, b), c in counts.items()]
+    heap = [(-c, tok[k >> _SHIFT], tok[k & _LOW], k >> _SHIFT, k & _LOW) for k, c in counts.items()]
     heapq.heapify(heap)
     merges: list[Pair] = []
     bar = tqdm(total=max(num_tokens - len(tok), 0), disable=not show_progress, desc="bpe merges")
+    get = counts.get
     while len(tok) < num_tokens and heap:
         neg, _, _, a, b = heapq.heappop(heap)
-        c = counts.get((a, b), 0)
+        ab = a << _SHIFT | b
+        c = get(ab, 0)
         if c != -neg:  # stale: the pair lost occurrences since this entry was pushed
             if c > 0:
                 heapq.heappush(heap, (-c, tok[a], tok[b], a, b))
@@ -204,22 +192,46 @@ def train_merges(types: Mapping[bytes, int], num_tokens: int, min_frequency: int
         size = len(tok)
         new = vocab.add(tok[a] + tok[b])
         merges.append((a, b))
-        gained: set[Pair] = set()
-        # the index may list words that lost the pair already (entries are never removed): they yield no deltas
-        for w in where.pop((a, b)):
-            merged, deltas = _merge_with_deltas(words[w], a, b, new)
-            if not deltas:
-                continue
-            f = freqs[w]
-            for p, d in deltas:
-                counts[p] = counts.get(p, 0) + d * f
-                if d > 0:  # only pairs touching the new symbol gain occurrences
-                    where.setdefault(p, set()).add(w)
-                    gained.add(p)
-            words[w] = merged
-        del counts[(a, b)]
-        for p in gained:
-            heapq.heappush(heap, (-counts[p], tok[p[0]], tok[p[1]], p[0], p[1]))
+        chunks = where.pop(ab)
+        pos = np.unique(np.concatenate(chunks)) if len(chunks) > 1 else chunks[0]
+        pos = pos[sym[pos] == a]
+        nj = nxt[pos]
+        pos = pos[(nj >= 0) & (sym[nj] == b)]  # sym[-1] is read for nj < 0 but masked out
+        if a == b and len(pos) > 1:  # runs "aaa..": positions chained by nxt; keep ranks 0, 2, 4... of a run
+            idx = np.arange(len(pos))
+            head = np.ones(len(pos), dtype=bool)
+            head[1:] = prv[pos[1:]] != pos[:-1]
+            rank = idx - np.maximum.accumulate(np.where(head, idx, 0))
+            pos = pos[rank % 2 == 0]
+        i, j = pos, nxt[pos]
+        f, left, right = weight[i], prv[i], nxt[j]
+        ladj = np.zeros(len(i), dtype=bool)  # the left neighbour is the right half of the previous occurrence
+        ladj[1:] = left[1:] == j[:-1]
+        radj = np.zeros(len(i), dtype=bool)  # the right neighbour starts the next occurrence
+        radj[:-1] = right[:-1] == i[1:]
+        lm, rm = (left >= 0) & ~ladj, (right >= 0) & ~radj
+        x, y = sym[left[lm]], sym[right[rm]]
+        minus_keys = np.concatenate([x << _SHIFT | a, b << _SHIFT | y, np.full(int(radj.sum()), b << _SHIFT | a)])
+        minus_f = np.concatenate([f[lm], f[rm], f[radj]])
+        plus_keys = np.concatenate([x << _SHIFT | new, new << _SHIFT | y,
+                                    np.full(int(ladj.sum()), new << _SHIFT | new)])
+        plus_pos = np.concatenate([left[lm], i[rm], i[:-1][ladj[1:]]])
+        plus_f = np.concatenate([f[lm], f[rm], f[ladj]])
+        sym[i], sym[j], nxt[i] = new, -1, right
+        prv[right[right >= 0]] = i[right >= 0]
+        # aggregate the count changes per pair, then index the new pairs' positions
+        uk, inv = np.unique(np.concatenate([minus_keys, plus_keys]), return_inverse=True)
+        delta = np.bincount(inv, weights=np.concatenate([-minus_f, plus_f]), minlength=len(uk))
+        for k, d in zip(uk.tolist(), delta.astype(np.int64).tolist()):
+            counts[k] = get(k, 0) + d
+        del counts[ab]  # no occurrence is left after merging left to right
+        order = np.argsort(plus_keys, kind="stable")
+        sk, sp = plus_keys[order], plus_pos[order]
+        gk, gs = np.unique(sk, return_index=True)
+        gs = [*gs.tolist(), len(sk)]
+        for g, k in enumerate(gk.tolist()):
+            where.setdefault(k, []).append(sp[gs[g]:gs[g + 1]])
+            heapq.heappush(heap, (-counts[k], tok[k >> _SHIFT], tok[k & _LOW], k >> _SHIFT, k & _LOW))
         bar.update(len(tok) - size)
     bar.close()
     return tok, merges
@@ -288,7 +300,7 @@ class BPETokenizer:
                  special_tokens: Mapping[str, int] | None = None, pattern: str = DEFAULT_PATTERN,
                  mode: Literal["merges", "ranks"] = "merges", normalization: str | None = None,
                  bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None,
-                 chat_template: str | None = None, cache_size: int = 1 << 16) -> None:
+                 chat_template: str | None = None, add_bos_token: bool = False, cache_size: int = 1 << 16) -> None:
         if mode not in ("merges", "ranks"):
             raise ValueError(f"unknown BPE mode {mode!r}; use 'merges' or 'ranks'")
         if mode == "merges" and merges is None:
@@ -307,7 +319,7 @@ class BPETokenizer:
             raise ValueError(f"special token ids {sorted(clash)[:8]} are also ordinary token ids")
         self.mode, self.pattern, self.normalization = mode, resolve_pattern(pattern), normalization
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-        self.chat_template = chat_template
+        self.chat_template, self.add_bos_token = chat_template, add_bos_token
         for name in (bos_token, eos_token, pad_token):
             if name is not None and name not in self.special_tokens:
                 raise ValueError(f"bos/eos/pad token {name!r} is not among the special tokens")
@@ -315,8 +327,11 @@ class BPETokenizer:
         self._byte_ids = [self.encoder.get(bytes([b]), -1) for b in range(256)]
         self._single = [bytes([b]) for b in range(256)]
         if self._merges is not None:
-            self._rank = {p: r for r, p in enumerate(self._merges)}
-            self._merged = {p: self.encoder[self.tokens[p[0]] + self.tokens[p[1]]] for p in self._merges}
+            # pair (a, b) -> rank as one int key a << 24 | b; the token a merge creates, by rank
+            self._rank = {a << _SHIFT | b: r for r, (a, b) in enumerate(self._merges)}
+            self._merged = [self.encoder[self.tokens[a] + self.tokens[b]] for a, b in self._merges]
+            self._unsafe = _partial_char_fragments(self.tokens, self._merges, self._merged)
+            self._char_parts = _CharParts(self)
         self._decoder = {**self.tokens, **{i: s.encode("utf-8") for s, i in self.special_tokens.items()}}
         self._rx = compile_pattern(self.pattern)
         self._chunk_ids = functools.lru_cache(maxsize=cache_size)(self._bpe)
@@ -346,7 +361,9 @@ class BPETokenizer:
     def merges(self) -> list[Pair]:
         """Merge list in rank order; for a tiktoken vocabulary, derived (as HF's converter does) on first use."""
         if self._merges is None:
-            self._merges = _merges_from_ranks(self.encoder)
+            from tinyllm.tokenizer.bpe_io import merges_from_ranks
+
+            self._merges = merges_from_ranks(self.encoder)
         return self._merges
 
     # --- encoding ------------------------------------------------------------------------------------------
@@ -359,21 +376,28 @@ class BPETokenizer:
             if whole is not None:
                 return (whole,)
             return tuple(self.encoder[p] for p in _rank_merge([self._single[b] for b in data], self.encoder))
-        parts = [self._byte_ids[b] for b in data]
-        rank, merged, inf = self._rank, self._merged, 1 << 62
-        ranks = [rank.get(p, inf) for p in pairwise(parts)]
+        if self._unsafe is None:
+            parts = [self._byte_ids[b] for b in data]
+        else:  # start from each character's own merges (exact, see _partial_char_fragments)
+            table = self._char_parts
+            parts = [t for ch in chunk for t in table[ch]]
+        return self._merge_ranked(parts)
+
+    def _merge_ranked(self, parts: list[int]) -> tuple[int, ...]:
+        rank, merged, inf = self._rank, self._merged, _INF
+        ranks = [rank.get(x << _SHIFT | y, inf) for x, y in pairwise(parts)]
         # merge the lowest-rank adjacent pair (leftmost on ties) and re-rank only its two neighbours
         while ranks:
             best = min(ranks)
             if best == inf:
                 break
             i = ranks.index(best)
-            parts[i : i + 2] = [merged[(parts[i], parts[i + 1])]]
-            del ranks[i]
+            parts[i] = merged[best]
+            del parts[i + 1], ranks[i]
             if i < len(ranks):
-                ranks[i] = rank.get((parts[i], parts[i + 1]), inf)
+                ranks[i] = rank.get(parts[i] << _SHIFT | parts[i + 1], inf)
             if i > 0:
-                ranks[i - 1] = rank.get((parts[i - 1], parts[i]), inf)
+                ranks[i - 1] = rank.get(parts[i - 1] << _SHIFT | parts[i], inf)
         return tuple(parts)
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -385,23 +409,19 @@ class BPETokenizer:
             ids.extend(self._chunk_ids(chunk))
         return ids
 
-    def encode(self, text: str, allowed_special: Collection[str] | Literal["all"] = ()) -> list[int]:
+    def encode(self, text: str, allowed_special: Collection[str] | Literal["all"] = (),
+               add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Special tokens are recognised only when listed in `allowed_special` (or "all");
-        otherwise their spelling is encoded as ordinary text."""
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ValueError(f"allowed_special names unknown special tokens {sorted(unknown)!r}")
-        if not allowed:
-            return self.encode_ordinary(text)
-        splitter = regex.compile("|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)))
+        otherwise their spelling is encoded as ordinary text. `add_special_tokens` prepends BOS when the
+        vocabulary asks for it (`add_bos_token`, as transformers does)."""
         ids: list[int] = []
-        start = 0
-        for m in splitter.finditer(text):
-            ids.extend(self.encode_ordinary(text[start : m.start()]))
-            ids.append(self.special_tokens[m.group()])
-            start = m.end()
-        ids.extend(self.encode_ordinary(text[start:]))
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids.append(self.bos_token_id)
+        for piece, special in split_special(text, allowed_special, self.special_tokens):
+            if special is None:
+                ids += self.encode_ordinary(piece)
+            else:
+                ids.append(special)
         return ids
 
     def _check_bytes(self, data: bytes) -> None:
@@ -443,149 +463,43 @@ class BPETokenizer:
             ids = [i for i in ids if i not in specials]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --- import --------------------------------------------------------------------------------------------
+    # --- files (bpe_io.py) ---------------------------------------------------------------------------------
     @classmethod
     def from_tiktoken(cls, path: str | os.PathLike, pattern: str, special_tokens: Mapping[str, int] | None = None,
                       **kwargs: Any) -> BPETokenizer:
         """Load a tiktoken rank file (one `base64(token) rank` per line); ranks are the ids."""
-        tokens: dict[int, bytes] = {}
-        for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                b64, rank = line.split()
-                tokens[int(rank)] = base64.b64decode(b64, validate=True)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not a tiktoken rank line: {line[:60]!r}") from e
-        return cls(tokens, None, special_tokens, pattern=pattern, mode="ranks", **kwargs)
+        from tinyllm.tokenizer import bpe_io
+
+        return bpe_io.from_tiktoken(cls, path, pattern, special_tokens, **kwargs)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> BPETokenizer:
         """The GPT-2-style vocabulary and merges a GGUF file carries (`tokenizer.ggml.model == "gpt2"`)."""
-        from gguf import GGUFReader
+        from tinyllm.tokenizer import bpe_io
 
-        fields = GGUFReader(str(path)).fields
+        return bpe_io.from_gguf(cls, path)
 
-        def get(key: str, default: Any = None) -> Any:
-            return fields[key].contents() if key in fields else default
-
-        if get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{path}: tokenizer.ggml.model is {get('tokenizer.ggml.model')!r}, not a byte-level "
-                             "BPE ('gpt2')")
-        names, kinds = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type") or []
-        tokens, specials = {}, {}
-        for i, (name, kind) in enumerate(zip(names, kinds or [1] * len(names))):
-            if kind in (3, 4):  # control / user-defined: matched whole in text
-                specials[name] = i
-            else:
-                tokens[i] = _unspell(name)
-        encoder = {t: i for i, t in tokens.items()}
-        merges = []
-        for line in get("tokenizer.ggml.merges"):
-            left, right = line.split(" ")
-            merges.append((encoder[_unspell(left)], encoder[_unspell(right)]))
-        pre = get("tokenizer.ggml.pre")
-        pattern = {"qwen2": "qwen", "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN}.get(pre, "gpt2")
-
-        def special(key: str) -> str | None:
-            tid = get(f"tokenizer.ggml.{key}_token_id")
-            return names[tid] if tid is not None and names[tid] in specials else None
-
-        return cls(tokens, merges, specials, pattern=pattern, bos_token=special("bos"),
-                   eos_token=special("eos"), pad_token=special("padding"),
-                   chat_template=get("tokenizer.chat_template"))
-
-    # --- export --------------------------------------------------------------------------------------------
     def to_hf_json(self) -> dict[str, Any]:
         """The HF `tokenizers` serialization: Split(our regex) + ByteLevel pre-tokenizer, BPE model, ByteLevel
         decoder. Tiktoken semantics map to `ignore_merges` (a chunk that is a token is emitted whole)."""
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True}
-                             for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
-            "normalizer": {"type": self.normalization} if self.normalization else None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": to_oniguruma(self.pattern)}, "behavior": "Isolated",
-                 "invert": False}, byte_level]},
-            "post_processor": None,
-            "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": self.mode == "ranks",
-                      "vocab": {_spell(t): i for i, t in sorted(self.tokens.items())},
-                      "merges": [[_spell(self.tokens[a]), _spell(self.tokens[b])] for a, b in self.merges]},
-        }
+        from tinyllm.tokenizer import bpe_io
+
+        return bpe_io.to_hf_json(self)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` + `tokenizer_config.json` (loadable by HF `tokenizers` and transformers'
         AutoTokenizer, and by `BPETokenizer.load`). Each file is written to a temp name, then renamed."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-                  "eos_token": self.eos_token, "pad_token": self.pad_token, "unk_token": None,
-                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-                  "model_max_length": 1 << 30}
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
-        for name, obj in (("tokenizer.json", self.to_hf_json()), ("tokenizer_config.json", config)):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-            tmp.replace(out / name)
-        return out
+        from tinyllm.tokenizer import bpe_io
+
+        return bpe_io.save(self, directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> BPETokenizer:
-        """Read a ByteLevel-BPE `tokenizer.json` (ours, or an HF one with a Split and/or ByteLevel pre-tokenizer)
-        and its `tokenizer_config.json` when present."""
-        path = Path(directory)
-        spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise ValueError(f"{path}: model type {model.get('type')!r} is not BPE")
-        tokens = {i: _unspell(t) for t, i in model["vocab"].items()}
-        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["id"] not in tokens}
-        pattern = _pattern_of(spec.get("pre_tokenizer"), path)
-        norm = (spec.get("normalizer") or {}).get("type")
-        if norm not in (None, "NFC", "NFD", "NFKC", "NFKD"):
-            raise ValueError(f"{path}: normalizer {norm!r} is not supported")
-        cfg_path = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Read a ByteLevel-BPE `tokenizer.json` (a directory holding it, or the file) with the
+        `tokenizer_config.json` beside it; raises ValueError for anything else (WordPiece, SentencePiece...)."""
+        from tinyllm.tokenizer import bpe_io
 
-        def special(key: str) -> str | None:
-            value = cfg.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            return value if value in specials else None
-
-        kwargs = dict(pattern=pattern, normalization=norm, bos_token=special("bos_token"),
-                      eos_token=special("eos_token"), pad_token=special("pad_token"),
-                      chat_template=cfg.get("chat_template"))
-        if model.get("ignore_merges"):  # a tiktoken vocabulary exported by us or by HF's converter
-            return cls(tokens, None, specials, mode="ranks", **kwargs)
-        encoder = {t: i for i, t in tokens.items()}
-        merges = []
-        for m in model["merges"]:
-            left, right = m.split(" ") if isinstance(m, str) else m
-            merges.append((encoder[_unspell(left)], encoder[_unspell(right)]))
-        return cls(tokens, merges, specials, **kwargs)
-
-
-def _pattern_of(pre: Mapping[str, Any] | None, path: Path) -> str:
-    """The chunking regex an HF pre-tokenizer spec stands for (Split with a regex, or ByteLevel's GPT-2 regex)."""
-    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
-    split = [s for s in steps if s.get("type") == "Split"]
-    levels = [s for s in steps if s.get("type") == "ByteLevel"]
-    other = [s["type"] for s in steps if s.get("type") not in ("Split", "ByteLevel")]
-    if other or len(levels) != 1 or len(split) > 1 or levels[0].get("add_prefix_space"):
-        raise ValueError(f"{path}: pre-tokenizer {[s.get('type') for s in steps]} is not a ByteLevel BPE we read")
-    if split:
-        if "Regex" not in split[0]["pattern"] or split[0].get("invert") or split[0].get("behavior") != "Isolated":
-            raise ValueError(f"{path}: Split pre-tokenizer {split[0]!r} is not an isolated regex split")
-        return split[0]["pattern"]["Regex"]
-    if not levels[0].get("use_regex", True):
-        raise ValueError(f"{path}: ByteLevel without a regex has no chunking rule we read")
-    return "gpt2"
+        return bpe_io.load(cls, path)
 
 
 def _rank_merge(parts: list[bytes], ranks: Mapping[bytes, int], max_rank: int | None = None) -> list[bytes]:
@@ -610,23 +524,117 @@ def _rank_merge(parts: list[bytes], ranks: Mapping[bytes, int], max_rank: int | 
     return parts
 
 
-def _merges_from_ranks(encoder: Mapping[bytes, int]) -> list[Pair]:
-    """Recover the merge list of a tiktoken vocabulary: the merge that creates token t (rank r) is the last step
-    of BPE on t's bytes restricted to ranks < r, which must leave exactly two parts. When only one split of t
-    into two lower-ranked tokens exists, that split is the answer without running BPE."""
-    merges: list[tuple[int, Pair]] = []
-    get = encoder.get
-    for token, r in encoder.items():
-        if len(token) < 2:
+@functools.lru_cache(maxsize=64)
+def _special_splitter(names: frozenset[str]) -> regex.Pattern:
+    # longest first, so "<|im_start|>" wins over a special that is its prefix
+    return regex.compile("|".join(regex.escape(s) for s in sorted(names, key=len, reverse=True)))
+
+
+def split_special(text: str, allowed: Collection[str] | Literal["all"],
+                  special_tokens: Mapping[str, int]) -> list[tuple[str, int | None]]:
+    """Cut `text` at the allowed special tokens: [(piece, None) for ordinary text, (name, id) for a special]."""
+    names = frozenset(special_tokens) if allowed == "all" else frozenset(allowed)
+    if not names:
+        return [(text, None)]
+    unknown = names - special_tokens.keys()
+    if unknown:
+        raise ValueError(f"allowed_special names unknown special tokens {sorted(unknown)!r}")
+    out: list[tuple[str, int | None]] = []
+    start = 0
+    for m in _special_splitter(names).finditer(text):
+        if m.start() > start:
+            out.append((text[start : m.start()], None))
+        out.append((m.group(), special_tokens[m.group()]))
+        start = m.end()
+    if start < len(text):
+        out.append((text[start:], None))
+    return out
+
+
+def _partial_char_fragments(tokens: Mapping[int, bytes], merges: Sequence[Pair],
+                            merged: Sequence[int]) -> tuple[dict[bytes, list[int]], dict[bytes, list[int]]] | None:
+    """The merges that join a piece of an unfinished UTF-8 character with something outside that character.
+
+    Encoding may start from each character's own BPE result (its bytes merged alone) instead of its bytes when
+    no piece of it ever merges across its border: then its pieces evolve exactly as in the character alone, and
+    merges of whole characters come later in rank order anyway. The first merge that would cross a character's
+    border joins its last piece, a bare suffix of continuation bytes (left part, e.g. "\\x87" + "事"), or its first
+    piece, an unfinished prefix (right part, e.g. "，" + the first two bytes of "你"). Returns
+    (suffix piece -> ranks, prefix piece -> ranks) of those merges; `_CharParts` replays a character's own merges
+    and keeps its bytes when one of its pieces is that piece at that rank. Needs every merge's parts to be made
+    by earlier merges (true of trained merge lists); otherwise None: no shortcut."""
+    made = {i for i, t in tokens.items() if len(t) == 1}
+    for (a, b), new in zip(merges, merged):
+        if a not in made or b not in made:
+            return None
+        made.add(new)
+    suffixes: dict[bytes, list[int]] = {}
+    prefixes: dict[bytes, list[int]] = {}
+    for r, (a, b) in enumerate(merges):
+        left, right = tokens[a], tokens[b]
+        if (_whole(left) and _whole(right)) or _inside_one_char(left + right):
             continue
-        splits = [(token[:k], token[k:]) for k in range(1, len(token))
-                  if get(token[:k], r) < r and get(token[k:], r) < r]
-        if len(splits) != 1:
-            parts = _rank_merge([bytes([b]) for b in token], encoder, max_rank=r)
-            if len(parts) != 2:
-                raise ValueError(f"token {token!r} (rank {r}) is not reachable by merging two lower-ranked tokens")
-            splits = [tuple(parts)]
-        left, right = splits[0]
-        merges.append((r, (encoder[left], encoder[right])))
-    merges.sort()
-    return [p for _, p in merges]
+        if all(x & 0xC0 == 0x80 for x in left):
+            suffixes.setdefault(left, []).append(r)
+        if right[0] & 0xC0 != 0x80 and _inside_one_char(right) and not _whole(right):
+            prefixes.setdefault(right, []).append(r)
+    return suffixes, prefixes
+
+
+def _whole(t: bytes) -> bool:
+    try:
+        t.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _inside_one_char(t: bytes) -> bool:
+    """t is a piece of one UTF-8 character: no lead byte except possibly the first, no longer than it needs."""
+    leads = [k for k, x in enumerate(t) if x & 0xC0 != 0x80]
+    if not leads:
+        return len(t) <= 3
+    if leads != [0]:
+        return False
+    x = t[0]
+    return len(t) <= (1 if x < 0x80 else 2 if x < 0xE0 else 3 if x < 0xF0 else 4)
+
+
+class _CharParts(dict):
+    """character -> its ids after BPE on the character alone (bytes when it holds an unsafe fragment)."""
+
+    def __init__(self, tok: BPETokenizer) -> None:
+        super().__init__()
+        self.tok = tok
+
+    def __missing__(self, ch: str) -> tuple[int, ...]:
+        tok = self.tok
+        data = ch.encode("utf-8")
+        parts = [tok._byte_ids[b] for b in data]
+        self[ch] = out = tuple(parts) if len(data) == 1 or self._crosses(data) else tok._merge_ranked(parts)
+        return out
+
+    def _crosses(self, data: bytes) -> bool:
+        """Replay the character's own merges: is its last (first) piece ever a crossing merge's left (right) part
+        at that merge's rank?"""
+        tok = self.tok
+        suffixes, prefixes = tok._unsafe
+        checks = [(r, -1, p) for p, rs in suffixes.items() if data.endswith(p) for r in rs]
+        checks += [(r, 0, p) for p, rs in prefixes.items() if data.startswith(p) for r in rs]
+        if not checks:
+            return False
+        parts = [tok._byte_ids[b] for b in data]
+        history = [(-1, list(parts))]  # (rank of the merge, pieces after it)
+        while len(parts) > 1:
+            ranks = [tok._rank.get(x << _SHIFT | y, _INF) for x, y in pairwise(parts)]
+            best = min(ranks)
+            if best == _INF:
+                break
+            i = ranks.index(best)
+            parts[i : i + 2] = [tok._merged[best]]
+            history.append((best, list(parts)))
+        for r, end, piece in checks:
+            state = next(ps for rank, ps in reversed(history) if rank < r)
+            if tok.tokens[state[end]] == piece:
+                return True
+        return False
