@@ -54,7 +54,7 @@ def main() -> None:
     import tiktoken
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tinyllm.tokenizer.bpe import train_bpe
+    from tinyllm.tokenizer.bpe_train import train_bpe
     from tinyllm.tokenizer.pretokenize import resolve_pattern, to_oniguruma
 
     train = inews("train", int(args.mb * 1e6))

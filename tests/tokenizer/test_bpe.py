@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm.tokenizer.bpe import BPETokenizer, bytes_to_unicode, pair_counts, train_bpe
+from tinyllm.tokenizer.bpe import BPETokenizer, bytes_to_unicode
+from tinyllm.tokenizer.bpe_train import pair_counts, train_bpe
 from tinyllm.tokenizer.pretokenize import PATTERNS, pretokenize, to_oniguruma
 
 MIXED = [
