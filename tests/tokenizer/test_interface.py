@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -83,6 +83,8 @@ def test_gguf_ids_equal_transformers(smollm2_pair) -> None:
 @given(text=st.text(max_size=60) | st.text(alphabet="中文分词器的了是不😀 \n\t123abc，。—“”'s", max_size=60))
 def test_gguf_random_text_equals_transformers(smollm2_pair, text: str) -> None:
     ours, ref = smollm2_pair
+    # SmolLM2 has no token for some bytes (controls, 0xF1-0xF3...): ours raises ValueError naming them
+    assume(not set(text.encode("utf-8")) & ours._missing_bytes)
     assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
 
 
@@ -108,7 +110,8 @@ def test_save_roundtrip_loads_in_transformers(smollm2_pair, tmp_path: Path) -> N
     assert isinstance(again, BPETokenizer)
     ref = AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:
-        assert again.encode(text) == ours.encode(text) == ref.encode(text, add_special_tokens=False)
+        assert again.encode(text, allowed_special="all") == ours.encode(text, allowed_special="all") \
+            == ref.encode(text, add_special_tokens=False)
     assert again.chat_template == ours.chat_template
     assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (1, 2, 2)
     assert not list(tmp_path.glob(".*.tmp"))
