@@ -175,6 +175,15 @@ def from_gguf(cls: type[BPETokenizer], path: str | os.PathLike) -> BPETokenizer:
 
 # ------------------------------------------------------------------ tokenizer.json
 def to_hf_json(tok: BPETokenizer) -> dict[str, Any]:
+    # an ordinary token spelled like a special one (SmolLM2 has both) cannot be told apart in tokenizer.json,
+    # where `tokenizers` matches special tokens in text always: export only the special one
+    clash = {i for i, t in tok.tokens.items() if _spell(t) in tok.special_tokens}
+    vocab = {_spell(t): i for i, t in sorted(tok.tokens.items()) if i not in clash}
+    # special tokens are listed in the model vocabulary too, as HF files do: `tokenizers` otherwise renumbers an
+    # added token whose id is below the vocabulary's end (SmolLM2's specials are ids 0-16)
+    vocab.update(sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
+    merges = [[_spell(tok.tokens[a]), _spell(tok.tokens[b])] for a, b in tok.merges
+              if not clash & {a, b, tok.encoder[tok.tokens[a] + tok.tokens[b]]}]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
         "version": "1.0", "truncation": None, "padding": None,
@@ -190,8 +199,7 @@ def to_hf_json(tok: BPETokenizer) -> dict[str, Any]:
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": tok.mode == "ranks",
-                  "vocab": {_spell(t): i for i, t in sorted(tok.tokens.items())},
-                  "merges": [[_spell(tok.tokens[a]), _spell(tok.tokens[b])] for a, b in tok.merges]},
+                  "vocab": vocab, "merges": merges},
     }
 
 
