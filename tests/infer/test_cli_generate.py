@@ -4,6 +4,7 @@ the printed text equals the generator's output, chat keeps history and obeys its
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,11 @@ def _expected(path: Path, text: str, n: int) -> str:
 
 
 @pytest.mark.parametrize("stream", ["true", "false"])
-def test_generate_prints_the_greedy_continuation(checkpoint: Path, capsys, stream: str) -> None:
+@pytest.mark.parametrize("engine", ["true", "false"])
+def test_generate_prints_the_greedy_continuation(checkpoint: Path, capsys, stream: str, engine: str) -> None:
+    """The engine (default) and the reference generator print the same greedy text, streamed or not."""
     rc = main(["generate", "--model", str(checkpoint), "--prompt", "the model", "--max-new-tokens", "12",
-               "--stream", stream, "--device", "cpu"])
+               "--stream", stream, "--device", "cpu", "--engine", engine])
     out = capsys.readouterr().out
     assert rc == 0
     want = _expected(checkpoint, "the model", 12)
@@ -57,7 +60,7 @@ def test_generate_prints_the_greedy_continuation(checkpoint: Path, capsys, strea
 
 def test_generate_with_chat_template_and_sampling(checkpoint: Path, capsys) -> None:
     args = ["generate", "--model", str(checkpoint), "--prompt", "注意力机制", "--chat", "--max-new-tokens", "10",
-            "--temperature", "0.9", "--top-k", "20", "--seed", "3"]
+            "--temperature", "0.9", "--top-k", "20", "--seed", "3", "--engine", "false"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
@@ -68,6 +71,58 @@ def test_generate_with_chat_template_and_sampling(checkpoint: Path, capsys) -> N
                    seed=3, eos_token_id=[2])
     new = out[0, len(ids):].tolist()
     assert first == tok.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True) + "\n"
+
+
+def test_engine_sampling_is_seeded(checkpoint: Path, capsys) -> None:
+    args = ["generate", "--model", str(checkpoint), "--prompt", "the model", "--max-new-tokens", "10",
+            "--temperature", "0.9", "--top-k", "20"]
+    outs = []
+    for seed in ("3", "3", "4"):
+        assert main([*args, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()
+
+
+@pytest.mark.parametrize("engine", ["true", "false"])
+def test_batch_file_to_jsonl(checkpoint: Path, tmp_path: Path, capsys, engine: str) -> None:
+    """--input-file: one JSON object per non-blank line, in order, greedy text equal to the reference."""
+    prompts = ["the model", "注意力机制", "writes tokens", "the prompt and"]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(prompts[:2]) + "\n\n" + "\n".join(prompts[2:]) + "\n", encoding="utf-8")
+    dst = tmp_path / "out.jsonl"
+    rc = main(["generate", "--model", str(checkpoint), "--input-file", str(src), "--output-file", str(dst),
+               "--max-new-tokens", "9", "--engine", engine])
+    assert rc == 0 and capsys.readouterr().out == ""
+    rows = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        assert r["text"] == _expected(checkpoint, r["prompt"], 9)
+        assert r["finish_reason"] in ("stop", "length") and 1 <= r["num_tokens"] <= 9
+        assert r["finish_reason"] == "stop" or r["num_tokens"] == 9
+    assert main(["generate", "--model", str(checkpoint), "--input-file", str(src), "--max-new-tokens", "9",
+                 "--engine", engine]) == 0  # no --output-file: JSONL on stdout
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+
+
+def test_batch_file_errors(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    for path in (empty, tmp_path / "missing.txt"):
+        assert main(["generate", "--model", str(checkpoint), "--input-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and "Traceback" not in err
+
+
+def test_quantized_generation_matches_the_quantized_reference(checkpoint: Path, capsys) -> None:
+    from tinyllm.infer.quant import quantize_model
+
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the model", "--max-new-tokens", "8",
+                 "--quantization", "int4", "--group-size", "32"]) == 0
+    model, tok = quantize_model(load_model(checkpoint), "int4", 32), load_tokenizer(checkpoint)
+    ids = tok.encode("the model")
+    new = generate(model, torch.tensor([ids]), max_new_tokens=8, eos_token_id=[2])[0, len(ids):].tolist()
+    want = tok.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True)
+    assert capsys.readouterr().out == want + "\n"
 
 
 def test_chat_loop_keeps_history_and_obeys_commands(checkpoint: Path, capsys, monkeypatch) -> None:

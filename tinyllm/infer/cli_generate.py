@@ -1,8 +1,14 @@
-"""`tinyllm generate` and `tinyllm chat`: the reference generator behind a command line (notes ch.02.13,
-ch.02.15; the decoding knobs are those of 02.15.e: temperature, top-k, top-p, repetition penalty, beams).
+"""`tinyllm generate` and `tinyllm chat`: the inference engine and the reference generator behind a command
+line (notes ch.02.13, ch.02.15; the decoding knobs are those of 02.15.e: temperature, top-k, top-p,
+repetition penalty, beams; ch.06.4 for the engine).
 
 `generate` prints the continuation of one prompt, streaming it as tokens arrive (decoded incrementally so a
-multi-byte Chinese character prints only when complete). `chat` is an interactive loop on stdin that keeps
+multi-byte Chinese character prints only when complete). By default it runs through the engine (`LLMEngine`:
+paged KV cache, continuous batching); `--engine false` (and beam search, which the engine lacks) uses the
+reference generator; under greedy decoding both print the same text. `--input-file` reads one prompt per line
+(blank lines skipped), runs them all as one batch with a progress bar on stderr and writes one JSON object per
+prompt (prompt, text, num_tokens, finish_reason) to `--output-file` or stdout. `--quantization int8|int4`
+quantizes the weights (`quant.quantize_model`, lm_head kept) before generation. `chat` is an interactive loop on stdin that keeps
 the conversation, renders it with the checkpoint's chat template each turn and streams the reply; `/reset`
 clears the history, `/exit` (or end of input) quits. Each turn re-encodes the whole conversation (no KV cache
 kept across turns) and drops the oldest turns when it outgrows the context window.
@@ -49,10 +55,20 @@ class GenerateConfig:
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the checkpoint's chat template"})
     system: str | None = field(default=None, metadata={"help": "system message (with --chat)"})
     stream: bool = field(default=True, metadata={"help": "print tokens as they are generated"})
+    engine: bool = field(default=True, metadata={"help": "generate with the LLM engine (false: the reference "
+                                                         "generator)"})
+    input_file: str | None = field(default=None, metadata={"help": "file with one prompt per line (JSONL out)"})
+    output_file: str | None = field(default=None, metadata={"help": "JSONL output of --input-file (default "
+                                                                    "stdout)"})
+    quantization: str = field(default="none", metadata={"help": "weight-only quantization before generating",
+                                                        "choices": ["none", "int8", "int4"]})
+    group_size: int = field(default=128, metadata={"help": "int4 group size", "choices": [32, 64, 128]})
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"quantization={self.quantization!r} must be none, int8 or int4")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError(f"num_beams={self.num_beams} needs greedy decoding (--temperature 0)")
         self.generation()  # validate the decoding values now, with their names
@@ -64,6 +80,13 @@ class GenerateConfig:
                                 top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                 num_beams=self.num_beams, seed=self.seed, **extra)
 
+    def sampling_params(self) -> Any:
+        from tinyllm.infer.sampling_params import SamplingParams
+
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed,
+                              max_tokens=self.max_new_tokens)
+
 
 @dataclass
 class ChatConfig(GenerateConfig):
@@ -71,6 +94,9 @@ class ChatConfig(GenerateConfig):
     temperature: float = field(default=0.7, metadata={"help": _SAMPLING_HELP["temperature"]})
     top_p: float = field(default=0.9, metadata={"help": _SAMPLING_HELP["top_p"]})
     chat: bool = field(default=True, init=False)
+    engine: bool = field(default=False, init=False)  # a chat turn runs the reference generator
+    input_file: str | None = field(default=None, init=False)
+    output_file: str | None = field(default=None, init=False)
 
 
 # ------------------------------------------------------------------ shared plumbing
@@ -90,6 +116,10 @@ def _load(cfg: GenerateConfig) -> tuple[torch.nn.Module, Any]:
         model = load_model(cfg.model, dtype=dtype, device=device)
     except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
         raise _UserError(f"--model {cfg.model}: {e}" if str(cfg.model) not in str(e) else str(e)) from None
+    if cfg.quantization != "none":
+        from tinyllm.infer.quant import quantize_model
+
+        model = quantize_model(model, cfg.quantization, cfg.group_size)
     return model, tokenizer
 
 
@@ -144,19 +174,114 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _engine(model: torch.nn.Module, tokenizer: Any, num_prompts: int) -> Any:
+    from tinyllm.infer.engine import LLMEngine
+
+    return LLMEngine(model, tokenizer, max_num_seqs=max(1, min(num_prompts, 256)))
+
+
+def _complete_engine(model: torch.nn.Module, tokenizer: Any, ids: list[int], cfg: GenerateConfig) -> str:
+    """The engine's continuation of one prompt, streamed from its per-step text deltas."""
+    engine = _engine(model, tokenizer, 1)
+    engine.add_request("0", None, cfg.sampling_params(), prompt_token_ids=ids)
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            if cfg.stream:
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+    sys.stdout.write("\n" if cfg.stream else text + "\n")
+    sys.stdout.flush()
+    return text
+
+
+def _encode(cfg: GenerateConfig, tokenizer: Any, prompt: str) -> list[int]:
+    if cfg.chat:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
+        text = _render(tokenizer, [*messages, {"role": "user", "content": prompt}])
+        ids = tokenizer.encode(text, allowed_special="all")  # the template's special tokens stay whole
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if not ids:
+        raise _UserError("the prompt is empty and the tokenizer adds no BOS token; give a prompt")
+    return ids
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise _UserError(f"--input-file {path}: {e.strerror or e}") from None
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise _UserError(f"--input-file {path}: no prompts (one per line expected)")
+    return prompts
+
+
+def _batch_rows(cfg: GenerateConfig, model: torch.nn.Module, tokenizer: Any, prompts: list[str]) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    encoded = [_encode(cfg, tokenizer, p) for p in prompts]
+    rows: list[dict] = [{} for _ in prompts]
+    with tqdm(total=len(prompts), desc="prompts", file=sys.stderr, disable=None) as bar:
+        if cfg.engine and cfg.num_beams == 1:
+            engine = _engine(model, tokenizer, len(prompts))
+            for i, ids in enumerate(encoded):
+                engine.add_request(str(i), None, cfg.sampling_params(), prompt_token_ids=ids)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        o = out.outputs[0]
+                        rows[int(out.request_id)] = {"text": o.text, "num_tokens": len(o.token_ids),
+                                                     "finish_reason": o.finish_reason}
+                        bar.update(1)
+        else:
+            stops = _stop_ids(model, tokenizer)
+            pad = tokenizer.pad_token_id
+            gen = dataclasses.replace(cfg.generation(), eos_token_id=stops, pad_token_id=pad)
+            for i, ids in enumerate(encoded):
+                new = generate(model, torch.tensor([ids]), gen)[0, len(ids):].tolist()
+                kept = _until_stop(new, stops)
+                reason = "stop" if len(kept) < len(new) else "length"
+                rows[i] = {"text": tokenizer.decode(kept, skip_special_tokens=True),
+                           "num_tokens": len(kept) + (reason == "stop"), "finish_reason": reason}
+                bar.update(1)
+    return [{"prompt": p, **r} for p, r in zip(prompts, rows, strict=True)]
+
+
+def _write_jsonl(rows: list[dict], path: str | None) -> None:
+    import json
+    import os
+
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path is None:
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+        return
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:  # a temp name, then rename: no half-written output
+            f.write(lines)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _UserError(f"--output-file {path}: {e.strerror or e}") from None
+
+
 # ------------------------------------------------------------------ commands
 def run_generate(cfg: GenerateConfig) -> int:
     try:
+        prompts = _read_prompts(cfg.input_file) if cfg.input_file else None
         model, tokenizer = _load(cfg)
-        if cfg.chat:
-            messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
-            text = _render(tokenizer, [*messages, {"role": "user", "content": cfg.prompt}])
-            ids = tokenizer.encode(text, allowed_special="all")  # the template's special tokens stay whole
+        if prompts is not None:
+            _write_jsonl(_batch_rows(cfg, model, tokenizer, prompts), cfg.output_file)
+            return 0
+        ids = _encode(cfg, tokenizer, cfg.prompt)
+        if cfg.engine and cfg.num_beams == 1:
+            _complete_engine(model, tokenizer, ids, cfg)
         else:
-            ids = tokenizer.encode(cfg.prompt, add_special_tokens=True)
-        if not ids:
-            raise _UserError("--prompt is empty and the tokenizer adds no BOS token; give a prompt")
-        _complete(model, tokenizer, ids, cfg.generation(), cfg.stream)
+            _complete(model, tokenizer, ids, cfg.generation(), cfg.stream)
     except _UserError as e:
         return _fail(str(e))
     return 0

@@ -46,13 +46,14 @@ class LLMEngine:
 
     num_blocks or kv_cache_memory (bytes) size the pool; by default it holds max_num_seqs sequences of
     max_model_len tokens, at most 1 GiB. attention: "paged" (fast path) or "gather" (the reference).
+    fused: run LLaMA-family models through `fused.FusedForward` (the model's forward is the reference).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, attention: str = "paged",
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, fused: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -67,7 +68,7 @@ class LLMEngine:
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size, kv_cache_memory)
         self.block_manager = BlockManager(self.cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.cache, attention)
+        self.runner = ModelRunner(model, self.cache, attention, fused)
         self.device = next(model.parameters()).device
         self.eos_ids = set(_ids(getattr(cfg, "eos_token_id", None)))
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
@@ -236,12 +237,14 @@ class LLM:
     """Offline batched generation: `LLM(model).generate(prompts, params)`.
 
     model: a model object, or anything `tinyllm.load_model` accepts (HF directory, GGUF file, short name);
-    then the tokenizer comes from the same path. Other keyword arguments go to `LLMEngine`.
+    then the tokenizer comes from the same path. quantization "int8" or "int4" (group_size 32/64/128)
+    applies `quant.quantize_model` (weight-only, in place, lm_head kept) before the engine is built.
+    Other keyword arguments go to `LLMEngine`.
     """
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 **engine_kwargs: Any) -> None:
+                 quantization: str | None = None, group_size: int = 128, **engine_kwargs: Any) -> None:
         from tinyllm.model.hf import load_model, resolve_model_path
         from tinyllm.tokenizer import load_tokenizer
 
@@ -254,6 +257,11 @@ class LLM:
             model = model.to(device=device, dtype=dtype)
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
+        if quantization is not None:
+            from tinyllm.infer.quant import quantize_model
+
+            # lm_head stays full precision (it is usually tied to the embeddings)
+            model = quantize_model(model, quantization, group_size)
         self.engine = LLMEngine(model, tokenizer, **engine_kwargs)
         self._counter = itertools.count()
 

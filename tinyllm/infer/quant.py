@@ -213,10 +213,11 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = 128
 
 def model_nbytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers, each shared tensor counted once (tied embeddings)."""
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = t.untyped_storage().data_ptr()
+        # by address and size, not storage: disjoint views of one storage (fused weights) all count
+        key = (t.data_ptr(), t.numel())
         if key in seen:
             continue
         seen.add(key)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyllm.infer.fused import FusedForward
+from tinyllm.infer.fused import supports as fused_supports
 from tinyllm.infer.paged import PagedKVCache, build_paged_meta
 from tinyllm.infer.sampling import apply_processors
 from tinyllm.infer.sequence import Sequence
@@ -43,7 +45,8 @@ def presence_frequency(scores: torch.Tensor, output_ids: list[int], presence: fl
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, attention: str = "paged") -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, attention: str = "paged",
+                 fused: bool = True) -> None:
         if attention not in ("paged", "gather"):
             raise ValueError(f"attention={attention!r} must be 'paged' or 'gather'")
         self.model, self.cache = model, cache
@@ -53,6 +56,8 @@ class ModelRunner:
         self.window = getattr(cfg, "sliding_window", None)
         self.device = next(model.parameters()).device
         self.split_head = hasattr(model, "model") and hasattr(model, "lm_head")
+        # the flat forward of fused.py for the LLaMA family; the model's own forward is the reference
+        self.fused = FusedForward(model) if fused and fused_supports(model) else None
 
     @torch.inference_mode()
     def forward(self, seqs: Seq[Sequence], num_new: Seq[int]) -> tuple[list[Sequence], torch.Tensor]:
@@ -77,6 +82,11 @@ class ModelRunner:
         meta = build_paged_meta(tables, starts, lengths, self.cache.block_size, self.mode, self.window, self.device)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        if self.fused is not None:
+            h = self.fused(input_ids[0], pos[0], self.cache, meta, max(positions))
+            if not rows:
+                return [], torch.empty(0)
+            return wanted, self.model.lm_head(h if len(rows) == len(ids) else h[rows]).float()
         if not rows:
             if self.split_head:
                 self.model.model(input_ids, pos, self.cache, meta)

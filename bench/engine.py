@@ -1,0 +1,225 @@
+"""Engine benchmark (DESIGN §7): tinyllm's LLM engine vs transformers (and llama.cpp when installed) on
+SmolLM2-135M, same weights (the Q4_1 GGUF dequantized), same dtype, same process, one JSON line per figure
+with ratio = ours / peer.
+
+  decode      (a) batch-1 greedy decode tok/s after a 16-token prompt: `LLM` engine vs HF `generate`
+              (min_new_tokens = max_new_tokens, so both make the same count); plus the memory-bandwidth
+              ceiling (measured GB/s / model bytes per token) and the fraction of it reached;
+  decode_int4 the same engine with `quantization="int4", group_size=32` (the GGUF's own Q4_1 grid, so
+              the weights are unchanged) vs HF fp32: how far weight-only int4 moves the bandwidth wall;
+  offline     (b) `--requests` requests, prompts 64–256 tokens, outputs 64–128 (seed 0, greedy, EOS
+              ignored so lengths are fixed): output tok/s of the engine vs HF sequential `generate`
+              (timed on the first `--sequential-sample` requests) and vs HF padded batched `generate`
+              (left padding, one batch, every row runs to the longest output; useful tokens counted);
+  llama_cpp   (c) llama-cpp-python on the same GGUF, batch 1, greedy; skipped when not importable;
+  prefix      (d) time to first token of a request whose 512-token system prompt another request already
+              used, prefix caching on vs off (median over `--repeats` fresh suffixes).
+
+    python bench/engine.py [--new-tokens 64] [--requests 64] [--sequential-sample 8] [--repeats 3]
+                           [--dtype float32] [--skip offline ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_ceilings, paired_median_seconds, report
+
+FIGURES = ("decode", "decode_int4", "offline", "llama_cpp", "prefix")
+
+
+def load(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm.model.hf import load_model, resolve_model_path
+
+    path = resolve_model_path(name)
+    ours = load_model(path, dtype=dtype)
+    if path.suffix == ".gguf":
+        peer = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        peer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return path, ours, peer.eval()
+
+
+def greedy(n: int):
+    from tinyllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def hf_generate(peer, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
+    out = peer.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                        min_new_tokens=n, pad_token_id=0)
+    assert out.shape[1] == len(ids) + n
+    return out[0, len(ids):].tolist()
+
+
+def bench_decode(llm, peer, prompt: list[int], n: int, repeats: int, gbps: float, nbytes: int, name: str,
+                 check: bool = True) -> dict:
+    got: dict[str, list[int]] = {}
+
+    def ours() -> None:
+        got["ours"] = llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].token_ids
+
+    def theirs() -> None:
+        got["peer"] = hf_generate(peer, prompt, n)
+
+    a, b = paired_median_seconds(ours, theirs, repeats)
+    ceiling = gbps * 1e9 / nbytes
+    return report(name, n / a, n / b, "tok/s", prompt=len(prompt), new_tokens=n, model_mb=round(nbytes / 2**20, 1),
+                  bandwidth_ceiling_tok_s=round(ceiling, 2), fraction_of_ceiling=round(n / a / ceiling, 3),
+                  same_tokens=got["ours"] == got["peer"] if check else None, threads=torch.get_num_threads())
+
+
+def bench_offline(llm, peer, args, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(64, 257, (args.requests,), generator=g).tolist()
+    outs = torch.randint(64, 129, (args.requests,), generator=g).tolist()
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    useful = sum(outs)
+    t0 = time.perf_counter()
+    res = llm.generate(prompts, [greedy(o) for o in outs], use_tqdm=False)
+    ours_s = time.perf_counter() - t0
+    assert [len(r.outputs[0].token_ids) for r in res] == outs
+    ours = useful / ours_s
+    k = min(args.sequential_sample, args.requests)
+    t0 = time.perf_counter()
+    seq_tokens = [hf_generate(peer, prompts[i], outs[i]) for i in range(k)]
+    seq = sum(outs[:k]) / (time.perf_counter() - t0)
+    same = sum(a == r.outputs[0].token_ids for a, r in zip(seq_tokens, res, strict=False))
+    lines = [report("offline_vs_sequential", ours, seq, "tok/s", requests=args.requests, output_tokens=useful,
+                    sequential_timed_on=k, identical_greedy_outputs=f"{same}/{k}",
+                    engine_steps=llm.engine.num_steps)]
+    width = max(lens)
+    ids = torch.zeros(args.requests, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only batched generation needs
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    step = args.hf_batch or args.requests
+    t0 = time.perf_counter()
+    for s in range(0, args.requests, step):
+        n = max(outs[s:s + step])
+        peer.generate(ids[s:s + step], attention_mask=mask[s:s + step], do_sample=False, max_new_tokens=n,
+                      min_new_tokens=n, pad_token_id=0)
+    batched = useful / (time.perf_counter() - t0)
+    lines.append(report("offline_vs_padded_batch", ours, batched, "tok/s", requests=args.requests,
+                        output_tokens=useful, hf_batch=step))
+    return lines
+
+
+def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print(json.dumps({"bench": "llama_cpp", "skipped": "llama-cpp-python is not installed"}), flush=True)
+        return None
+    native = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+    def theirs() -> None:
+        native.reset()
+        out = []
+        for tok in native.generate(prompt, top_k=1, temp=0.0, reset=True):
+            out.append(tok)
+            if len(out) == n:
+                break
+
+    def ours() -> None:
+        llm.generate([prompt], greedy(n), use_tqdm=False)
+
+    a, b = paired_median_seconds(ours, theirs, repeats)
+    return report("llama_cpp", n / a, n / b, "tok/s", new_tokens=n, note="llama.cpp runs the Q4_1 GGUF natively")
+
+
+def bench_prefix(model, tokenizer, vocab: int, repeats: int, system_len: int = 512) -> dict:
+    from tinyllm import LLMEngine
+
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(3, vocab, (system_len,), generator=g).tolist()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    engines = {on: LLMEngine(model, tokenizer, enable_prefix_caching=on, max_model_len=1024, max_num_seqs=8)
+               for on in (True, False)}
+    for e in engines.values():  # a first request fills the cache
+        e.add_request("warm", prompt_token_ids=[*system, 5, 6, 7], params=greedy(1))
+        while e.has_unfinished_requests():
+            e.step()
+    for r in range(repeats):
+        suffix = torch.randint(3, vocab, (32,), generator=g).tolist()
+        for on, e in engines.items():
+            t0 = time.perf_counter()
+            e.add_request(str(r), prompt_token_ids=system + suffix, params=greedy(1))
+            while not any(o.outputs[0].token_ids for o in e.step()):
+                pass
+            times[on].append(time.perf_counter() - t0)
+            while e.has_unfinished_requests():
+                e.step()
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return report("prefix_ttft", 1e3 * on, 1e3 * off, "ms", speedup=round(off / on, 2), system_tokens=system_len,
+                  suffix_tokens=32, note="ratio = TTFT on / off (lower is better)")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="GGUF file, HF directory or short name")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode length for (a) and (c)")
+    ap.add_argument("--requests", type=int, default=64, help="requests for (b)")
+    ap.add_argument("--sequential-sample", type=int, default=8, help="(b): HF sequential timed on this many")
+    ap.add_argument("--hf-batch", type=int, default=0, help="(b): HF padded batch size (0 = all at once)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every contender's dtype")
+    ap.add_argument("--skip", nargs="*", default=[], choices=FIGURES, help="figures to leave out")
+    args = ap.parse_args(argv)
+
+    from tinyllm import LLM
+    from tinyllm.infer.quant import model_nbytes
+    from tinyllm.tokenizer import load_tokenizer
+
+    ceil = machine_ceilings()
+    print(json.dumps(ceil), flush=True)
+    lines = [ceil]
+    dtype = getattr(torch, args.dtype)
+    path, ours, peer = load(args.model, dtype)
+    vocab = ours.config.vocab_size
+    tokenizer = load_tokenizer(path)
+    prompt = torch.randint(3, vocab, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        llm = LLM(ours, tokenizer, max_model_len=1024, max_num_seqs=args.requests)
+        if "decode" not in args.skip:
+            lines.append(bench_decode(llm, peer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
+                                      model_nbytes(ours), "decode"))
+        if "offline" not in args.skip:
+            lines += bench_offline(llm, peer, args, vocab)
+        if "prefix" not in args.skip:
+            lines.append(bench_prefix(ours, tokenizer, vocab, args.repeats))
+        if "llama_cpp" not in args.skip:
+            line = bench_llama_cpp(path, llm, prompt, args.new_tokens, args.repeats)
+            if line:
+                lines.append(line)
+        if "decode_int4" not in args.skip:
+            from tinyllm.infer.quant import quantize_model
+            from tinyllm.model.hf import load_model
+
+            q = quantize_model(load_model(path, dtype=dtype), "int4", 32, use_kernel=True)
+            qllm = LLM(q, tokenizer, max_model_len=1024, max_num_seqs=4)
+            lines.append(bench_decode(qllm, peer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
+                                      model_nbytes(q), "decode_int4", check=True))
+            if "llama_cpp" not in args.skip:
+                line = bench_llama_cpp(path, qllm, prompt, args.new_tokens, args.repeats)
+                if line:
+                    line["bench"] = "llama_cpp_int4"
+                    lines.append(line)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
