@@ -40,10 +40,10 @@ class _BenchTask:
         return None
 
     def loss(self, model, batch):
-        from tinyllm.train.losses import causal_lm_loss
+        from tinyllm.train.losses import model_lm_loss
 
-        x, y = batch
-        return causal_lm_loss(model(x), y), {}
+        x, y = batch  # what PretrainTask.loss does for a dense model
+        return model_lm_loss(model, x, y), {}
 
     def trainable_parameters(self, model):
         return model.named_parameters()
@@ -101,7 +101,7 @@ def bench_variant(args: argparse.Namespace, batches: list, precision: str, compi
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     fn()
                 print(f"--- {name} {precision}")
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
         a, b = paired_median_seconds(ours_step, peer_step, repeats=args.repeats, warmup=1)
     fpt = model_flops_per_token(ours, args.seq)
     name = f"train_step_{precision}" + ("_compiled" if compiled else "")
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per side (median), alternating")
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--profile", action="store_true", help="print the top ops of one step of each side")
+    ap.add_argument("--profile-rows", type=int, default=14, help="ops per --profile table")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     args = ap.parse_args(argv)

@@ -238,3 +238,25 @@ def test_reorder_selects_batch_rows() -> None:
     assert cache.batch == 4
     out = model(ids[index, 7:], cache=cache)
     torch.testing.assert_close(out, model(ids[index])[:, 7:], atol=ATOL, rtol=0)
+
+
+def test_bf16_training_attention_runs_in_fp32_on_cpu() -> None:
+    """With gradients, bf16 q/k/v attend in fp32 (the faster CPU backward) and give bf16 back."""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(2, 4, 16, 8, generator=g).bfloat16() for _ in range(3)]
+    grad = torch.randn(2, 4, 16, 8, generator=g).bfloat16()
+    ours_in = [x.clone().requires_grad_() for x in base]
+    ref_in = [x.float().requires_grad_() for x in base]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(*ours_in, None, None, True, 8**-0.5)
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True, scale=8**-0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    out.backward(grad)
+    ref.backward(grad.float())
+    for a, r in zip(ours_in, ref_in):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad, r.grad.bfloat16(), rtol=0, atol=0)
+    with torch.no_grad():  # inference keeps bf16 kernels
+        plain = F.scaled_dot_product_attention(*base, is_causal=True, scale=8**-0.5)
+        torch.testing.assert_close(sdpa_attention(*base, None, None, True, 8**-0.5), plain, rtol=0, atol=0)

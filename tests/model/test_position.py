@@ -204,3 +204,27 @@ def test_learned_positions_refuse_positions_past_the_table() -> None:
     assert pos.embed(torch.arange(8)[None]).shape == (1, 8, 16)
     with pytest.raises(ValueError, match=r"position 8 is beyond the learned table \(max_position_embeddings=8\)"):
         pos.embed(torch.arange(9)[None])
+
+
+def test_fast_rotary_equals_the_formula_and_its_autograd_gradient() -> None:
+    """The eager fp32 path (half-by-half kernels, transposed rotation as backward) equals HF's formula."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, d = 2, 7, 3, 8
+    ang = torch.rand(b, t, d // 2, generator=g) * 5
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    base_q, base_k = torch.randn(b, t, h, d, generator=g), torch.randn(b, t, h, d, generator=g)
+    grad = torch.randn(b, h, t, d, generator=g)
+    ours_in = [base_q.clone().requires_grad_(), base_k.clone().requires_grad_()]
+    ref_in = [base_q.clone().requires_grad_(), base_k.clone().requires_grad_()]
+    # q and k arrive as [B, H, T, D] views of [B, T, H, D] projections, as in Attention
+    oq, ok = (apply_rotary(x.transpose(1, 2), cos, sin) for x in ours_in)
+    rq, rk = apply_rotary_pos_emb(ref_in[0].transpose(1, 2), ref_in[1].transpose(1, 2), cos, sin)
+    torch.testing.assert_close(oq, rq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ok, rk, rtol=0, atol=1e-6)
+    assert oq.stride() == rq.stride()  # the layout SDPA sees is unchanged
+    (oq * grad + ok * grad.flip(0)).sum().backward()
+    (rq * grad + rk * grad.flip(0)).sum().backward()
+    for a, r in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=1e-6)

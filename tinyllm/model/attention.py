@@ -136,6 +136,12 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    bias: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
+        # training under bf16 autocast: torch's CPU flash-attention backward is slower in bf16 than in fp32,
+        # so attend in fp32 (at least bf16's precision) and hand bf16 back to o_proj
+        with torch.autocast("cpu", enabled=False):
+            out = sdpa_attention(q.float(), k.float(), v.float(), mask, bias, is_causal, scale)
+        return out.to(torch.bfloat16)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if bias is None and mask is None:

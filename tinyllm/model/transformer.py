@@ -140,12 +140,15 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_meta: AttnMeta | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] for the last position when `last_only`)."""
+                last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] for the last position when `last_only`).
+
+        hidden_only: return the final-norm hidden states [B, T, d] instead, for a loss that applies lm_head
+        itself (train.losses.linear_cross_entropy)."""
         h = self.model(input_ids, positions, cache, attn_meta)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return h if hidden_only else self.lm_head(h)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE auxiliary losses of the last forward (None for a dense model)."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from tinyllm.data.text import PackedBatches, TokenShards
 from tinyllm.train.loop import TrainConfig, TrainResult, train
-from tinyllm.train.losses import causal_lm_loss
+from tinyllm.train.losses import model_lm_loss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model")
@@ -95,7 +95,7 @@ class PretrainTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = batch
-        ce = causal_lm_loss(model(x), y)
+        ce = model_lm_loss(model, x, y)  # the lm_head fused into the loss: no [B, T, V] logits
         aux_fn = getattr(model, "aux_loss", None) or getattr(getattr(model, "_orig_mod", None), "aux_loss", None)
         aux = aux_fn() if aux_fn is not None else None
         if aux is None:
