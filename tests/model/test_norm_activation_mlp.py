@@ -166,3 +166,28 @@ def test_plain_mlp_formula() -> None:
 ])
 def test_llama_ffn_hidden(dim: int, multiple_of: int, mult: float | None, expect: int) -> None:
     assert llama_ffn_hidden(dim, multiple_of, mult) == expect
+
+
+def test_rmsnorm_training_backward_equals_transformers() -> None:
+    """The fp32 training path (hand-derived backward) gives HF LlamaRMSNorm's output and gradients."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = RMSNorm(24, eps=1e-5), LlamaRMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(24, generator=g) + 0.5)
+        ref.weight.copy_(ours.weight)
+    x = 3 * torch.randn(2, 5, 24, generator=g)
+    grad = torch.randn(2, 5, 24, generator=g)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    torch.testing.assert_close(yo, yr, rtol=0, atol=0)
+    yo.backward(grad)
+    yr.backward(grad)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-6, atol=1e-6)
+    # frozen weight (adapters): only the input gradient
+    ours.weight.requires_grad_(False)
+    xo.grad = None
+    ours(xo).backward(grad)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-6, atol=1e-6)
