@@ -21,6 +21,7 @@ from typing import Any
 COMMANDS: dict[str, str] = {
     "generate": "tinyllm.infer.cli_generate:GenerateConfig:run_generate",
     "chat": "tinyllm.infer.cli_generate:ChatConfig:run_chat",
+    "serve": "tinyllm.serve.cli:ServeConfig:run_serve",
     "pretrain": "tinyllm.train.pretrain:PretrainConfig:run_pretrain",
     "sft": "tinyllm.train.sft:SFTConfig:run_sft",
     "recipe tiny-zh": "tinyllm.recipes.tiny_zh:TinyZhConfig:run_recipe",
@@ -33,6 +34,7 @@ COMMANDS: dict[str, str] = {
 _HELP = {
     "generate": "generate text from a prompt with a checkpoint (HF directory or GGUF)",
     "chat": "interactive chat with a checkpoint, using its chat template, streaming tokens",
+    "serve": "OpenAI-compatible HTTP server (chat, completions, embeddings, metrics) and a chat page",
     "pretrain": "pretrain a decoder from a preset on token shards (writes an HF checkpoint)",
     "sft": "supervised fine-tuning on conversations (assistant tokens only; writes an HF checkpoint)",
     "recipe": "end-to-end runs",
