@@ -65,6 +65,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def free_tcp_port() -> int:
+    return free_port()
+
+
 class LiveServer:
     """uvicorn serving `app` in a background thread; `url` is its base URL."""
 
