@@ -14,7 +14,11 @@ per-micro-batch means weights tokens unequally, as in most trainers.
 
 Precision: "fp32", or "bf16" = autocast to bfloat16 for matmuls with fp32 master weights, gradients and
 optimizer state (no loss scaling needed: bf16 has fp32's exponent range). `compile` wraps the forward in
-torch.compile. Throughput is reported as tokens/s and MFU = achieved model FLOP/s ÷ the device's matmul peak,
+torch.compile, the fast option: inductor fuses the element-wise work (RMSNorm, RoPE, SwiGLU) that eager mode
+runs as separate passes over memory; the first steps pay the compilation (about a minute on a CPU), which
+inductor caches on disk (TORCHINDUCTOR_CACHE_DIR), so later runs of the same model start quickly. Eager mode
+is already lean: the pretraining loss fuses the lm_head into a chunked cross entropy (losses.model_lm_loss),
+and RMSNorm/RoPE use hand-derived backwards in fp32 (bench/train.py, BENCHMARKS.md "Training"). Throughput is reported as tokens/s and MFU = achieved model FLOP/s ÷ the device's matmul peak,
 with model FLOPs per token = 6·N (N = parameters that take part in matmuls) + 12·L·H·d_head·T (attention
 scores and values, PaLM appendix B), and the peak measured once per process by timing a square matmul.
 
@@ -88,7 +92,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_meta("AdamW β1 β2"))
     grad_clip: float = field(default=1.0, metadata=_meta("max global gradient norm (0: no clipping)"))
     precision: str = field(default="fp32", metadata=_meta("fp32 or bf16 autocast", choices=list(PRECISIONS)))
-    compile: bool = field(default=False, metadata=_meta("wrap the forward in torch.compile"))
+    compile: bool = field(default=False, metadata=_meta("wrap the forward in torch.compile (faster steps after a "
+                                                         "one-off compilation, cached on disk)"))
     eval_interval: int = field(default=200, metadata=_meta("evaluate every N steps (0: only at the end)"))
     eval_steps: int = field(default=20, metadata=_meta("eval batches per evaluation (0: no eval)"))
     log_interval: int = field(default=10, metadata=_meta("write a metrics line every N steps"))

@@ -20,8 +20,14 @@ they sit in cache, yields both the loss (logsumexp(z) − z_y) and that gradient
 the incoming gradient. `F.cross_entropy` instead writes an fp32 [N, V] log-softmax in forward, then a zero-filled
 [N, V] NLL gradient and another [N, V] log-softmax gradient in backward; on a CPU these passes over memory cost
 as much as the lm_head matmul. Same loss and gradients to fp32 rounding (tested). The stored gradient has the
-logits' dtype, so its memory equals the log-softmax it replaces. Not covered: fusing the lm_head matmul into the
-chunks (it would need the hidden states instead of the logits).
+logits' dtype, so its memory equals the log-softmax it replaces.
+
+Linear cross entropy (`linear_cross_entropy`, `model_lm_loss`; the idea of Liger-Kernel's fused linear cross
+entropy): given the final hidden states h [N, d] and the lm_head weight W [V, d], each chunk of rows makes its
+logits h_c·Wᵀ, its loss and ∂L/∂z_c as above, then ∂L/∂h_c = ∂L/∂z_c·W and ∂L/∂W += ∂L/∂z_cᵀ·h_c, so no [N, V]
+tensor exists at all (the same matmul FLOPs; large fresh allocations also cost page faults every step on a
+CPU). `model_lm_loss(model, x, y)` runs a CausalLM with `hidden_only=True` and falls back to
+`causal_lm_loss(model(x), y)` for any other model. Not covered: a vocabulary-parallel (sharded) variant.
 """
 
 from __future__ import annotations
