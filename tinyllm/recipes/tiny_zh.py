@@ -174,7 +174,7 @@ def _pretrain_config(cfg: TinyZhConfig, sc: Scale, out: Path, shards: Path, max_
 def measure_step_seconds(model: torch.nn.Module, batch_size: int, seq_len: int, vocab: int,
                          precision: str, repeats: int = 2) -> float:
     """Seconds per forward+backward of one batch (median of `repeats` after a warm-up), weights untouched."""
-    from tinyllm.train.losses import causal_lm_loss
+    from tinyllm.train.losses import model_lm_loss
 
     x = torch.randint(0, vocab, (batch_size, seq_len))
     times = []
@@ -182,7 +182,7 @@ def measure_step_seconds(model: torch.nn.Module, batch_size: int, seq_len: int, 
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = causal_lm_loss(model(x), x)
+            loss = model_lm_loss(model, x, x)
         loss.backward()
         if i:
             times.append(time.perf_counter() - t0)

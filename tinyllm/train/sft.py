@@ -28,7 +28,7 @@ from torch import nn
 from tinyllm.data.formats import Conversation, read_conversations, to_conversation
 from tinyllm.data.sft import SFTExample, pad_collate, tokenize_conversation
 from tinyllm.train.loop import TrainConfig, TrainResult, train
-from tinyllm.train.losses import causal_lm_loss
+from tinyllm.train.losses import model_lm_loss
 from tinyllm.train.pretrain import TOKENIZER_FILES
 
 
@@ -138,7 +138,7 @@ class SFTTask:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         labels = batch["labels"]
-        loss = causal_lm_loss(model(batch["input_ids"]), labels)
+        loss = model_lm_loss(model, batch["input_ids"], labels)
         return loss, {"tokens": int((labels != -100).sum())}
 
     def trainable_parameters(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
