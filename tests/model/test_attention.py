@@ -260,3 +260,13 @@ def test_bf16_training_attention_runs_in_fp32_on_cpu() -> None:
     with torch.no_grad():  # inference keeps bf16 kernels
         plain = F.scaled_dot_product_attention(*base, is_causal=True, scale=8**-0.5)
         torch.testing.assert_close(sdpa_attention(*base, None, None, True, 8**-0.5), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 4])
+def test_sdpa_single_query_gqa_fast_path_equals_eager(hkv: int) -> None:
+    """Regression for the decode fast path that folds a K/V group's query heads into the query axis."""
+    torch.manual_seed(1)
+    q = torch.randn(3, 8, 1, 16)
+    k, v = torch.randn(3, hkv, 29, 16), torch.randn(3, hkv, 29, 16)
+    ref = eager_attention(q, k, v, None, None, True, 0.25)
+    torch.testing.assert_close(sdpa_attention(q, k, v, None, None, True, 0.25), ref, atol=1e-5, rtol=0)

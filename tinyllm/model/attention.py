@@ -143,6 +143,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
             out = sdpa_attention(q.float(), k.float(), v.float(), mask, bias, is_causal, scale)
         return out.to(torch.bfloat16)
     n_rep = q.shape[1] // k.shape[1]
+    b, h, tq, d = q.shape
+    if tq == 1 and n_rep > 1 and bias is None and mask is None:
+        # one decode query per head: fold each K/V group's query heads into the query axis
+        # [B, H, 1, D] → [B, Hkv, n_rep, D], so K/V are read once per group instead of copied n_rep times
+        out = F.scaled_dot_product_attention(q.view(b, k.shape[1], n_rep, d), k, v, scale=scale)
+        return out.view(b, h, 1, d)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if bias is None and mask is None:
         causal = is_causal and q.shape[2] > 1

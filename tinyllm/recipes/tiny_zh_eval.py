@@ -46,7 +46,9 @@ def _greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_new:
         for r, p in enumerate(chunk):
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
-        out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=pad)
+        # greedy with a mild CTRL repetition penalty: tiny models otherwise loop on one token
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=pad,
+                       repetition_penalty=1.2)
         for r in range(len(chunk)):
             new = [t for t in out[r, width:].tolist() if t not in stop and t != pad]
             texts.append(tokenizer.decode(new).strip())
