@@ -74,3 +74,16 @@ def test_read_user_files(tmp_path) -> None:
 def test_pretrain_texts_cover_both_sources() -> None:
     val = corpora.pretrain_texts("val")
     assert len(val) > 999 and sum(map(len, val)) > 1_000_000
+
+
+def test_parquet_and_saved_hf_dataset(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["甲", "乙"]}), tmp_path / "t.parquet")
+    assert list(corpora.read_texts(tmp_path / "t.parquet")) == ["甲", "乙"]
+    datasets.Dataset.from_dict({"content": ["丙", "丁"]}).save_to_disk(str(tmp_path / "ds"))
+    assert list(corpora.read_texts(tmp_path / "ds", field="content")) == ["丙", "丁"]
+    with pytest.raises(CorpusError, match="no column 'text'"):
+        list(corpora.read_texts(tmp_path / "ds"))

@@ -12,7 +12,8 @@ Sources (see the package READMEs for licences):
 - `hsk_pairs()` — hsk-sentences-audio: graded Chinese sentences with English translations.
 - `chatterbot_qa()` — chatterbot-corpus: short Chinese question/answer pairs.
 - `read_texts(path)` — a user's .txt (one document per blank-line-separated block), .jsonl (field "text"),
-  .parquet (column "text"; needs pyarrow) file, or a directory of them.
+  .parquet (column "text"; needs pyarrow) file, a directory of them, a Hugging Face dataset saved with
+  `save_to_disk`, or `hf:<name>[:<split>]` (needs `datasets`, and the network for the hub).
 
 Derived SFT sets (`sft_examples(task, split)`), each an Alpaca-style record {instruction, input, output}:
 - "title":       article → its title (inews; the article is cut to `max_chars` characters);
@@ -143,8 +144,32 @@ def pretrain_texts(split: str = "train") -> list[str]:
 
 
 # ------------------------------------------------------------------ user files
+def _read_hf_dataset(spec: str | Path, field: str) -> Iterator[str]:
+    """A dataset saved with `datasets.save_to_disk` (a directory), or `hf:<name>[:<split>]` from the hub."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"{spec}: reading a Hugging Face dataset needs `pip install datasets`") from None
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+    else:
+        ds = datasets.load_from_disk(str(spec))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if field not in ds.column_names:
+        raise CorpusError(f"{spec}: no column {field!r} (columns: {ds.column_names})")
+    yield from (str(x) for x in ds[field])
+
+
 def read_texts(path: str | Path, field: str = "text") -> Iterator[str]:
+    if isinstance(path, str) and path.startswith("hf:"):
+        yield from _read_hf_dataset(path, field)
+        return
     path = Path(path)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        yield from _read_hf_dataset(path, field)
+        return
     if path.is_dir():
         for f in sorted(path.rglob("*")):
             if f.suffix in (".txt", ".jsonl", ".parquet", ".md"):

@@ -201,6 +201,18 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
+def describe_config(cfg: Any) -> str:
+    """`Name(field=value, ...)` listing only the fields that differ from their defaults (for run logs)."""
+    changed = []
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        value = getattr(cfg, f.name)
+        if value != default:
+            changed.append(f"{f.name}={value!r}")
+    return f"{type(cfg).__name__}({', '.join(changed)})"
+
+
 def _named(params: Iterable[Any]) -> list[tuple[str, nn.Parameter]]:
     return [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
 

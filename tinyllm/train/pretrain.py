@@ -134,6 +134,10 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     tmp = out / ".pretrain_config.json.tmp"
     tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
     tmp.replace(out / "pretrain_config.json")
+    if cfg.progress:
+        from tinyllm.train.loop import describe_config
+
+        print(f"{describe_config(cfg)} → {out / 'pretrain_config.json'}", flush=True)
     result = train(model, task, TrainConfig(**cfg.train_fields()))
     if result.interrupted:
         return result

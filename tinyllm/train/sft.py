@@ -181,6 +181,10 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     tmp = out / ".sft_config.json.tmp"
     tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
     tmp.replace(out / "sft_config.json")
+    if cfg.progress:
+        from tinyllm.train.loop import describe_config
+
+        print(f"{describe_config(cfg)} → {out / 'sft_config.json'}", flush=True)
     result = train(model, task, TrainConfig(**cfg.train_fields()))
     if result.interrupted:
         return result
