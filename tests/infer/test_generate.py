@@ -23,7 +23,7 @@ PAD = 127  # not 0: transformers fills finished beams with `pad_token_id or eos`
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(tinyllm model, transformers model) with the same tiny random llama weights."""
-    from conftest import save_tiny_hf
+    from hf_helpers import save_tiny_hf
 
     path = save_tiny_hf(tmp_path_factory.mktemp("llama"), "llama", seed=3)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

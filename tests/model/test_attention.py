@@ -14,7 +14,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from hf_helpers import randomize_
 
 from tinyllm.infer.kv_cache import ContiguousKVCache
 from tinyllm.model.attention import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_config
+from hf_helpers import hf_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tinyllm.model.config import PRESETS, ConfigError, ModelConfig, preset

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import hf_config, randomize_
+from hf_helpers import hf_config, randomize_
 from transformers import AutoModelForCausalLM
 
 from tinyllm.model.attention import build_attn_meta

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import randomize_
+from hf_helpers import randomize_
 from transformers import AutoModelForCausalLM
 
 from tinyllm.model.config import ConfigError, preset

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_
+from hf_helpers import randomize_
 from torch import nn
 
 from tinyllm.model.activation import ACTIVATIONS, gelu, gelu_tanh, gelu_tanh_reference, silu
