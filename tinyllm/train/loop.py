@@ -213,6 +213,17 @@ def describe_config(cfg: Any) -> str:
     return f"{type(cfg).__name__}({', '.join(changed)})"
 
 
+def write_run_config(cfg: Any, out_dir: Path, name: str, **extra: Any) -> Path:
+    """Write the run's resolved config (+ `extra` facts) to out_dir/name atomically; echo it when
+    `cfg.progress`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    _atomic_json(path, {**dataclasses.asdict(cfg), **extra})
+    if getattr(cfg, "progress", False):
+        print(f"{describe_config(cfg)} → {path}", flush=True)
+    return path
+
+
 def _named(params: Iterable[Any]) -> list[tuple[str, nn.Parameter]]:
     return [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
 

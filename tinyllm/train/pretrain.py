@@ -16,8 +16,6 @@ Not covered: data mixing across several shard directories, curriculum or sequenc
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ import torch
 from torch import nn
 
 from tinyllm.data.text import PackedBatches, TokenShards
-from tinyllm.train.loop import TrainConfig, TrainResult, train
+from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -128,16 +126,8 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     task = PretrainTask(cfg.data_dir, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.batch_size)
     model = build_pretrain_model(cfg, task.train_shards)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {**dataclasses.asdict(cfg), "model": model.config.to_dict(),
-                "num_parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
-    tmp = out / ".pretrain_config.json.tmp"
-    tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    tmp.replace(out / "pretrain_config.json")
-    if cfg.progress:
-        from tinyllm.train.loop import describe_config
-
-        print(f"{describe_config(cfg)} → {out / 'pretrain_config.json'}", flush=True)
+    write_run_config(cfg, out, "pretrain_config.json", model=model.config.to_dict(),
+                     num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
     result = train(model, task, TrainConfig(**cfg.train_fields()))
     if result.interrupted:
         return result

@@ -13,8 +13,6 @@ through `trainable_parameters` (the fine-tuning issue).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from torch import nn
 
 from tinyllm.data.formats import Conversation, read_conversations, to_conversation
 from tinyllm.data.sft import SFTExample, pad_collate, tokenize_conversation
-from tinyllm.train.loop import TrainConfig, TrainResult, train
+from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
 from tinyllm.train.pretrain import TOKENIZER_FILES
 
@@ -175,16 +173,8 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     task = SFTTask(train_ex, val_ex, cfg.batch_size, pad_id, cfg.seed)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {**dataclasses.asdict(cfg), "num_train_examples": len(train_ex), "num_val_examples": len(val_ex),
-                "trained_tokens_per_epoch": sum(e.num_trained for e in train_ex)}
-    tmp = out / ".sft_config.json.tmp"
-    tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    tmp.replace(out / "sft_config.json")
-    if cfg.progress:
-        from tinyllm.train.loop import describe_config
-
-        print(f"{describe_config(cfg)} → {out / 'sft_config.json'}", flush=True)
+    write_run_config(cfg, out, "sft_config.json", num_train_examples=len(train_ex), num_val_examples=len(val_ex),
+                     trained_tokens_per_epoch=sum(e.num_trained for e in train_ex))
     result = train(model, task, TrainConfig(**cfg.train_fields()))
     if result.interrupted:
         return result
