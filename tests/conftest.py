@@ -36,3 +36,13 @@ def tiny_hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return save_tiny_hf(tmp_path / f"{family}-{next(counter)}", family, seed, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from threads and lose a lot to
+    contention on a shared 2-core machine. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,12 +21,7 @@ from tinyllm.model.hf import build_model
 V = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**kw) -> torch.nn.Module:

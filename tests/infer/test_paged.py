@@ -14,14 +14,7 @@ from tinyllm.infer.paged import BlockManager, PagedKVCache, build_paged_meta
 from tinyllm.model.config import ModelConfig
 from tinyllm.model.hf import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seq(tokens: list[int]) -> SimpleNamespace:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tinyllm.infer.kv_cache import ContiguousKVCache
 from tinyllm.infer.sampling import apply_processors, build_processors, greedy, make_generator, sample
 from tinyllm.model.attention import build_attn_meta
+from tinyllm.utils import require_int
 
 Streamer = Callable[[list[int]], None]
 
@@ -63,14 +64,9 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        def nonneg_int(name: str, minimum: int) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-                raise ValueError(f"{name}={v!r} must be an integer >= {minimum}")
-
-        nonneg_int("max_new_tokens", 0)
-        nonneg_int("top_k", 0)
-        nonneg_int("num_beams", 1)
+        require_int("max_new_tokens", self.max_new_tokens, 0)
+        require_int("top_k", self.top_k, 0)
+        require_int("num_beams", self.num_beams, 1)
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0 (do_sample=False is greedy)")
         if not 0.0 < self.top_p <= 1.0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tinyllm.infer.sampling import LogitsProcessor, build_processors
+from tinyllm.utils import require_int
 
 
 @dataclass
@@ -40,13 +41,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-                raise ValueError(f"{name}={v!r} must be an integer >= {minimum}")
-
-        integer("n", 1)
-        integer("max_tokens", 1)
+        require_int("n", self.n, 1)
+        require_int("max_tokens", self.max_tokens, 1)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= -1 (-1 or 0 disables it)")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
@@ -64,7 +60,7 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed={self.seed!r} must be an integer or None")
         if self.logprobs is not None:
-            integer("logprobs", 0)
+            require_int("logprobs", self.logprobs, 0)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
