@@ -29,6 +29,18 @@ COMMANDS: dict[str, str] = {
     "calc flops": "tinyllm.calc.cli:FlopsConfig:run_flops",
     "calc kv-cache": "tinyllm.calc.cli:KVCacheConfig:run_kv_cache",
     "calc memory": "tinyllm.calc.cli:MemoryConfig:run_memory",
+    "merge-adapter": "tinyllm.train.peft.cli:MergeAdapterConfig:run_merge_adapter",
+    "reward": "tinyllm.train.reward:RewardConfig:run_reward",
+    "dpo": "tinyllm.train.dpo:DPOConfig:run_dpo",
+    "ppo": "tinyllm.train.ppo:PPOConfig:run_ppo",
+    "grpo": "tinyllm.train.grpo:GRPOConfig:run_grpo",
+    "seg": "tinyllm.nlp.cli:SegConfig:run_seg",
+    "pos": "tinyllm.nlp.cli:PosConfig:run_pos",
+    "keywords": "tinyllm.nlp.cli:KeywordsConfig:run_keywords",
+    "word2vec": "tinyllm.nlp.cli:Word2VecConfig:run_word2vec",
+    "rag index": "tinyllm.rag.cli:IndexConfig:run_index",
+    "rag search": "tinyllm.rag.cli:SearchConfig:run_search",
+    "rag ask": "tinyllm.rag.cli:AskConfig:run_ask",
 }
 
 _HELP = {
@@ -44,6 +56,19 @@ _HELP = {
     "calc flops": "training FLOPs (6ND + attention) and forward FLOPs per token",
     "calc kv-cache": "KV-cache bytes for a model, batch and context length (GQA-aware)",
     "calc memory": "weights + gradients + optimizer memory for fp32 / mixed-precision training",
+    "merge-adapter": "merge a LoRA adapter (PEFT or tinyllm directory) into its base and save an HF checkpoint",
+    "reward": "train a reward model (scalar head, Bradley–Terry loss) on preference pairs",
+    "dpo": "align a policy with DPO / IPO on preference pairs against a frozen reference",
+    "ppo": "RLHF with PPO: actor, critic, reward model and reference; KL-shaped rewards, GAE",
+    "grpo": "GRPO: group-normalised advantages on sampled completions with verifiable rewards",
+    "seg": "Chinese word segmentation (prefix-dict DAG + max-probability route + HMM), jieba-compatible",
+    "pos": "part-of-speech tagging with an HMM tagger (People's Daily tag set)",
+    "keywords": "keyword extraction with TF-IDF or TextRank",
+    "word2vec": "train Word2Vec (skip-gram / CBOW, negative sampling / hierarchical softmax) on segmented text",
+    "rag": "retrieval-augmented generation: index documents, search, answer with citations",
+    "rag index": "chunk, embed and index files (txt, md, html, jsonl, pdf) into a store directory",
+    "rag search": "search a store with BM25, dense or hybrid retrieval",
+    "rag ask": "answer a question from a store with numbered citations, using a local model or an OpenAI-compatible endpoint",
 }
 
 
