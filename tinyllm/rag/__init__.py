@@ -1,1 +1,6 @@
-"""Retrieval-augmented generation (notes ch.08): chunking, embeddings, indexes, retrieval, answers."""
+"""Retrieval-augmented generation (notes ch.08): chunking, BM25 and dense indexes, a persistent store, retrieval.
+
+Modules: `chunk` (fixed, sentence-aware recursive and Markdown-heading splitters with exact character offsets),
+`index` (BM25 variants over sparse postings, exact and faiss vector indexes, rank fusion), `store` (`RagStore`:
+SQLite documents and chunks plus index files, atomic updates), `embed`, `retrieve`, `pipeline`, `cli`.
+"""
