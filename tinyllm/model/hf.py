@@ -161,7 +161,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
                **config_overrides: Any) -> nn.Module:
     """Load an HF checkpoint directory or a GGUF file as a tinyllm model in eval mode.
 
-    config_overrides replace ModelConfig fields (e.g. attn_implementation="eager").
+    config_overrides replace ModelConfig fields (e.g. attn_implementation="eager"). adapter: a PEFT or
+    tinyllm adapter directory (tinyllm.train.peft.io) applied on top, frozen; soft-prompt adapters return a
+    wrapper around the base model.
     """
     path = resolve_model_path(path)
     if isinstance(dtype, str):
@@ -187,7 +189,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     model.to(device=device, dtype=dtype)
     model.eval()
     if adapter is not None:
-        raise NotImplementedError("adapters arrive with the PEFT module")
+        # the one place model/ reaches into train/: an adapter is applied from outside (DESIGN rule 4)
+        from tinyllm.train.peft.io import load_adapter
+
+        model = load_adapter(model, adapter)
+        model.eval()
     return model
 
 

@@ -7,8 +7,15 @@ ShareGPT or OpenAI-messages format, or `builtin:<task>[,<task>...]` for the deri
 tinyllm.data.corpora (title, sentiment, translate, qa).
 
 Outputs: out_dir/sft_config.json (resolved), out_dir/final/ (HF checkpoint + tokenizer files), and the
-loop's checkpoints/, metrics.jsonl and loss.png. LoRA and the other PEFT methods plug into the same task
-through `trainable_parameters` (the fine-tuning issue).
+loop's checkpoints/, metrics.jsonl and loss.png.
+
+Parameter-efficient fine-tuning: `--peft lora|qlora|adapter|prefix|prompt|bitfit` applies that method of
+tinyllm.train.peft to the loaded model (the base frozen; its hyper-parameters are the `--lora-*`,
+`--target-modules`, `--num-virtual-tokens`, `--adapter-*` flags) and trains only its parameters with the
+same task and loop. The result is an adapter directory, out_dir/adapter/ (PEFT's format for LoRA/QLoRA/
+prefix/prompt, loadable with `peft.PeftModel.from_pretrained` on the transformers export of the base, and
+with `tinyllm.load_model(base, adapter=...)`); the loop's checkpoints are adapter directories too.
+`--save-merged` also writes out_dir/final/, the base with the LoRA update merged in (LoRA and QLoRA only).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
 from tinyllm.train.pretrain import TOKENIZER_FILES
 
+PEFT_METHODS = ("none", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit")
+
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -38,9 +47,34 @@ class SFTConfig(TrainConfig):
     max_length: int = field(default=512, metadata={"help": "truncate each conversation to this many tokens"})
     max_examples: int = field(default=0, metadata={"help": "use at most this many examples per task (0: all)"})
     val_fraction: float = field(default=0.02, metadata={"help": "held-out fraction for eval loss"})
+    peft: str = field(default="none", metadata={"help": "parameter-efficient method (none: full fine-tuning)",
+                                                 "choices": list(PEFT_METHODS)})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA α (the update is scaled by α/r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      metadata={"help": "LoRA/BitFit targets: module names (suffix match), "
+                                                        "all-linear, or one regular expression"})
+    qlora_double_quant: bool = field(default=True, metadata={"help": "QLoRA: double-quantize the NF4 constants"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix/prompt tuning: virtual tokens P"})
+    prefix_projection: bool = field(default=False, metadata={"help": "prefix tuning's MLP reparameterisation "
+                                                                     "(off: P-tuning v2)"})
+    prompt_init: str = field(default="random", metadata={"help": "prompt tuning init",
+                                                          "choices": ["random", "vocab", "text"]})
+    prompt_init_text: str = field(default="", metadata={"help": "prompt tuning: text whose tokens init the prompt"})
+    adapter_size: int = field(default=64, metadata={"help": "bottleneck adapter width m"})
+    adapter_variant: str = field(default="sequential", metadata={"help": "adapter placement",
+                                                                  "choices": ["sequential", "parallel"]})
+    adapter_scaling: float = field(default=1.0, metadata={"help": "parallel adapter scale s"})
+    save_merged: bool = field(default=False, metadata={"help": "with LoRA/QLoRA also save the merged model "
+                                                               "in final/"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.peft not in PEFT_METHODS:
+            raise ValueError(f"peft={self.peft!r} is not one of {list(PEFT_METHODS)}")
+        if self.save_merged and self.peft not in ("lora", "qlora"):
+            raise ValueError(f"save_merged=True needs peft lora or qlora, not {self.peft!r}")
         if not self.init_from:
             raise ValueError("init_from='' : pass the checkpoint to fine-tune (--init-from)")
         if not self.data:
@@ -166,6 +200,14 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     tok_path = cfg.tokenizer or cfg.init_from
     tokenizer = load_tokenizer(tok_path)
     model = load_model(cfg.init_from)
+    if cfg.peft != "none":
+        from tinyllm.train.peft.io import PeftModel
+
+        model = PeftModel(apply_peft(model, cfg, tokenizer), base_path=str(cfg.init_from))
+        if cfg.progress:
+            from tinyllm.train.peft import print_trainable_parameters
+
+            print_trainable_parameters(model.module)
     model.train()
     convs = load_conversations(cfg.data, cfg.max_examples, cfg.seed)
     examples = build_examples(convs, tokenizer, getattr(tokenizer, "chat_template", None), cfg.max_length)
@@ -178,6 +220,16 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     result = train(model, task, TrainConfig(**cfg.train_fields()))
     if result.interrupted:
         return result
+    if cfg.peft != "none":
+        from tinyllm.train.peft.io import save_adapter
+
+        adapted = model.module.cpu()
+        save_adapter(adapted, out / "adapter", base_path=str(cfg.init_from))
+        if not cfg.save_merged:
+            return result
+        from tinyllm.train.peft import merge_and_unload
+
+        model = merge_and_unload(adapted)
     final = save_pretrained(model.cpu(), out / "final")
     src_dir = resolve_model_path(tok_path)
     if src_dir.is_dir():
@@ -187,3 +239,42 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     else:
         tokenizer.save(final)
     return result
+
+
+def _targets(names: list[str]) -> str | list[str]:
+    """One item with regex metacharacters is a regular expression; otherwise names (or all-linear)."""
+    if len(names) == 1 and (names[0] == "all-linear" or any(c in names[0] for c in ".*()[]|\\^$+?")):
+        return names[0]
+    return list(names)
+
+
+def apply_peft(model: nn.Module, cfg: SFTConfig, tokenizer: Any = None) -> nn.Module:
+    """The `--peft` method with its flags applied to `model` (base frozen); returns the adapted model."""
+    from tinyllm.train import peft
+    from tinyllm.train.peft.adapter import AdapterConfig, apply_adapters
+    from tinyllm.train.peft.prompt import (
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        apply_prefix_tuning,
+        apply_prompt_tuning,
+    )
+
+    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=_targets(cfg.target_modules))
+    if cfg.peft == "lora":
+        return peft.apply_lora(model, lora)
+    if cfg.peft == "qlora":
+        return peft.apply_qlora(model, lora, peft.QLoraConfig(double_quant=cfg.qlora_double_quant))
+    if cfg.peft == "bitfit":
+        return peft.apply_bitfit(model, peft.BitFitConfig(target_modules=_targets(cfg.target_modules)))
+    if cfg.peft == "adapter":
+        return apply_adapters(model, AdapterConfig(bottleneck_size=cfg.adapter_size, variant=cfg.adapter_variant,
+                                                   scaling=cfg.adapter_scaling))
+    if cfg.peft == "prefix":
+        return apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens,
+                                                             prefix_projection=cfg.prefix_projection))
+    if cfg.peft == "prompt":
+        return apply_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens,
+                                                             init=cfg.prompt_init, init_text=cfg.prompt_init_text),
+                                   tokenizer)
+    raise ValueError(f"peft={cfg.peft!r} is not one of {list(PEFT_METHODS)}")

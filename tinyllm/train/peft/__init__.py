@@ -13,6 +13,8 @@ Each `apply_*` takes a model and returns the adapted one, with every base parame
 PEFT's format (`adapter_config.json` + `adapter_model.safetensors`); cli.py is `tinyllm merge-adapter`.
 """
 
+from tinyllm.train.peft.adapter import AdapterConfig, apply_adapters, remove_adapters
+from tinyllm.train.peft.io import PeftModel, load_adapter, save_adapter
 from tinyllm.train.peft.lora import (
     LoraConfig,
     LoraLinear,
@@ -24,6 +26,12 @@ from tinyllm.train.peft.lora import (
     set_adapter,
     unmerge_adapters,
 )
+from tinyllm.train.peft.prompt import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    apply_prefix_tuning,
+    apply_prompt_tuning,
+)
 from tinyllm.train.peft.qlora import QLoraConfig, apply_qlora, base_weight_memory
 from tinyllm.train.peft.select import (
     BitFitConfig,
@@ -33,7 +41,8 @@ from tinyllm.train.peft.select import (
     trainable_report,
 )
 
-__all__ = ["BitFitConfig", "LoraConfig", "LoraLinear", "QLoraConfig", "apply_bitfit", "apply_lora", "apply_qlora",
-           "base_weight_memory", "delete_adapter", "disable_adapters", "merge_adapters", "merge_and_unload",
-           "print_trainable_parameters", "set_adapter", "trainable_named_parameters", "trainable_report",
-           "unmerge_adapters"]
+__all__ = ["AdapterConfig", "BitFitConfig", "LoraConfig", "LoraLinear", "PeftModel", "PrefixTuningConfig",
+           "PromptTuningConfig", "QLoraConfig", "apply_adapters", "apply_bitfit", "apply_lora", "apply_prefix_tuning",
+           "apply_prompt_tuning", "apply_qlora", "base_weight_memory", "delete_adapter", "disable_adapters",
+           "load_adapter", "merge_adapters", "merge_and_unload", "print_trainable_parameters", "remove_adapters",
+           "save_adapter", "set_adapter", "trainable_named_parameters", "trainable_report", "unmerge_adapters"]
