@@ -255,8 +255,13 @@ def recursive_spans(text: str, size: int, overlap: int = 0,
     out = []
     for s, e in _recursive(text, 0, len(text), size, overlap, list(separators)):
         s, e = _trim(text, s, e)
-        if e > s and (not out or (s, e) != out[-1]):
-            out.append((s, e))
+        if e <= s:
+            continue
+        if out and out[-1][0] <= s and e <= out[-1][1]:
+            continue  # trimming left it inside the previous chunk
+        if out and s <= out[-1][0]:
+            out.pop()  # trimming left the previous chunk inside this one
+        out.append((s, e))
     return out
 
 
