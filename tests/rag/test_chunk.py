@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +25,7 @@ ZH = ("检索增强生成（RAG）先检索再生成。它把外部知识放进�
       "块太大则噪声多。常见做法是按句子切分，再合并到固定长度，并保留一定重叠。\n"
       "English sentences also appear. They end with a period! Do they? Yes.")
 
-TEXT = st.lists(st.sampled_from(list("ab c。，！？；\n.xy中文") + ["\n\n", ". "]), max_size=150).map("".join)
+TEXT = st.lists(st.sampled_from([*list("ab c。，！？；\n.xy中文"), "\n\n", ". "]), max_size=150).map("".join)
 
 
 def _check_invariants(text: str, chunks: list[Chunk], size: int, overlap: int) -> None:
@@ -31,7 +33,7 @@ def _check_invariants(text: str, chunks: list[Chunk], size: int, overlap: int) -
         assert c.text == text[c.start:c.end]
         assert 0 < c.end - c.start <= size
         assert c.text == c.text.strip()
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in itertools.pairwise(chunks):
         assert a.start < b.start and a.end < b.end  # strictly advancing
         assert a.end - b.start <= overlap  # consecutive overlap never exceeds the budget
     covered = set()
@@ -64,7 +66,7 @@ def test_fixed_windows_tile_the_text(text: str, size: int, overlap: int) -> None
 def test_sentences_tile_the_text(text: str) -> None:
     assert "".join(split_sentences(text)) == text
     spans = sentence_spans(text)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_sentence_rules_chinese_english_quotes() -> None:
@@ -101,7 +103,7 @@ def test_token_windows_with_jieba_and_bpe() -> None:
     tok = train_bpe([ZH] * 3, 300, show_progress=False)
     spans = token_spans(ZH, tok)
     assert spans[0][0] == 0 and spans[-1][1] == len(ZH)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     for c in chunk_fixed(ZH, 20, 5, unit="tokens", tokenizer=tok):
         assert c.text == ZH[c.start:c.end]
         assert len(tok.encode(c.text)) <= 20 + 2  # byte tokens split across a character boundary may merge

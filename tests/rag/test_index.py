@@ -46,7 +46,7 @@ def _random_corpus(seed: int, n_docs: int = 80, vocab: int = 50) -> list[list[st
 def _queries(seed: int, corpus: list[list[str]], n: int = 25) -> list[list[str]]:
     rng = random.Random(seed)
     vocab = sorted({t for d in corpus for t in d})
-    return [[rng.choice(vocab + ["unseen"]) for _ in range(rng.randint(1, 6))] for _ in range(n)]
+    return [[rng.choice([*vocab, "unseen"]) for _ in range(rng.randint(1, 6))] for _ in range(n)]
 
 
 def _index(corpus: list[list[str]], **kw) -> BM25Index:
@@ -184,7 +184,7 @@ def test_remove_and_upsert_equal_a_fresh_build(tmp_path) -> None:
 def test_bm25_bad_input() -> None:
     with pytest.raises(ValueError, match="variant='bm26'"):
         BM25Index(variant="bm26")
-    with pytest.raises(ValueError, match="b=1.5"):
+    with pytest.raises(ValueError, match=r"b=1\.5"):
         BM25Index(b=1.5)
     with pytest.raises(ValueError, match="tokenizer='fr'"):
         BM25Index(tokenizer="fr")
