@@ -1,0 +1,329 @@
+"""Train a dense retriever from scratch on inews: a bi-encoder (DPR, Karpukhin et al. 2020; notes ch.98.6.e).
+
+One small BERT encoder E (shared by queries and documents, "siamese") maps a text to the mean of its last
+hidden states, L2-normalised. A batch holds B (title, article) pairs; every other article in the batch is a
+negative for a title ("in-batch negatives"), so one batch gives B·(B−1) negatives for the price of B
+encodings. The loss is InfoNCE with temperature τ:
+
+    S_ij = ⟨E(q_i), E(d_j)⟩ / τ          L = −(1/B) Σ_i log softmax_j(S_ij)[i]  = cross_entropy(S, arange(B))
+
+Cosines live in [−1, 1]; dividing by a small τ (0.05) spreads the logits so the softmax can become confident.
+A batch can hold two pairs whose articles are identical (inews repeats a few articles under different
+titles); such an entry is not a negative and is masked out of the softmax (a false negative would teach
+the model to push a document away from itself).
+
+Stages, each resumable (a finished stage is skipped when its output exists):
+1. tokenizer — tinyllm's byte-level BPE trained on inews train titles and articles;
+2. pairs — title ↔ the first `doc_len` tokens of the article, inews train (train) and dev (held out);
+3. training — through THE training loop (`tinyllm.train.loop.train`) with `BiEncoderTask`;
+4. export — `model/` is an HF BERT checkpoint with our tokenizer.json; `BertEmbedder(out/"model")` (and so
+   `load_embedder({"type": "bert", "path": ...})`) embeds with it; dev retrieval metrics go to
+   `retriever.json`.
+
+Run: `python -m tinyllm.recipes.dense_retriever --out runs/dense-retriever` (a few minutes on 2 cores).
+Not covered: hard negatives mined with BM25 (ch.98.6.e), ANCE index refresh, separate query/document towers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD = "<|endoftext|>"
+
+
+def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float,
+             doc_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch InfoNCE loss of unit query rows q [B, D] against unit document rows d [B, D].
+
+    Returns (loss, logits [B, B]). With `doc_keys` [B] (a content hash per document), off-diagonal entries
+    whose document equals the positive one are masked out (−inf) — duplicates are not negatives.
+    """
+    if q.shape != d.shape or q.dim() != 2:
+        raise ValueError(f"query {tuple(q.shape)} and document {tuple(d.shape)} embeddings must both be [B, D]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    logits = q @ d.T / temperature  # [B, B]
+    if doc_keys is not None:
+        same = doc_keys[:, None] == doc_keys[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(logits, labels), logits
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ids [B, T] and a 0/1 attention mask [B, T]."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+class PairBatches:
+    """Endless, seeded epochs over (query ids, doc ids, doc key) triples; position saved with the run."""
+
+    def __init__(self, pairs: Sequence[tuple[list[int], list[int], int]], batch_size: int, pad_id: int,
+                 seed: int) -> None:
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} pairs cannot fill a batch of {batch_size}")
+        self.pairs, self.batch_size, self.pad_id, self.seed = pairs, batch_size, pad_id, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        order = list(range(len(self.pairs)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._perm()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.pos + self.batch_size > len(self._order):  # drop the ragged tail: every batch has B pairs
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._perm()
+        idx = self._order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return collate([self.pairs[i] for i in idx], self.pad_id)
+
+
+def collate(items: Sequence[tuple[list[int], list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    q_ids, q_mask = pad_batch([q for q, _, _ in items], pad_id)
+    d_ids, d_mask = pad_batch([d for _, d, _ in items], pad_id)
+    keys = torch.tensor([k for _, _, k in items], dtype=torch.long)
+    return {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids, "d_mask": d_mask, "doc_keys": keys}
+
+
+class BiEncoderTask:
+    """The training loop's Task for a shared-encoder bi-encoder with in-batch negatives."""
+
+    def __init__(self, train_pairs: Sequence[tuple[list[int], list[int], int]],
+                 eval_pairs: Sequence[tuple[list[int], list[int], int]], batch_size: int, pad_id: int,
+                 temperature: float = 0.05, seed: int = 0) -> None:
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
+        self.batch_size, self.pad_id, self.temperature, self.seed = batch_size, pad_id, temperature, seed
+
+    def train_batches(self) -> PairBatches:
+        return PairBatches(self.train_pairs, self.batch_size, self.pad_id, self.seed)
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]] | None:
+        if len(self.eval_pairs) < self.batch_size:
+            return None
+        n = len(self.eval_pairs) // self.batch_size * self.batch_size
+        return (collate(self.eval_pairs[i:i + self.batch_size], self.pad_id) for i in range(0, n, self.batch_size))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        enc = getattr(model, "_orig_mod", model)  # torch.compile wrapper → the module with .embed
+        q = enc.embed(batch["q_ids"], batch["q_mask"], pooling="mean", normalize=True).float()
+        d = enc.embed(batch["d_ids"], batch["d_mask"], pooling="mean", normalize=True).float()
+        loss, logits = info_nce(q, d, self.temperature, batch["doc_keys"])
+        acc = (logits.argmax(-1) == torch.arange(len(q), device=q.device)).float().mean()
+        tokens = int(batch["q_mask"].sum() + batch["d_mask"].sum())
+        return loss, {"tokens": tokens, "in_batch_acc": float(acc)}
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        # the MLM head and pooler take no part in mean-pooled embeddings
+        return [(n, p) for n, p in model.named_parameters()
+                if p.requires_grad and not n.startswith(("mlm_head.", "pooler."))]
+
+
+@dataclass
+class DenseRetrieverConfig:
+    out: str = field(default="runs/dense-retriever", metadata={"help": "output directory"})
+    tokenizer: str = field(default="", metadata={"help": "an existing tokenizer directory (default: train one)"})
+    vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size when training a tokenizer"})
+    tokenizer_chars: int = field(default=1_500_000, metadata={"help": "characters of inews train for BPE"})
+    hidden_size: int = field(default=128, metadata={"help": "encoder width"})
+    num_hidden_layers: int = field(default=2, metadata={"help": "encoder layers"})
+    num_attention_heads: int = field(default=4, metadata={"help": "attention heads"})
+    intermediate_size: int = field(default=512, metadata={"help": "FFN width"})
+    query_len: int = field(default=48, metadata={"help": "max query (title) tokens"})
+    doc_len: int = field(default=128, metadata={"help": "max document tokens (the article's beginning)"})
+    batch_size: int = field(default=64, metadata={"help": "pairs per batch (in-batch negatives: B − 1 each)"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature τ"})
+    max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 autocast", "choices": ["fp32", "bf16"]})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    limit: int = field(default=0, metadata={"help": "use only the first N train pairs (0: all; tests)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and initial weights"})
+    fresh: bool = field(default=False, metadata={"help": "delete previous outputs and start over"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "tokenizer_chars", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "query_len", "doc_len", "batch_size", "max_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0")
+
+
+def _log(msg: str) -> None:
+    print(f"[dense-retriever] {msg}", flush=True)
+
+
+def doc_key(text: str) -> int:
+    """Stable content hash (duplicates in a batch are masked, not treated as negatives)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def stage_tokenizer(cfg: DenseRetrieverConfig, out: Path) -> Any:
+    from tinyllm.data.corpora import inews
+    from tinyllm.tokenizer import load_tokenizer
+    from tinyllm.tokenizer.bpe import train_bpe
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    tdir = out / "tokenizer"
+    if not (tdir / "tokenizer.json").exists():
+        t0 = time.time()
+        arts = inews("train")
+        random.Random(cfg.seed).shuffle(arts)
+        texts, n = [], 0
+        for a in arts:
+            texts.append(f"{a.title}\n{a.content}")
+            n += len(texts[-1])
+            if n >= cfg.tokenizer_chars:
+                break
+        tok = train_bpe(texts, cfg.vocab_size, special_tokens=(PAD,), show_progress=cfg.progress,
+                        eos_token=PAD, pad_token=PAD)
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save(tmp)
+        tmp.replace(tdir)
+        _log(f"tokenizer: {tok.vocab_size} tokens from {n:,} characters in {time.time() - t0:.0f}s")
+    return load_tokenizer(tdir)
+
+
+def make_pairs(split: str, tokenizer: Any, query_len: int, doc_len: int,
+               limit: int = 0) -> list[tuple[list[int], list[int], int]]:
+    """(title ids, article-beginning ids, content hash) for an inews split. ~1.4 characters per token, so
+    3·doc_len characters of the article always give doc_len tokens when the article is long enough."""
+    from tinyllm.data.corpora import inews
+
+    arts = [a for a in inews(split) if a.title and a.content]
+    if limit:
+        arts = arts[:limit]
+    return [(tokenizer.encode(a.title)[:query_len], tokenizer.encode(a.content[:3 * doc_len])[:doc_len],
+             doc_key(a.content)) for a in arts]
+
+
+def build_encoder(cfg: DenseRetrieverConfig, vocab_size: int, pad_id: int) -> nn.Module:
+    from tinyllm.model.config import preset
+    from tinyllm.model.hf import build_model
+
+    mcfg = preset("bert-base", vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                  num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+                  head_dim=cfg.hidden_size // cfg.num_attention_heads,
+                  max_position_embeddings=max(cfg.doc_len, cfg.query_len), pad_token_id=pad_id)
+    return build_model(mcfg)
+
+
+def dev_metrics(model_dir: Path, split: str = "dev", progress: bool = False, limit: int = 0) -> dict[str, float]:
+    """Title → article retrieval over a whole inews split with the exported model (brute-force cosine)."""
+    import numpy as np
+
+    from tinyllm.data.corpora import inews
+    from tinyllm.rag.embed import BertEmbedder, encode_queries
+    from tinyllm.rag.metrics import evaluate_rankings
+
+    arts = [a for a in inews(split) if a.title and a.content]
+    if limit:
+        arts = arts[:limit]
+    emb = BertEmbedder(model_dir)
+    docs = emb.encode([a.content for a in arts], batch_size=64, progress=progress)
+    queries = encode_queries(emb, [a.title for a in arts], batch_size=64)
+    top = np.argsort(-(queries @ docs.T), axis=1)[:, :10]
+    by_content: dict[str, set[int]] = {}
+    for i, a in enumerate(arts):
+        by_content.setdefault(a.content, set()).add(i)
+    return evaluate_rankings([list(r) for r in top], [by_content[a.content] for a in arts])
+
+
+def run_recipe(cfg: DenseRetrieverConfig) -> dict[str, Any]:
+    """Tokenizer → pairs → training loop → export; returns the run's summary (also in retriever.json)."""
+    from tinyllm.model.hf import save_pretrained
+    from tinyllm.train.loop import TrainConfig, train
+
+    out = Path(cfg.out)
+    if cfg.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tok = stage_tokenizer(cfg, out)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train_pairs = make_pairs("train", tok, cfg.query_len, cfg.doc_len, cfg.limit)
+    eval_pairs = make_pairs("dev", tok, cfg.query_len, cfg.doc_len, cfg.limit)
+    _log(f"{len(train_pairs)} train pairs, {len(eval_pairs)} dev pairs")
+    torch.manual_seed(cfg.seed)
+    model = build_encoder(cfg, tok.vocab_size, pad_id)
+    task = BiEncoderTask(train_pairs, eval_pairs, cfg.batch_size, pad_id, cfg.temperature, cfg.seed)
+    tcfg = TrainConfig(out_dir=str(out / "train"), max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                       lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
+                       weight_decay=0.01, precision=cfg.precision, eval_interval=0,
+                       eval_steps=8, log_interval=max(1, min(20, cfg.max_steps)), save_interval=0, keep_last=1,
+                       seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+    t_train = time.time()
+    result = train(model, task, tcfg)
+    train_seconds = time.time() - t_train
+    model_dir = out / "model"
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model.cpu(), tmp)
+    tok.save(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.replace(model_dir)
+    metrics = dev_metrics(model_dir, progress=cfg.progress, limit=cfg.limit)
+    summary = {"config": asdict(cfg), "train_seconds": train_seconds, "total_seconds": time.time() - t_start,
+               "final_loss": result.losses[-1] if result.losses else None, "eval_losses": result.eval_losses,
+               "dev": metrics, "model": str(model_dir), "embedder_spec": {"type": "bert", "path": str(model_dir)}}
+    path = out / "retriever.json"
+    tmp_json = path.with_name(".retriever.json.tmp")
+    tmp_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    tmp_json.replace(path)
+    _log(f"trained in {train_seconds:.0f}s; dev recall@10 {metrics['recall@10']:.3f}, MRR {metrics['mrr']:.3f}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import argparse
+
+    from tinyllm.cli import add_dataclass_arguments, build_config
+
+    parser = argparse.ArgumentParser(prog="python -m tinyllm.recipes.dense_retriever", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="TOML file with field values (flags override it)")
+    add_dataclass_arguments(parser, DenseRetrieverConfig)
+    return run_recipe(build_config(DenseRetrieverConfig, parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
