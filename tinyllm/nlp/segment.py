@@ -1,0 +1,832 @@
+"""Chinese word segmentation the jieba way: prefix dictionary → DAG → max-probability route → HMM for OOV runs.
+
+Notes ch.01 分词 / jieba分词用法及原理. The mechanism, step by step:
+
+1. **Prefix dictionary.** `freq[w]` is the corpus count of word `w`; every proper prefix of a word is also a key
+   (freq 0 unless it is a word itself), so "is there any dictionary word that starts with this fragment?" is one
+   dict lookup. `total = Σ freq`.
+2. **DAG.** For a block `s` and every start `k`, extend `i` while `s[k:i+1]` is a key; each end `i` whose freq is
+   > 0 is an edge k → i+1. A position with no word gets the single character as its only edge.
+3. **Route.** Unigram model: a segmentation's probability is Π freq(w)/total. Right to left,
+   `route[k] = max_{i ∈ DAG[k]} (log(freq(s[k:i+1]) or 1) − log total + route[i+1])`, ties broken toward the
+   larger end (jieba compares `(logprob, i)` tuples). Then walk `k → end(k)` from the left.
+4. **HMM for unknown words.** Consecutive single characters of the route form a buffer; if the buffer (length ≥ 2)
+   is not itself a dictionary word it is re-segmented by a BMES hidden Markov model: hidden states B(egin)
+   M(iddle) E(nd) S(ingle), observations = characters, Viterbi over log start/transition/emission probabilities
+   (unseen emission = −3.14e100; allowed predecessors B:{E,S} M:{M,B} S:{S,E} E:{B,M}; the path ends in E or S).
+   This is how 杭研 in 他来到了网易杭研大厦 is found although no dictionary has it.
+5. **Blocks.** Text is first split into runs of "word" characters (Han, ASCII letters/digits, `+#&._%-`) and the
+   rest; whitespace runs are single tokens, other characters become one token each. Without HMM, adjacent single
+   ASCII letters/digits of the route are glued back into one token ("iPhone", "2024").
+
+Modes: precise (the route), full (every dictionary word of the DAG — jieba's `cut_all`), search (precise, plus
+every dictionary 2-gram of words longer than 2 and 3-gram of words longer than 3, emitted before the word).
+
+`Segmenter.from_jieba()` reads jieba's own `dict.txt` and `finalseg/prob_*.py` as data and reproduces
+`jieba.cut` token for token; `Segmenter.from_corpus(sentences)` estimates the dictionary and the HMM from a
+segmented corpus (e.g. People's Daily 1998). `route_reference` is the literal DAG + tuple-max twin of the fused
+fast route; tests check they agree.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import gzip
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIN_FLOAT = -3.14e100  # jieba's log(0) stand-in for HMM tables
+STATES = "BMES"
+PREV_STATES = {"B": "ES", "M": "MB", "S": "SE", "E": "BM"}  # allowed predecessors of each BMES state
+MODES = ("precise", "full", "search")
+FORMAT = "tinyllm-segmenter"
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """The character classes that cut text into blocks (jieba's regexes by default).
+
+    block: runs segmented by the dictionary; the rest is split by `skip` (whitespace runs are kept whole;
+    other characters become single tokens, or whole runs in full mode). hmm: inside an OOV buffer, runs given
+    to the Viterbi decoder; the rest of the buffer is split into `hmm_skip` matches (numbers like 3.14%) and
+    the characters between them. eng: characters glued together in the no-HMM precise and the full modes.
+    number: if set, every match inside a block (a digit run like １９９８ or ５８．１) is replaced by the one
+    placeholder character NUMBER before the dictionary and the HMM see it, and restored in the output — so a
+    corpus-trained model learns "NUMBER年", "NUMBER万", "NUMBER％" once instead of every number it saw.
+    """
+
+    block: str = "[\u4e00-\u9fd5a-zA-Z0-9+#&\\._%\\-]+"
+    skip: str = "\r\n|\\s"
+    hmm: str = "[\u4e00-\u9fd5]+"
+    hmm_skip: str = "[a-zA-Z0-9]+(?:\\.\\d+)?%?"
+    eng: str = "a-zA-Z0-9"
+    number: str | None = None
+
+    def compile(self) -> tuple:
+        return _compile(self)
+
+
+NUMBER = "\ue000"  # placeholder character for a digit run (private-use code point, never in real text)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(p: Patterns) -> tuple:
+    try:
+        eng = re.compile(f"[{p.eng}]")
+        compiled = [re.compile(f"({x})") for x in (p.block, p.skip, p.hmm, p.hmm_skip)]
+        number = re.compile(p.number) if p.number else None
+    except re.error as e:
+        raise ValueError(f"bad segmentation pattern in {p}: {e}") from None
+    eng_chars = frozenset(ch for ch in map(chr, range(0x10000)) if eng.match(ch))
+    return (*compiled, eng_chars, number)
+
+
+JIEBA_PATTERNS = Patterns()
+# For a corpus-trained model: full-width digits/letters and the People's-Daily number and dash characters (．％·／—…－) join
+# the dictionary blocks and the HMM, since the corpus (not a hand-made rule) knows how they form words.
+_FW = "\uff10-\uff19\uff21-\uff3a\uff41-\uff5a"
+_DIGIT = "0-9\uff10-\uff19"
+CORPUS_PATTERNS = Patterns(
+    block=f"[{NUMBER}\u3007\u4e00-\u9fd5{_FW}a-zA-Z0-9+#&\\._%\\-\uff0e\uff05\u00b7\uff0f\u2014\u2026\uff0d]+",
+    hmm=f"[{NUMBER}\u3007\u4e00-\u9fd5{_FW}\uff0e\uff05\u00b7\uff0f]+",
+    number=f"[{_DIGIT}]+(?:[.\uff0e\u00b7:\uff1a\uff0f/][{_DIGIT}]+)*")
+
+
+@dataclass
+class HMM:
+    """BMES hidden Markov model in log space: start[s], trans[s][t], emit[s][char] (missing = MIN_FLOAT)."""
+
+    start: dict[str, float]
+    trans: dict[str, dict[str, float]]
+    emit: dict[str, dict[str, float]] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name, table in (("start", self.start), ("trans", self.trans), ("emit", self.emit)):
+            if set(table) != set(STATES):
+                raise ValueError(f"HMM {name} table has states {sorted(table)}, expected {list(STATES)}")
+
+    def viterbi(self, obs: str) -> str:
+        """Most likely BMES tag string of `obs` (non-empty), exactly jieba's `finalseg.viterbi` path.
+
+        Scores are (prev + trans) + emit, the same float operations in the same order as jieba, and ties are
+        broken the way its `max` over (score, state) tuples breaks them: toward the later letter (S > M > E > B).
+        """
+        if not obs:
+            raise ValueError("viterbi needs a non-empty observation string")
+        st, tr, em = self.start, self.trans, self.emit
+        eB, eM, eE, eS = em["B"].get, em["M"].get, em["E"].get, em["S"].get
+        tEB, tSB = tr["E"].get("B", MIN_FLOAT), tr["S"].get("B", MIN_FLOAT)
+        tMM, tBM = tr["M"].get("M", MIN_FLOAT), tr["B"].get("M", MIN_FLOAT)
+        tSS, tES = tr["S"].get("S", MIN_FLOAT), tr["E"].get("S", MIN_FLOAT)
+        tBE, tME = tr["B"].get("E", MIN_FLOAT), tr["M"].get("E", MIN_FLOAT)
+        c = obs[0]
+        vB = st["B"] + eB(c, MIN_FLOAT)
+        vM = st["M"] + eM(c, MIN_FLOAT)
+        vE = st["E"] + eE(c, MIN_FLOAT)
+        vS = st["S"] + eS(c, MIN_FLOAT)
+        back: list[tuple[str, str, str, str]] = []  # per step: predecessor of B, M, E, S
+        for c in obs[1:]:
+            e = eB(c, MIN_FLOAT)
+            a, b = vE + tEB + e, vS + tSB + e
+            nB, pB = (b, "S") if b >= a else (a, "E")
+            e = eM(c, MIN_FLOAT)
+            a, b = vB + tBM + e, vM + tMM + e
+            nM, pM = (b, "M") if b >= a else (a, "B")
+            e = eE(c, MIN_FLOAT)
+            a, b = vB + tBE + e, vM + tME + e
+            nE, pE = (b, "M") if b >= a else (a, "B")
+            e = eS(c, MIN_FLOAT)
+            a, b = vE + tES + e, vS + tSS + e
+            nS, pS = (b, "S") if b >= a else (a, "E")
+            vB, vM, vE, vS = nB, nM, nE, nS
+            back.append((pB, pM, pE, pS))
+        state = "S" if vS >= vE else "E"
+        tags = [state]
+        index = {"B": 0, "M": 1, "E": 2, "S": 3}
+        for ptr in reversed(back):
+            state = ptr[index[state]]
+            tags.append(state)
+        return "".join(reversed(tags))
+
+    def viterbi_reference(self, obs: str) -> str:
+        """The textbook Viterbi over dicts (jieba's formulation), kept as the twin of `viterbi`."""
+        V = [{y: self.start[y] + self.emit[y].get(obs[0], MIN_FLOAT) for y in STATES}]
+        path = {y: y for y in STATES}
+        for t in range(1, len(obs)):
+            V.append({})
+            new = {}
+            for y in STATES:
+                em = self.emit[y].get(obs[t], MIN_FLOAT)
+                prob, prev = max((V[t - 1][y0] + self.trans[y0].get(y, MIN_FLOAT) + em, y0)
+                                 for y0 in PREV_STATES[y])
+                V[t][y] = prob
+                new[y] = path[prev] + y
+            path = new
+        _, last = max((V[-1][y], y) for y in "ES")
+        return path[last]
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "trans": self.trans, "emit": self.emit}
+
+    @staticmethod
+    def count(words_per_sentence: Iterable[Iterable[str]]) -> tuple[Counter, dict[str, Counter], dict[str, Counter]]:
+        """BMES counts of segmented sentences: (start[s], trans[s][t], emit[s][char]). A word of length 1 is S,
+        a longer one B M…M E."""
+        start: Counter[str] = Counter()
+        trans: dict[str, Counter[str]] = {s: Counter() for s in STATES}
+        emit: dict[str, Counter[str]] = {s: Counter() for s in STATES}
+        for words in words_per_sentence:
+            prev = None
+            for w in words:
+                if not w:
+                    continue
+                tags = "S" if len(w) == 1 else "B" + "M" * (len(w) - 2) + "E"
+                for ch, t in zip(w, tags):
+                    emit[t][ch] += 1
+                    if prev is None:
+                        start[t] += 1
+                    else:
+                        trans[prev][t] += 1
+                    prev = t
+        return start, trans, emit
+
+    @classmethod
+    def from_counts(cls, start: Counter, trans: dict[str, Counter], emit: dict[str, Counter],
+                    alpha: float = 0.0) -> HMM:
+        """Maximum-likelihood log tables from BMES counts: start(s) = #start in s / #sequences,
+        trans(s→t) = #(s,t) / #(s,·), emit(s, c) = (#(s,c) + α) / (#s + α·|V_s|) over the characters seen in
+        s; a zero count becomes MIN_FLOAT (log 0), as in jieba's tables."""
+
+        def logs(counter: Counter, keys: Iterable[str], add: float = 0.0) -> dict[str, float]:
+            keys = list(keys)
+            total = sum(counter[k] for k in keys) + add * len(keys)
+            return {k: (math.log((counter[k] + add) / total) if counter[k] + add > 0 else MIN_FLOAT)
+                    for k in keys}
+
+        return cls(start=logs(start, STATES), trans={s: logs(trans[s], PREV_OF_NEXT[s]) for s in STATES},
+                   emit={s: logs(emit[s], emit[s], alpha) for s in STATES})
+
+    @classmethod
+    def estimate(cls, words_per_sentence: Iterable[Iterable[str]], alpha: float = 0.0) -> HMM:
+        """Supervised BMES model of segmented sentences (`count` then `from_counts`)."""
+        return cls.from_counts(*cls.count(words_per_sentence), alpha=alpha)
+
+
+PREV_OF_NEXT = {"B": "EM", "M": "EM", "E": "BS", "S": "BS"}  # allowed successors of each state
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {package!r} is not installed (pip install tinyllm[nlp])")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _read_table(path: Path) -> dict:
+    """A jieba `prob_*.py` file (`P = {...}` literal) read as data with `ast.literal_eval`, never imported."""
+    text = path.read_text(encoding="utf-8")
+    start = text.index("P=") + 2 if "P=" in text else text.index("P =") + 3
+    return ast.literal_eval(text[start:].strip())
+
+
+_USERDICT = re.compile(r"^(.+?)( [0-9]+)?( [a-z]+)?$")
+
+
+class Segmenter:
+    """Dictionary + HMM word segmenter (jieba's algorithm). See the module docstring for the mechanism."""
+
+    def __init__(self, freq: dict[str, int], hmm: HMM | None = None, *, total: int | None = None,
+                 tags: dict[str, str] | None = None, patterns: Patterns = JIEBA_PATTERNS) -> None:
+        self.freq: dict[str, int] = {}
+        self.total = 0
+        self.tags: dict[str, str] = dict(tags or {})
+        self.hmm = hmm
+        self.patterns = patterns
+        self.force_split: set[str] = set()
+        for w, f in freq.items():
+            if not isinstance(f, int) or f < 0:
+                raise ValueError(f"frequency of {w!r} is {f!r}; expected an int >= 0")
+            self.freq[w] = f
+            self.total += f
+        if total is not None:
+            self.total = total
+        for w in list(self.freq):
+            for i in range(1, len(w)):
+                self.freq.setdefault(w[:i], 0)
+        # log frequencies for the route: log(freq) for words, None for prefix-only keys
+        self._logf: dict[str, float | None] = {w: (math.log(f) if f else None) for w, f in self.freq.items()}
+        self._set_patterns(patterns)
+
+    def _set_patterns(self, patterns: Patterns) -> None:
+        self.patterns = patterns
+        (self._re_block, self._re_skip, self._re_hmm, self._re_hmm_skip, self._eng,
+         self._re_number) = patterns.compile()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict_file(cls, path: str | os.PathLike, hmm: HMM | None = None,
+                       patterns: Patterns = JIEBA_PATTERNS) -> Segmenter:
+        """A dictionary in jieba's `dict.txt` format: one `word freq [tag]` per line (UTF-8)."""
+        freq: dict[str, int] = {}
+        tags: dict[str, str] = {}
+        total = 0
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.strip().lstrip("\ufeff").split(" ")
+                if parts == [""]:
+                    continue
+                try:
+                    word, count = parts[0], int(parts[1])
+                except (IndexError, ValueError):
+                    raise ValueError(f"invalid dictionary entry in {path} at line {lineno}: {line.strip()!r}"
+                                     ) from None
+                freq[word] = count  # a repeated word keeps its last count but adds to total, like jieba
+                total += count
+                if len(parts) > 2:
+                    tags[word] = parts[2]
+        return cls(freq, hmm, total=total, tags=tags, patterns=patterns)
+
+    @classmethod
+    def from_jieba(cls) -> Segmenter:
+        """jieba's `dict.txt` (349,046 words) and `finalseg` HMM tables, read from the installed jieba package."""
+        root = _package_dir("jieba")
+        hmm = HMM(start=_read_table(root / "finalseg" / "prob_start.py"),
+                  trans=_read_table(root / "finalseg" / "prob_trans.py"),
+                  emit=_read_table(root / "finalseg" / "prob_emit.py"))
+        return cls.from_dict_file(root / "dict.txt", hmm)
+
+    @classmethod
+    def from_corpus(cls, sentences: Iterable[Iterable[str]], min_freq: int = 1, hmm: str | None = "oov",
+                    folds: int = 5, mix: float = 0.01, emit_alpha: float = 0.0,
+                    patterns: Patterns = CORPUS_PATTERNS) -> Segmenter:
+        """Dictionary and HMM estimated from segmented text (a list of word lists per sentence).
+
+        freq(w) = corpus count of w (words seen fewer than `min_freq` times are dropped, except single
+        characters). The HMM (BMES, `HMM.estimate`):
+        - hmm="all": counted on every word of the corpus (the textbook estimate);
+        - hmm="oov" (default): counted where it will be used — on the single-character buffers the route leaves
+          for unknown words. The corpus is cut into `folds` parts; each part is segmented (no HMM) with a
+          dictionary built from the other parts, and the gold words inside its OOV buffers are counted. A model
+          counted on all words learns that 一 starts words (一九九八年) and glues 一/年 back together; a model
+          counted on real OOV buffers learns names, numbers and new words instead. The all-words counts are
+          added with weight `mix` so that every character has an emission.
+        - hmm=None: no HMM (OOV buffers stay single characters).
+        """
+        if min_freq < 1:
+            raise ValueError(f"min_freq={min_freq} must be >= 1")
+        if hmm not in ("oov", "all", None):
+            raise ValueError(f"hmm={hmm!r} is not one of ['oov', 'all', None]")
+        if folds < 2:
+            raise ValueError(f"folds={folds} must be >= 2")
+        num = patterns.compile()[-1]
+        sents = [[(num.sub(NUMBER, w) if num is not None else w) for w in s if w and not w.isspace()]
+                 for s in sentences]
+        counts = Counter(w for s in sents for w in s)
+        if not counts:
+            raise ValueError("from_corpus got no words")
+
+        def dictionary(c: Counter) -> dict[str, int]:
+            return {w: n for w, n in c.items() if n >= min_freq or len(w) == 1}
+
+        model = None
+        if hmm == "all":
+            model = HMM.estimate(sents, alpha=emit_alpha)
+        elif hmm == "oov":
+            buffers: list[list[str]] = []
+            for f in range(folds):
+                part = [s for i, s in enumerate(sents) if i % folds == f]
+                rest = counts - Counter(w for s in part for w in s)
+                if not rest:
+                    continue
+                seg = cls(dictionary(rest), None, patterns=patterns)
+                for words in part:
+                    buffers.extend(seg._gold_in_buffers(words))
+            start, trans, emit = HMM.count(buffers)
+            a_start, a_trans, a_emit = HMM.count(sents)
+            for mine, allc in ((start, a_start), *zip(trans.values(), a_trans.values()),
+                               *zip(emit.values(), a_emit.values())):
+                for k, v in allc.items():
+                    mine[k] += mix * v
+            model = HMM.from_counts(start, trans, emit, alpha=emit_alpha)
+        return cls(dictionary(counts), model, patterns=patterns)
+
+    def oov_buffers(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of the runs the HMM would decode: ≥ 2 consecutive single characters of the route inside
+        a dictionary block that are not themselves a dictionary word."""
+        out = []
+        offset = 0
+        for i, blk in enumerate(self._re_block.split(text)):
+            if i % 2 and blk:
+                ends = self.route(blk)
+                x, run = 0, -1
+                n = len(blk)
+                while x <= n:
+                    y = ends[x] if x < n else n + 1
+                    if y - x == 1 and x < n:
+                        run = x if run < 0 else run
+                    else:
+                        if run >= 0 and x - run >= 2 and not self.freq.get(blk[run:x]):
+                            out.append((offset + run, offset + x))
+                        run = -1
+                    if x == n:
+                        break
+                    x = y
+            offset += len(blk)
+        return out
+
+    def _gold_in_buffers(self, words: list[str]) -> list[list[str]]:
+        """The gold words inside each OOV buffer of the joined sentence (words cut at the buffer's edges)."""
+        text = "".join(words)
+        bounds = [0]
+        for w in words:
+            bounds.append(bounds[-1] + len(w))
+        out = []
+        for a, b in self.oov_buffers(text):
+            cuts = sorted({a, b, *(x for x in bounds if a < x < b)})
+            out.append([text[i:j] for i, j in itertools.pairwise(cuts)])
+        return out
+
+    # ------------------------------------------------------------------ dictionary edits
+    @property
+    def num_words(self) -> int:
+        return sum(1 for f in self.freq.values() if f)
+
+    def add_word(self, word: str, freq: int | None = None, tag: str | None = None) -> None:
+        """Add (or re-weight) a word. Without `freq`, `suggest_freq(word)` — just enough to be cut out whole.
+        Like jieba, `total` grows by `freq` and every prefix becomes a key; freq 0 deletes the word and forces
+        the HMM to split it too."""
+        if not word:
+            raise ValueError("add_word needs a non-empty word")
+        freq = int(freq) if freq is not None else self.suggest_freq(word)
+        if freq < 0:
+            raise ValueError(f"freq={freq} must be >= 0")
+        self.freq[word] = freq
+        self._logf[word] = math.log(freq) if freq else None
+        self.total += freq
+        if tag:
+            self.tags[word] = tag
+        for i in range(1, len(word)):
+            if word[:i] not in self.freq:
+                self.freq[word[:i]] = 0
+                self._logf[word[:i]] = None
+        if freq == 0:
+            self.force_split.add(word)
+        else:
+            self.force_split.discard(word)
+
+    def del_word(self, word: str) -> None:
+        self.add_word(word, 0)
+
+    def suggest_freq(self, segment: str | Iterable[str], tune: bool = False) -> int:
+        """jieba's frequency suggestion. A string: the smallest freq that makes it beat its current no-HMM
+        segmentation, max(int(total·Π p(piece)) + 1, freq(word)). A sequence of pieces: the largest freq that
+        lets the pieces win, min(int(total·Π p(piece)), freq(word)). `tune=True` also applies it."""
+        ftotal = float(self.total)
+        p = 1.0
+        if isinstance(segment, str):
+            word = segment
+            for piece in self.cut(word, hmm=False):
+                p *= self.freq.get(piece, 1) / ftotal
+            freq = max(int(p * self.total) + 1, self.freq.get(word, 1))
+        else:
+            pieces = tuple(segment)
+            word = "".join(pieces)
+            for piece in pieces:
+                p *= self.freq.get(piece, 1) / ftotal
+            freq = min(int(p * self.total), self.freq.get(word, 0))
+        if tune:
+            self.add_word(word, freq)
+        return freq
+
+    def load_userdict(self, source: str | os.PathLike | Iterable[str]) -> None:
+        """Lines `word [freq] [tag]` (a path or an iterable of lines); omitted freq = suggest_freq(word)."""
+        lines = Path(source).read_text(encoding="utf-8").splitlines() if isinstance(source, (str, os.PathLike)) \
+            else source
+        for line in lines:
+            line = line.strip().lstrip("\ufeff")
+            if not line:
+                continue
+            word, freq, tag = _USERDICT.match(line).groups()  # type: ignore[union-attr]
+            self.add_word(word, int(freq) if freq else None, tag.strip() if tag else None)
+
+    # ------------------------------------------------------------------ DAG and route
+    def get_dag(self, sentence: str) -> dict[int, list[int]]:
+        """{start: [inclusive end of every dictionary word starting there]} (jieba's `get_DAG`)."""
+        dag: dict[int, list[int]] = {}
+        n = len(sentence)
+        for k in range(n):
+            ends = []
+            i = k
+            frag = sentence[k]
+            while i < n and frag in self.freq:
+                if self.freq[frag]:
+                    ends.append(i)
+                i += 1
+                frag = sentence[k:i + 1]
+            dag[k] = ends or [k]
+        return dag
+
+    def route_reference(self, sentence: str) -> list[tuple[float, int]]:
+        """route[k] = max over (log p(word k..x) + route[x+1], x), built from the explicit DAG (the naive twin)."""
+        n = len(sentence)
+        dag = self.get_dag(sentence)
+        route: list[tuple[float, int]] = [(0.0, 0)] * (n + 1)
+        logtotal = math.log(self.total)
+        for k in range(n - 1, -1, -1):
+            route[k] = max((math.log(self.freq.get(sentence[k:x + 1]) or 1) - logtotal + route[x + 1][0], x)
+                           for x in dag[k])
+        return route
+
+    def route(self, sentence: str) -> list[int]:
+        """ends[k] = exclusive end of the best word starting at k. DAG construction and the right-to-left DP fused
+        into one pass over precomputed log frequencies; same floats and tie-break as `route_reference`."""
+        n = len(sentence)
+        score = [0.0] * (n + 1)
+        ends = [0] * (n + 1)
+        get = self._logf.get
+        logtotal = math.log(self.total)
+        for k in range(n - 1, -1, -1):
+            best = None
+            bend = k + 1
+            j = k + 1
+            lf = get(sentence[k], False)
+            while lf is not False:
+                if lf is not None:
+                    p = lf - logtotal + score[j]
+                    if best is None or p >= best:  # >= : later ends win ties, as in jieba's tuple max
+                        best = p
+                        bend = j
+                if j == n:
+                    break
+                j += 1
+                lf = get(sentence[k:j], False)
+            if best is None:
+                best = 0.0 - logtotal + score[k + 1]
+            score[k] = best
+            ends[k] = bend
+        return ends
+
+    # ------------------------------------------------------------------ block cutters
+    def _hmm_cut(self, buf: str, out: list[str]) -> None:
+        """An OOV buffer: Viterbi over its HMM-able runs; numbers/latin runs and other characters pass through."""
+        if self.hmm is None:
+            out.extend(buf)
+            return
+        parts = self._re_hmm.split(buf)
+        for i, part in enumerate(parts):
+            if not part:
+                continue
+            if i % 2:
+                tags = self.hmm.viterbi(part)
+                begin = 0
+                for j, t in enumerate(tags):
+                    if t == "B":
+                        begin = j
+                    elif t == "E" or t == "S":
+                        w = part[begin:j + 1] if t == "E" else part[j]
+                        if w in self.force_split:
+                            out.extend(w)
+                        else:
+                            out.append(w)
+            else:
+                out.extend(x for x in self._re_hmm_skip.split(part) if x)
+
+    def _cut_hmm(self, block: str, out: list[str]) -> None:
+        ends = self.route(block)
+        n = len(block)
+        freq = self.freq
+        x = 0
+        buf_start = -1
+        while x < n:
+            y = ends[x]
+            if y - x == 1:
+                if buf_start < 0:
+                    buf_start = x
+            else:
+                if buf_start >= 0:
+                    buf = block[buf_start:x]
+                    if len(buf) == 1:
+                        out.append(buf)
+                    elif not freq.get(buf):
+                        self._hmm_cut(buf, out)
+                    else:
+                        out.extend(buf)
+                    buf_start = -1
+                out.append(block[x:y])
+            x = y
+        if buf_start >= 0:
+            buf = block[buf_start:]
+            if len(buf) == 1:
+                out.append(buf)
+            elif not freq.get(buf):
+                self._hmm_cut(buf, out)
+            else:
+                out.extend(buf)
+
+    def _cut_no_hmm(self, block: str, out: list[str]) -> None:
+        ends = self.route(block)
+        n = len(block)
+        eng = self._eng
+        x = 0
+        buf_start = -1
+        while x < n:
+            y = ends[x]
+            if y - x == 1 and block[x] in eng:
+                if buf_start < 0:
+                    buf_start = x
+            else:
+                if buf_start >= 0:
+                    out.append(block[buf_start:x])
+                    buf_start = -1
+                out.append(block[x:y])
+            x = y
+        if buf_start >= 0:
+            out.append(block[buf_start:])
+
+    def _cut_full(self, block: str, out: list[str], src: str = "", pos: list[int] | None = None) -> None:
+        """jieba's cut_all walk: every dictionary word of the DAG; a position covered by no longer word gives its
+        single character, and such single latin letters/digits are glued into one token. With `pos` (number
+        placeholders) the word block[a:b] is emitted as src[pos[a]:pos[b]]."""
+        dag = self.get_dag(block)
+        eng = self._eng
+        last = -1  # inclusive end of the last emitted word
+        eng_buf = None
+        for k in range(len(block)):
+            ends = dag[k]
+            if eng_buf is not None and block[k] not in eng:
+                out.append(eng_buf)
+                eng_buf = None
+            if len(ends) == 1 and k > last:
+                e = ends[0] + 1
+                word = block[k:e] if pos is None else src[pos[k]:pos[e]]
+                if block[k] in eng:
+                    eng_buf = word if eng_buf is None else eng_buf + word
+                else:
+                    out.append(word)
+                last = e - 1
+            else:
+                for j in ends:
+                    if j > k:
+                        out.append(block[k:j + 1] if pos is None else src[pos[k]:pos[j + 1]])
+                        last = j
+        if eng_buf is not None:
+            out.append(eng_buf)
+
+    def _cut_numbers(self, block: str, cut_block, out: list[str], full: bool) -> None:
+        """Replace each digit run by NUMBER, segment, and give every word its original characters back."""
+        runs = list(self._re_number.finditer(block))
+        if not runs:
+            cut_block(block, out)
+            return
+        pieces: list[str] = []
+        pos: list[int] = []  # pos[i] = index in `block` of normalized character i
+        last = 0
+        for m in runs:
+            pieces.append(block[last:m.start()])
+            pos.extend(range(last, m.start()))
+            pieces.append(NUMBER)
+            pos.append(m.start())
+            last = m.end()
+        pieces.append(block[last:])
+        pos.extend(range(last, len(block) + 1))
+        norm = "".join(pieces)
+        if full:
+            self._cut_full(norm, out, block, pos)
+            return
+        words: list[str] = []
+        cut_block(norm, words)
+        a = 0
+        for w in words:
+            b = a + len(w)
+            out.append(w if NUMBER not in w else block[pos[a]:pos[b]])
+            a = b
+
+    def normalize_numbers(self, word: str) -> str:
+        """A word as the dictionary stores it: digit runs replaced by NUMBER (unchanged without `number`)."""
+        return self._re_number.sub(NUMBER, word) if self._re_number is not None else word
+
+    # ------------------------------------------------------------------ public API
+    def cut(self, text: str, mode: str = "precise", hmm: bool = True) -> list[str]:
+        """Words of `text`. mode: "precise" | "full" | "search"; `hmm` (precise/search) decodes OOV buffers.
+        Equal to `jieba.lcut(text, cut_all=mode == "full", HMM=hmm)` / `jieba.lcut_for_search` with jieba's
+        resources, except that full mode never emits the empty strings jieba's `cut_all` yields around spaces."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+        if mode == "search":
+            return self._search(self.cut(text, "precise", hmm))
+        full = mode == "full"
+        if self.total <= 0:
+            raise ValueError("the dictionary is empty (total frequency 0)")
+        cut_block = self._cut_full if full else (self._cut_hmm if hmm else self._cut_no_hmm)
+        out: list[str] = []
+        re_skip = self._re_skip
+        for i, blk in enumerate(self._re_block.split(text)):
+            if not blk:
+                continue
+            if i % 2:
+                if self._re_number is None:
+                    cut_block(blk, out)
+                else:
+                    self._cut_numbers(blk, cut_block, out, full)
+                continue
+            for j, x in enumerate(re_skip.split(blk)):
+                if not x:
+                    continue
+                if j % 2 or full:
+                    out.append(x)
+                else:
+                    out.extend(x)
+        return out
+
+    def _search(self, words: list[str]) -> list[str]:
+        freq = self.freq
+        out: list[str] = []
+        for w in words:
+            n = len(w)
+            if n > 2:
+                out.extend(g for g in (w[i:i + 2] for i in range(n - 1)) if freq.get(g))
+            if n > 3:
+                out.extend(g for g in (w[i:i + 3] for i in range(n - 2)) if freq.get(g))
+            out.append(w)
+        return out
+
+    def lcut(self, text: str, mode: str = "precise", hmm: bool = True) -> list[str]:
+        return self.cut(text, mode, hmm)
+
+    def tokenize(self, text: str, mode: str = "precise", hmm: bool = True) -> list[tuple[str, int, int]]:
+        """(word, start, end) character offsets. "precise": the cut, tiling the text; "search": also the
+        dictionary 2/3-grams inside long words, at their own offsets (jieba's `tokenize(mode="search")`)."""
+        if mode == "default":
+            mode = "precise"
+        if mode not in ("precise", "search"):
+            raise ValueError(f"tokenize mode={mode!r} is not one of ['precise', 'search']")
+        out: list[tuple[str, int, int]] = []
+        start = 0
+        freq = self.freq
+        for w in self.cut(text, "precise", hmm):
+            n = len(w)
+            if mode == "search":
+                if n > 2:
+                    out.extend((w[i:i + 2], start + i, start + i + 2) for i in range(n - 1) if freq.get(w[i:i + 2]))
+                if n > 3:
+                    out.extend((w[i:i + 3], start + i, start + i + 3) for i in range(n - 2) if freq.get(w[i:i + 3]))
+            out.append((w, start, start + n))
+            start += n
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def to_json(self) -> dict:
+        implied = set()
+        for w, f in self.freq.items():
+            if f:
+                implied.update(w[:i] for i in range(1, len(w)))
+        return {"format": FORMAT, "version": 1, "total": self.total,
+                "words": [[w, f] for w, f in self.freq.items() if f],
+                "zero": sorted(w for w, f in self.freq.items() if not f and w not in implied),
+                "tags": self.tags, "force_split": sorted(self.force_split),
+                "patterns": vars(self.patterns), "hmm": self.hmm.to_json() if self.hmm else None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Segmenter:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a saved segmenter (format={data.get('format')!r}, expected {FORMAT!r})")
+        freq = {w: int(f) for w, f in data["words"]}
+        for w in data.get("zero", []):
+            freq[w] = 0
+        hmm = HMM(**data["hmm"]) if data.get("hmm") else None
+        seg = cls(freq, hmm, total=int(data["total"]), tags=data.get("tags"), patterns=Patterns(**data["patterns"]))
+        seg.force_split = set(data.get("force_split", []))
+        return seg
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """gzip-compressed JSON, written to a temporary file in the same directory and renamed (atomic)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+                gz.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Segmenter:
+        path = Path(path)
+        opener = gzip.open if path.name.endswith(".gz") else open
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read a segmenter from {path}: {e}") from None
+        return cls.from_json(data)
+
+    def __repr__(self) -> str:
+        return f"Segmenter(words={self.num_words:,}, total={self.total:,}, hmm={self.hmm is not None})"
+
+
+# ------------------------------------------------------------------ corpus helpers and evaluation
+_TAG = re.compile(r"/[A-Za-z]+$")
+
+
+def read_segmented(path: str | os.PathLike, strip_tags: bool = True) -> list[list[str]]:
+    """A segmented corpus: one sentence per line, words separated by whitespace; `word/tag` tokens lose the
+    tag when `strip_tags`."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        words = [(_TAG.sub("", w) if strip_tags else w) for w in line.split()]
+        words = [w for w in words if w]
+        if words:
+            out.append(words)
+    return out
+
+
+def _spans(words: Iterable[str]) -> Iterator[tuple[int, int]]:
+    start = 0
+    for w in words:
+        yield start, start + len(w)
+        start += len(w)
+
+
+@dataclass(frozen=True)
+class PRF:
+    precision: float
+    recall: float
+    f1: float
+    gold: int
+    predicted: int
+    correct: int
+
+
+def segmentation_prf(gold: Iterable[list[str]], predicted: Iterable[list[str]]) -> PRF:
+    """Word-level precision/recall/F1: a predicted word is correct when its (start, end) span is a gold span.
+    Each gold/predicted pair must spell the same text (else ValueError naming the sentence)."""
+    n_gold = n_pred = n_ok = 0
+    for i, (g, p) in enumerate(zip(gold, predicted, strict=True)):
+        if "".join(g) != "".join(p):
+            raise ValueError(f"sentence {i}: gold and predicted words spell different text: "
+                             f"{''.join(g)[:40]!r} vs {''.join(p)[:40]!r}")
+        gs = set(_spans(g))
+        ps = list(_spans(p))
+        n_gold += len(gs)
+        n_pred += len(ps)
+        n_ok += sum(1 for s in ps if s in gs)
+    prec = n_ok / n_pred if n_pred else 0.0
+    rec = n_ok / n_gold if n_gold else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return PRF(prec, rec, f1, n_gold, n_pred, n_ok)
