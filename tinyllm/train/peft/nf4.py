@@ -4,13 +4,13 @@ NormalFloat-4 (NF4). Pretrained weights are roughly N(0, σ²) per block, so the
 quantiles of a standard normal, each holding an equal share of probability mass, rescaled to [−1, 1]. The
 paper makes zero exactly representable by building the two halves separately: 8 positive values from the
 quantiles at probabilities linspace(δ, ½, 9)[:-1], 7 negative ones from linspace(δ, ½, 8)[:-1], plus 0,
-δ = ½(30/32 + 31/32) = 0.9677083, then divides by the largest — `nf4_code_values()` rebuilds them and the
+δ = 0.9677083 ≈ 1 − ½(1/30 + 1/32), then divides by the largest — `nf4_code_values()` rebuilds them and the
 test checks them against the table the paper (appendix E) and bitsandbytes print, `NF4_CODE`.
 
 Block-wise quantization (block size 64): each block of 64 weights stores c = absmax(block) in fp32 and per
 weight the index of the code value nearest to w/c (4 bits, two per byte, first weight in the high nibble as
 bitsandbytes packs them). Dequantization: w ≈ c · NF4_CODE[index]. The error of one weight is at most half
-the widest gap between neighbouring codes times c: |w − ŵ| ≤ c·(1 − 0.7229568)/2 ≈ 0.1385·c.
+the widest gap between neighbouring codes (−1 to −0.6962) times c: |w − ŵ| ≤ 0.1519·c.
 
 Double quantization (DQ): the fp32 constants c cost 32/64 = 0.5 bit per weight. Subtract their mean μ (as
 bitsandbytes does: constants are all positive, so centring them spends the 8 bits on the spread), then
@@ -35,7 +35,7 @@ from torch import nn
 
 BLOCK_SIZE = 64
 DQ_BLOCK_SIZE = 256
-NF4_OFFSET = 0.5 * (30 / 32 + 31 / 32)  # 0.9677083
+NF4_OFFSET = 0.9677083  # ≈ 1 − ½(1/30 + 1/32), rounded as bitsandbytes has it
 
 # QLoRA paper appendix E / bitsandbytes `get_4bit_type("nf4")`, index order = the 4-bit code
 NF4_CODE = torch.tensor([
