@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from tinyllm.rag.files import atomic_write
 
@@ -176,6 +175,8 @@ class DenseIndex:
     # -------------------------------------------------------------------------------------------- queries
 
     def _search_exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch  # lazily: a BM25-only store never pays torch's import time
+
         v = torch.from_numpy(self._vectors)
         block = max(1, (1 << 24) // max(len(self._ids), 1))
         scores, rows = [], []
