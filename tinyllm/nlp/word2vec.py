@@ -33,10 +33,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +47,35 @@ import torch.nn.functional as F
 from tinyllm.nlp.vectors import KeyedVectors
 
 __all__ = ["KeyedVectors", "Vocab", "Word2Vec", "build_vocab", "cbow_contexts", "huffman_tree", "keep_probabilities",
-           "sgd_step", "sgd_step_naive", "unigram_table", "window_pairs"]
+           "segment_corpus", "sgd_step", "sgd_step_naive", "split_sentences", "unigram_table", "window_pairs"]
+
+
+# ------------------------------------------------------------------ corpus
+_SENTENCE_END = re.compile(r"[。！？；!?;\n\r]+")
+_WORDLIKE = re.compile(r"\w")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Cut at sentence-final punctuation and line breaks: windows should not run across sentences."""
+    return [s for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def segment_corpus(texts: Iterable[str], segmenter: Any = None, progress: bool = False) -> list[list[str]]:
+    """Texts → sentences of words for Word2Vec: segmented (tinyllm's jieba-compatible `Segmenter` by
+    default), keeping only tokens with a letter or digit (punctuation and spaces dropped)."""
+    if segmenter is None:
+        from tinyllm.nlp.segment import Segmenter
+
+        segmenter = Segmenter.from_jieba()
+    from tqdm.auto import tqdm
+
+    out = []
+    for text in tqdm(texts, desc="segment", unit="doc", disable=not progress):
+        for sent in split_sentences(text):
+            words = [w for w in segmenter.cut(sent) if _WORDLIKE.search(w) and not any(c.isspace() for c in w)]
+            if words:
+                out.append(words)
+    return out
 
 
 # ------------------------------------------------------------------ vocabulary and tables
