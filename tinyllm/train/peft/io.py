@@ -43,6 +43,7 @@ from tinyllm.train.peft.select import BitFitConfig, apply_bitfit, trainable_name
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TRAINABLE_NAME = "trainable_state.safetensors"
+KNOWN_TYPES = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK_ADAPTER", "BITFIT")
 PEFT_PREFIX = "base_model.model."
 # PEFT LoRA options whose non-default values change the math; refused rather than silently ignored
 _LORA_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
@@ -211,12 +212,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Apply the adapter saved in `directory` (PEFT's or tinyllm's format) to `model`; return the result."""
     directory = Path(directory)
     cfg = read_adapter_config(directory)
-    sd = _read_weights(directory)
     source = str(directory)
     kind = cfg["peft_type"]
+    if kind not in KNOWN_TYPES:
+        raise AdapterError(f"{source}: peft_type={kind!r} is not supported ({', '.join(KNOWN_TYPES)})")
+    lora_cfg = _lora_config(cfg, source) if kind == "LORA" else None
+    sd = _read_weights(directory)
     try:
         if kind == "LORA":
-            apply_lora(model, _lora_config(cfg, source), adapter_name)
+            apply_lora(model, lora_cfg, adapter_name)
             load_lora_state_dict(model, _strip_lora_keys(sd, adapter_name), adapter_name)
             out = model
         elif kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
@@ -234,12 +238,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         elif kind == "BOTTLENECK_ADAPTER":
             out = apply_adapters(model, AdapterConfig(**cfg["tinyllm_config"]))
             _copy_named(out, sd, source)
-        elif kind == "BITFIT":
+        else:  # BITFIT
             out = apply_bitfit(model, BitFitConfig(**cfg["tinyllm_config"]))
             _copy_named(out, sd, source)
-        else:
-            raise AdapterError(f"{source}: peft_type={kind!r} is not supported (LORA, PROMPT_TUNING, "
-                               "PREFIX_TUNING, BOTTLENECK_ADAPTER, BITFIT)")
     except (KeyError, TypeError) as e:
         raise AdapterError(f"{source}: adapter_config.json lacks or mistypes a field ({e})") from None
     if not is_trainable:
