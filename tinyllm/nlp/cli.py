@@ -196,3 +196,160 @@ def run_word2vec(cfg: Word2VecConfig) -> int:
         else:
             print(f"{word}: (not in the vocabulary)")
     return 0
+
+
+# ------------------------------------------------------------------ pos
+POS_MODEL = "runs/pos/pd1998-hmm.json"
+
+
+@dataclass
+class PosConfig:
+    input: str | None = field(default=None, metadata={
+        "help": "text file to tag, one sentence per line ('-' or unset: stdin, unless --text is given)"})
+    text: str | None = field(default=None, metadata={"help": "tag this string instead of a file"})
+    output: str | None = field(default=None, metadata={"help": "write here instead of stdout"})
+    tagger: str = field(default="hmm", metadata={
+        "help": "hmm: our HMM tagger (People's Daily 1998 tag set) over the segmenter's words; jieba: our "
+                "jieba.posseg twin (jieba's dictionary tags, joint HMM for unknown words)",
+        "choices": ["hmm", "jieba"]})
+    model: str = field(default=POS_MODEL, metadata={
+        "help": "HMM model file; trained from People's Daily (and saved here) when it does not exist"})
+    train: bool = field(default=False, metadata={
+        "help": "train the HMM on the People's Daily training lines (index mod 10 != 0) and save it to --model"})
+    eval: bool = field(default=False, metadata={
+        "help": "print accuracy on the held-out People's Daily lines (index mod 10 == 0) with gold segmentation"})
+    order: int = field(default=1, metadata={"help": "1: bigram transitions, 2: trigram (TnT-style)",
+                                            "choices": [1, 2]})
+    presegmented: bool = field(default=False, metadata={
+        "help": "input lines are already words separated by spaces (otherwise our jieba-compatible segmenter "
+                "cuts them)"})
+    sep: str = field(default=" ", metadata={"help": "separator written between word/tag items"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.order not in (1, 2):
+            raise ValueError(f"order={self.order!r} must be 1 or 2")
+        if self.tagger not in ("hmm", "jieba"):
+            raise ValueError(f"tagger={self.tagger!r} is not one of ['hmm', 'jieba']")
+        if self.input is not None and self.text is not None:
+            raise ValueError("give either --input or --text, not both")
+
+
+def _read_lines(input: str | None, text: str | None) -> list[str]:
+    if text is not None:
+        return [text]
+    if input in (None, "-"):
+        return sys.stdin.read().splitlines()
+    path = Path(input)
+    if not path.is_file():
+        raise SystemExit(f"error: --input {input!r}: no such file")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _pos_model(cfg: PosConfig):
+    from tinyllm.nlp.pos import HMMTagger
+
+    path = Path(cfg.model)
+    if path.exists() and not cfg.train:
+        try:
+            return HMMTagger.load(path, order=cfg.order)
+        except ValueError as e:
+            raise SystemExit(f"error: --model: {e}") from None
+    from tinyllm.data.corpora import peoples_daily_tagged
+
+    sents = peoples_daily_tagged("train")
+    model = HMMTagger.train(sents, order=cfg.order, progress=cfg.progress)
+    model.save(path)
+    print(f"trained on {len(sents):,} People's Daily sentences ({len(model.words):,} words, "
+          f"{len(model.tags)} tags); saved to {path}", file=sys.stderr)
+    return model
+
+
+def run_pos(cfg: PosConfig) -> int:
+    if cfg.tagger == "jieba" and (cfg.train or cfg.eval):
+        raise SystemExit("error: --train/--eval apply to the HMM tagger (--tagger hmm)")
+    model = _pos_model(cfg) if cfg.tagger == "hmm" else None
+    if cfg.eval:
+        from tinyllm.data.corpora import peoples_daily_tagged
+        from tinyllm.nlp.pos import evaluate
+
+        r = evaluate(model, peoples_daily_tagged("eval"), progress=cfg.progress)
+        print(f"held-out People's Daily ({r['tokens']:,} words, gold segmentation): accuracy {r['accuracy']:.2%}; "
+              f"known words {r['known_accuracy']:.2%}, unknown words {r['unknown_accuracy']:.2%} "
+              f"({r['unknown_rate']:.2%} of words)")
+    if (cfg.train or cfg.eval) and cfg.input is None and cfg.text is None:
+        return 0
+    lines = _read_lines(cfg.input, cfg.text)
+    if model is None:
+        from tinyllm.nlp.keywords import default_tagger as tag_text
+    else:
+        from tinyllm.nlp.keywords import default_cut, hmm_tagger
+
+        tag_text = hmm_tagger(model, (lambda s: s.split()) if cfg.presegmented else default_cut)
+    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout  # noqa: SIM115
+    try:
+        for line in lines:
+            out.write(cfg.sep.join(f"{w}/{t}" for w, t in tag_text(line) if w.strip()) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+# ------------------------------------------------------------------ keywords
+@dataclass
+class KeywordsConfig:
+    input: str | None = field(default=None, metadata={
+        "help": "text file: the whole file is one document ('-' or unset: stdin, unless --text is given)"})
+    text: str | None = field(default=None, metadata={"help": "extract from this string instead of a file"})
+    method: str = field(default="tfidf", metadata={
+        "help": "tfidf: count · idf; textrank: weighted PageRank on the co-occurrence graph (window 5)",
+        "choices": ["tfidf", "textrank"]})
+    topk: int = field(default=20, metadata={"help": "how many keywords (0: all)"})
+    with_weights: bool = field(default=False, metadata={"help": "print each keyword's weight"})
+    allow_pos: list[str] = field(default_factory=list, metadata={
+        "help": "only words with these POS tags (tfidf default: all words; textrank default: ns n vn v)"})
+    idf: str = field(default="jieba", metadata={
+        "help": "'jieba' (jieba/analyse/idf.txt from the installed package) or a 'word idf' per line file"})
+    stop_words: str | None = field(default=None, metadata={
+        "help": "file with extra stop words, one per line (added to jieba's built-in English list)"})
+    tagger: str = field(default="jieba", metadata={
+        "help": "POS tags for textrank / --allow-pos: jieba (our jieba.posseg twin), dict (dictionary tags "
+                "only) or hmm (our People's Daily HMM tagger, --pos-model)", "choices": ["jieba", "dict", "hmm"]})
+    pos_model: str = field(default=POS_MODEL, metadata={"help": "HMM model file for --tagger hmm"})
+
+    def __post_init__(self) -> None:
+        if self.method not in ("tfidf", "textrank"):
+            raise ValueError(f"method={self.method!r} is not one of ['tfidf', 'textrank']")
+        if self.tagger not in ("jieba", "dict", "hmm"):
+            raise ValueError(f"tagger={self.tagger!r} is not one of ['jieba', 'dict', 'hmm']")
+        if self.topk < 0:
+            raise ValueError(f"topk={self.topk} must be >= 0")
+        if self.input is not None and self.text is not None:
+            raise ValueError("give either --input or --text, not both")
+
+
+def run_keywords(cfg: KeywordsConfig) -> int:
+    from tinyllm.nlp import keywords as kw
+
+    text = "\n".join(_read_lines(cfg.input, cfg.text))
+    try:
+        idf = kw.jieba_idf() if cfg.idf == "jieba" else kw.IDF.load(cfg.idf)
+        stop = kw.load_stop_words(cfg.stop_words) if cfg.stop_words else kw.STOP_WORDS
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.tagger == "dict":
+        tagger = kw.dictionary_tagger()
+    elif cfg.tagger == "hmm":
+        tagger = kw.hmm_tagger(_pos_model(PosConfig(model=cfg.pos_model, progress=False)))
+    else:
+        tagger = kw.default_tagger
+    if cfg.method == "tfidf":
+        res = kw.extract_tfidf(text, cfg.topk, True, allow_pos=cfg.allow_pos, idf=idf, tagger=tagger,
+                               stop_words=stop)
+    else:
+        res = kw.extract_textrank(text, cfg.topk, True, allow_pos=cfg.allow_pos or kw.TEXTRANK_POS,
+                                  tagger=tagger, stop_words=stop)
+    for word, weight in res:
+        print(f"{word}\t{weight:.6f}" if cfg.with_weights else word)
+    return 0
