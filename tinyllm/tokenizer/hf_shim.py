@@ -2,8 +2,8 @@
 WordPiece: Wu et al. 2016, SentencePiece/Unigram: Kudo 2018).
 
 tinyllm's own byte-level BPE (`bpe.py`) reads GPT-2-style `tokenizer.json` files, tiktoken rank files and GGUF
-vocabularies. A `tokenizer.json` it cannot read -- BERT's WordPiece, a SentencePiece-style BPE with `▁` and byte
-fallback, a Unigram model -- goes through Hugging Face's `tokenizers` library, wrapped in `CheckpointTokenizer`
+vocabularies; its WordPiece (`wordpiece.py`) reads BERT's pipeline. A `tokenizer.json` neither reads -- WordPiece
+without BERT's normalizer, a SentencePiece-style BPE with `▁` and byte fallback, a Unigram model -- goes through Hugging Face's `tokenizers` library, wrapped in `CheckpointTokenizer`
 with the same interface (`interface.Tokenizer`): `encode` without special tokens unless allowed, `decode`,
 special ids, `chat_template`, `save`. `load_tokenizer` (in `interface.py`) picks the implementation.
 

@@ -5,12 +5,14 @@ al. 2019 "GPT-2"), the loader that picks an implementation, and a streaming deco
 - a short name (`smollm2`) resolved by `tinyllm.model.hf.resolve_model_path`;
 - a `.gguf` file with a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`) -> `BPETokenizer.from_gguf`;
 - a checkpoint directory holding `tokenizer.json`, or that file itself -> `BPETokenizer.load` when it is a
-  ByteLevel BPE (GPT-2, LLaMA-3, Qwen2, SmolLM2 and our own exports), otherwise the `tokenizers` shim
-  (`hf_shim.CheckpointTokenizer`: WordPiece of BERT, SentencePiece-style BPE, Unigram);
+  ByteLevel BPE (GPT-2, LLaMA-3, Qwen2, SmolLM2 and our own exports), `WordPieceTokenizer.load` when it is
+  BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece), otherwise the `tokenizers` shim
+  (`hf_shim.CheckpointTokenizer`: other WordPiece set-ups, SentencePiece-style BPE, Unigram);
+- a BERT `vocab.txt` (or a directory with vocab.txt and no tokenizer.json) -> `WordPieceTokenizer`;
 - a tiktoken rank file (`*.tiktoken`): `qwen*` -> Qwen's regex, NFC and its 208 special tokens; otherwise
   cl100k's regex (and cl100k's special tokens when the name says cl100k).
 
-Both implementations satisfy `Tokenizer`: `encode(text)` gives ids without special tokens -- special-token
+All implementations satisfy `Tokenizer`: `encode(text)` gives ids without special tokens -- special-token
 spellings in the text are plain text unless `allowed_special` lists them ("all" for rendered chat templates);
 `decode(ids, skip_special_tokens=False)`; `bos/eos/pad_token(_id)`, `special_tokens`, `vocab_size`,
 `chat_template`, `add_bos_token` and `save(dir)` (tokenizer.json + tokenizer_config.json).
@@ -74,6 +76,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     resolved = resolve_model_path(path)
     if not resolved.exists():
         raise _checkpoint_error(f"{path}: no such file or directory")
+    if resolved.suffix == ".txt" or (resolved.is_dir() and not (resolved / "tokenizer.json").exists()
+                                     and (resolved / "vocab.txt").exists()):
+        return _from_vocab_txt(resolved)
     if resolved.is_dir() or resolved.suffix == ".json":
         return _from_tokenizer_json(resolved)
     if resolved.suffix == ".gguf":
@@ -83,7 +88,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise _checkpoint_error(f"{resolved}: {e}" if str(resolved) not in str(e) else str(e)) from None
     if resolved.suffix == ".tiktoken":
         return _from_tiktoken(resolved)
-    raise _checkpoint_error(f"{path}: expected a checkpoint directory, tokenizer.json, .tiktoken or .gguf file")
+    raise _checkpoint_error(f"{path}: expected a checkpoint directory, tokenizer.json, vocab.txt, .tiktoken or "
+                            ".gguf file")
+
+
+def _from_vocab_txt(path: Path) -> Tokenizer:
+    from tinyllm.tokenizer.wordpiece import WordPieceTokenizer
+
+    try:
+        return WordPieceTokenizer.load(path)
+    except (ValueError, OSError) as e:
+        raise _checkpoint_error(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
 
 
 def _from_tokenizer_json(path: Path) -> Tokenizer:
@@ -92,10 +107,16 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():
         raise _checkpoint_error(f"{path}: no tokenizer.json (only fast tokenizers are supported)")
+    from tinyllm.tokenizer.wordpiece import WordPieceTokenizer
+
     try:
         return BPETokenizer.load(path)
     except (ValueError, KeyError, TypeError):
-        # not a byte-level BPE we read (WordPiece, SentencePiece BPE, Unigram, a broken file): the shim
+        pass
+    try:
+        return WordPieceTokenizer.load(path)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        # neither byte-level BPE nor BERT's WordPiece (SentencePiece BPE, Unigram, a broken file): the shim
         # either reads it through `tokenizers` or raises CheckpointError naming the problem
         return hf_shim.from_tokenizer_json(file)
 

@@ -102,7 +102,8 @@ def normalize_aligned(text: str, lowercase: bool = True, strip_accents: bool | N
 
 def _strip_accents(chars: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """NFD (decompose each character, then order every run of combining marks by combining class, stable), then
-    drop the non-spacing marks (category Mn)."""
+    drop the non-spacing marks (category Mn). Reordering matters only when a spacing mark (Mc) with a combining
+    class survives, e.g. U+302E after U+0301."""
     out: list[tuple[str, int]] = []
     for ch, i in chars:
         out += [(d, i) for d in unicodedata.normalize("NFD", ch)]
@@ -112,7 +113,9 @@ def _strip_accents(chars: list[tuple[str, int]]) -> list[tuple[str, int]]:
             j = k
             while j < len(out) and unicodedata.combining(out[j][0]):
                 j += 1
-            out[k:j] = sorted(out[k:j], key=lambda x: unicodedata.combining(x[0]))
+            # the marks are sorted; alignments stay by position (as HF's NormalizedString does)
+            marks = sorted((c for c, _ in out[k:j]), key=unicodedata.combining)
+            out[k:j] = [(c, i) for c, (_, i) in zip(marks, out[k:j])]
             k = j
         k += 1
     return [(c, i) for c, i in out if unicodedata.category(c) != "Mn"]
@@ -397,9 +400,8 @@ class WordPieceTokenizer:
         options.update(lowercase=bool(norm.get("lowercase", True)), strip_accents=norm.get("strip_accents"),
                        clean_text=bool(norm.get("clean_text", True)),
                        handle_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
-                       cls_token=cls_tok, sep_token=sep_tok)
-        return cls(vocab, unk_token=model.get("unk_token", "[UNK]"),
-                   continuing_subword_prefix=model.get("continuing_subword_prefix", "##"),
+                       cls_token=cls_tok, sep_token=sep_tok, unk_token=model.get("unk_token", "[UNK]"))
+        return cls(vocab, continuing_subword_prefix=model.get("continuing_subword_prefix", "##"),
                    max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
                    special_tokens=[t["content"] for t in added] or None, cleanup=bool(decoder.get("cleanup", True)),
                    **options)
