@@ -149,3 +149,21 @@ def test_bad_input(tmp_path):
         PossegTagger(None, ({}, {}, {}, {})).cut(None)  # type: ignore[arg-type]
     assert kw.extract_tfidf("", cut=lambda _: []) == []
     assert kw.extract_textrank("", tagger=lambda _: []) == []
+
+
+def test_cli_keywords(capsys, tmp_path):
+    from tinyllm.nlp.cli import KeywordsConfig, run_keywords
+
+    run_keywords(KeywordsConfig(text=THREADS, topk=5))
+    assert capsys.readouterr().out.split() == jieba.analyse.extract_tags(THREADS, topK=5)
+    src = tmp_path / "doc.txt"
+    src.write_text(THREADS, encoding="utf-8")
+    run_keywords(KeywordsConfig(input=str(src), method="textrank", topk=3, with_weights=True))
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    expect = jieba.analyse.textrank(THREADS, topK=3, withWeight=True)
+    assert [r[0] for r in rows] == [w for w, _ in expect]
+    assert [float(r[1]) for r in rows] == pytest.approx([w for _, w in expect], abs=1e-6)
+    with pytest.raises(ValueError, match="method='bm25'"):
+        KeywordsConfig(method="bm25")
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_keywords(KeywordsConfig(text="文本", idf=str(tmp_path / "none.txt")))

@@ -163,3 +163,24 @@ def test_jieba_tag_mapping_lands_in_pd_tagset(train_sents):
     dict_txt = Path(jieba.__file__).parent / "dict.txt"
     jieba_tags = {line.split(" ")[2].strip() for line in dict_txt.read_text(encoding="utf-8").splitlines()}
     assert {JIEBA_TO_PD.get(t, t) for t in jieba_tags} <= pd_tags
+
+
+def test_cli_train_eval_and_tag(train_sents, eval_sents, tmp_path, capsys, monkeypatch):
+    import tinyllm.data.corpora as corpora
+    from tinyllm.nlp.cli import PosConfig, run_pos
+
+    small = {"train": train_sents[:800], "eval": eval_sents[:60]}
+    monkeypatch.setattr(corpora, "peoples_daily_tagged", lambda split="train": small[split])
+    model = tmp_path / "pos" / "m.json"
+    assert run_pos(PosConfig(train=True, eval=True, model=str(model), progress=False)) == 0
+    assert model.is_file()
+    assert "held-out People's Daily" in capsys.readouterr().out
+    src = tmp_path / "in.txt"
+    src.write_text("我 爱 北京\n他 的 书\n", encoding="utf-8")
+    run_pos(PosConfig(input=str(src), model=str(model), presegmented=True))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "我/r 爱/v 北京/ns" and len(lines) == 2
+    with pytest.raises(ValueError, match="order=3"):
+        PosConfig(order=3)
+    with pytest.raises(SystemExit, match="no such file"):
+        run_pos(PosConfig(input=str(tmp_path / "missing.txt"), model=str(model)))
