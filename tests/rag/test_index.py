@@ -156,6 +156,16 @@ def test_chinese_tokenizer_and_search() -> None:
     assert ix.search("完全无关的词语组合火星", k=5) == [] or ix.search("火星", k=5) == []
 
 
+def test_zh_bigram_tokenizer() -> None:
+    from tinyllm.rag.bm25 import tokenize_zh_bigram
+
+    assert tokenize_zh_bigram("北京烤鸭，好！Hello 2024年") == ["北京", "京烤", "烤鸭", "好", "hello", "2024", "年"]
+    ix = BM25Index(tokenizer="zh-bigram")
+    ix.add([f"z{i}" for i in range(len(ZH_DOCS))], ZH_DOCS)
+    assert {d for d, _ in ix.search("上海 景点", k=2)} == {"z1", "z10"}
+    assert ix.search("倒数排名融合", k=1)[0][0] == "z9"
+
+
 def test_remove_and_upsert_equal_a_fresh_build(tmp_path) -> None:
     corpus = _random_corpus(5)
     ids = [f"d{i}" for i in range(len(corpus))]

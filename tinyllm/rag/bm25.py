@@ -31,7 +31,8 @@ per document with one `np.bincount`: O(postings of the query terms), not O(N · 
 
 Tokenization decides what a "term" is. "en" lower-cases and takes `\\w+` runs; "zh" (default) segments
 Chinese into words with `tinyllm.nlp.segment.Segmenter.from_jieba()` (jieba when that module is missing) and
-keeps the tokens that contain a word character, so mixed Chinese/English text works.
+keeps the tokens that contain a word character, so mixed Chinese/English text works. "zh-bigram" needs no
+dictionary: overlapping character bigrams of Chinese runs, lower-cased words elsewhere.
 """
 
 from __future__ import annotations
@@ -81,7 +82,26 @@ def tokenize_zh(text: str) -> list[str]:
     return [w for w in _cut()(text.lower()) if _WORD.search(w)]
 
 
-TOKENIZERS: dict[str, Callable[[str], list[str]]] = {"zh": tokenize_zh, "en": tokenize_en}
+_HAN_OR_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+|[^\W\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def tokenize_zh_bigram(text: str) -> list[str]:
+    """Overlapping Chinese character bigrams (a lone character stays a unigram) and lower-cased other words.
+
+    No dictionary: nothing to load and no segmentation mismatch between query and document (a query word
+    "烤鸭" still matches a document where the segmenter kept "北京烤鸭" whole), at the price of more
+    postings and some spurious bigrams across word boundaries."""
+    out: list[str] = []
+    for run in _HAN_OR_WORD.findall(text.lower()):
+        if "\u3400" <= run[0] <= "\ufaff":
+            out += [run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)]
+        else:
+            out.append(run)
+    return out
+
+
+TOKENIZERS: dict[str, Callable[[str], list[str]]] = {"zh": tokenize_zh, "zh-bigram": tokenize_zh_bigram,
+                                                     "en": tokenize_en}
 
 
 def _check_params(variant: str, k1: float, b: float, delta: float | None, epsilon: float) -> float:
