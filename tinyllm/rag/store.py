@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from tinyllm.rag.bm25 import BM25Index
 from tinyllm.rag.chunk import STRATEGIES, Chunk, chunk_document
@@ -258,11 +259,12 @@ class RagStore:
         for d in docs:
             chunks += chunk_document(d["id"], d["text"], source=d["source"], **self.chunking)
         # everything that can fail on its own happens before the store is touched
-        tokens = [self._bm25.tokenizer(c.text) for c in chunks]
+        progress = self.progress if progress is None else progress
+        tokens = [self._bm25.tokenizer(c.text) for c in tqdm(chunks, desc="bm25 tokens", disable=not progress)]
         vectors = None
         if self._dense is not None:
             vectors = np.asarray(self.embedder.encode([c.text for c in chunks], batch_size or self.batch_size,
-                                                      self.progress if progress is None else progress))
+                                                      progress))
             if vectors.shape != (len(chunks), self._dense.dim):
                 raise ValueError(f"embedder returned shape {vectors.shape}, expected ({len(chunks)}, "
                                  f"{self._dense.dim})")
