@@ -22,7 +22,8 @@ or at `max_new_tokens`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -270,3 +271,98 @@ def copy_tokenizer_files(src: str, dst: Any, tokenizer: Any) -> None:
                 shutil.copy2(src_dir / name, Path(dst) / name)
     elif hasattr(tokenizer, "save"):
         tokenizer.save(dst)
+
+
+# ------------------------------------------------------------------ prompts, rewards, evaluation (PPO, GRPO)
+@dataclass(frozen=True)
+class RLPrompt:
+    """A prompt's token ids and what the reward needs to judge a completion (e.g. a tasks_arith.Problem)."""
+
+    ids: tuple[int, ...]
+    problem: Any = None
+
+
+RewardFn = Callable[[Sequence[RLPrompt], Sequence[Sequence[int]]], torch.Tensor]
+
+
+def verifiable_reward(decode: Callable[[Sequence[int]], str], exact: bool = False) -> RewardFn:
+    """Reward = tasks_arith.arith_reward(problem, decoded completion, exact) for each (prompt, completion)."""
+    from tinyllm.train.tasks_arith import arith_reward
+
+    def fn(prompts: Sequence[RLPrompt], responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.tensor([arith_reward(p.problem, decode(list(r)), exact) for p, r in zip(prompts, responses)])
+
+    return fn
+
+
+def reward_model_reward(reward_model: nn.Module, pad_id: int) -> RewardFn:
+    """Reward = a (frozen) RewardModel's score of prompt ‖ completion at its last token."""
+
+    @torch.no_grad()
+    def fn(prompts: Sequence[RLPrompt], responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        batch = pack_pairs([p.ids for p in prompts], responses, pad_id)
+        device = next(reward_model.parameters()).device
+        return reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate_reward(policy: nn.Module, prompts: Sequence[RLPrompt], reward_fn: RewardFn, n: int = 4,
+                    max_new_tokens: int = 8, temperature: float = 1.0, seed: int = 12345, stop_ids: Sequence[int] = (),
+                    pad_id: int = 0, backend: str = "generate", greedy: bool = False) -> float:
+    """Mean reward of completions on held-out prompts: n sampled completions each (or one greedy)."""
+    if greedy:
+        from tinyllm.infer.generate import generate
+
+        was = policy.training
+        policy.eval()
+        scores = []
+        device = next(policy.parameters()).device
+        for p in prompts:  # one prompt at a time: no padding to reason about
+            out = generate(policy, torch.tensor([list(p.ids)], device=device), max_new_tokens=max_new_tokens,
+                           eos_token_id=list(stop_ids), pad_token_id=pad_id)
+            resp = _cut_at_stop(out[0, len(p.ids):].tolist(), set(stop_ids), pad_id) or [pad_id]
+            scores.append(float(reward_fn([p], [resp])[0]))
+        policy.train(was)
+        return sum(scores) / max(len(scores), 1)
+    samples = sample_responses(policy, [p.ids for p in prompts], n, max_new_tokens, temperature, 0, seed, stop_ids,
+                               pad_id, backend)
+    flat_p = [p for p, s in zip(prompts, samples) for _ in s]
+    flat_r = [r for s in samples for r in s]
+    return float(reward_fn(flat_p, flat_r).float().mean())
+
+
+class PromptCycle:
+    """Endless prompts in a seeded order reshuffled every epoch (the RL trainers' prompt source); resumable."""
+
+    def __init__(self, prompts: Sequence[RLPrompt], seed: int = 0) -> None:
+        if not prompts:
+            raise ValueError("no prompts for RL rollouts")
+        self.prompts, self.seed = list(prompts), seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        import random
+
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[RLPrompt]:
+        out = []
+        for _ in range(k):
+            if self.cursor == len(self.prompts):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            out.append(self.prompts[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._epoch_order()
