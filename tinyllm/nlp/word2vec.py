@@ -37,6 +37,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,22 +374,30 @@ class Word2Vec:
                 cuts.append(int(s))
         cuts.append(len(corpus))
         total = self.epochs * len(corpus)
-        rng = np.random.default_rng(self.seed + 1)
+        jobs = [(ep, a, b) for ep in range(self.epochs) for a, b in itertools.pairwise(cuts)]
+
+        def work(job: tuple[int, int, int]) -> tuple[float, int]:
+            ep, a, b = job
+            rng = np.random.default_rng([self.seed, ep, a])  # per chunk: the same draws with any thread count
+            return self._train_chunk(corpus[a:b], sent[a:b], rng, ep * len(corpus) + a, total)
+
         threads_before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(1)  # parallelism comes from worker threads (torch kernels release the GIL)
         bar = tqdm(total=self.epochs * raw_words, desc="word2vec", unit="word", disable=not self.progress,
                    unit_scale=True)
-        done, t0 = 0, time.perf_counter()
+        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        t0 = time.perf_counter()
         try:
-            for _ in range(self.epochs):
-                loss_sum, examples = 0.0, 0
-                for a, b in itertools.pairwise(cuts):
-                    ls, ne = self._train_chunk(corpus[a:b], sent[a:b], rng, done, total)
-                    loss_sum, examples, done = loss_sum + ls, examples + ne, done + (b - a)
-                    bar.update(round((b - a) * raw_words / max(len(corpus), 1)))
-                    bar.set_postfix(loss=f"{ls / max(ne, 1):.3f}")
-                self.losses.append(loss_sum / max(examples, 1))
+            results = pool.map(work, jobs) if pool else map(work, jobs)
+            sums = np.zeros((self.epochs, 2))
+            for (ep, a, b), (ls, ne) in zip(jobs, results):
+                sums[ep] += (ls, ne)
+                bar.update(round((b - a) * raw_words / max(len(corpus), 1)))
+                bar.set_postfix(loss=f"{ls / max(ne, 1):.3f}")
+            self.losses += [float(x / max(n, 1)) for x, n in sums]
         finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
             torch.set_num_threads(threads_before)
             bar.close()
         self.words_per_second = self.epochs * raw_words / max(time.perf_counter() - t0, 1e-9)
