@@ -288,8 +288,11 @@ class BM25Index:
 
     def _gather(self, tids: list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         c = self._compile()
-        ptr = c["indptr"]
-        idx = np.concatenate([np.arange(ptr[t], ptr[t + 1]) for t in tids]) if tids else np.zeros(0, np.int64)
+        t = np.asarray(tids, dtype=np.int64)
+        starts, counts = c["indptr"][t], c["indptr"][t + 1] - c["indptr"][t]
+        # positions starts[j] .. starts[j] + counts[j] - 1 for every query term j, without a Python loop
+        offsets = np.repeat(starts - np.cumsum(counts) + counts, counts)
+        idx = np.arange(int(counts.sum()), dtype=np.int64) + offsets
         return c["post_rows"][idx], c["post_w"][idx], c
 
     def scores(self, query: str | Sequence[str]) -> np.ndarray:
@@ -310,7 +313,9 @@ class BM25Index:
         scores = np.bincount(rows, weights=w, minlength=c["n"])
         if tids and self.variant in DEFAULT_DELTA:
             scores = scores + c["const"][tids].sum()
-        cand = np.unique(rows)
+        matched = np.zeros(c["n"], dtype=bool)
+        matched[rows] = True  # documents sharing a term with the query (no sort, unlike np.unique)
+        cand = np.flatnonzero(matched)
         if len(cand) > k:
             cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
         cand = cand[np.lexsort((cand, -scores[cand]))]
