@@ -139,7 +139,7 @@ def bench_keywords(n_articles: int, hmm_tagger) -> None:
         ours = [fn(d) for d in docs]
         sec = time.perf_counter() - t0
         exact = sum(o == r for o, r in zip(ours, ref[method]))
-        overlap = [len(set(o) & set(r)) / max(len(r), 1) for o, r in zip(ours, ref[method])]
+        overlap = [len(set(o) & set(r)) / len(r) if r else float(not o) for o, r in zip(ours, ref[method])]
         emit(bench="keywords", run=name, articles=len(docs), identical_top20=exact, rate=round(exact / len(docs), 4),
              mean_overlap_top20=round(sum(overlap) / len(overlap), 4), seconds=round(sec, 1))
 
