@@ -184,3 +184,13 @@ def test_cli_train_eval_and_tag(train_sents, eval_sents, tmp_path, capsys, monke
         PosConfig(order=3)
     with pytest.raises(SystemExit, match="no such file"):
         run_pos(PosConfig(input=str(tmp_path / "missing.txt"), model=str(model)))
+
+
+@pytest.mark.parametrize("command", ["pos", "keywords"])
+def test_cli_help(command, capsys):
+    from tinyllm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "--topk" in capsys.readouterr().out if command == "keywords" else "--eval" in capsys.readouterr().out
