@@ -218,8 +218,9 @@ class PosConfig:
         "help": "train the HMM on the People's Daily training lines (index mod 10 != 0) and save it to --model"})
     eval: bool = field(default=False, metadata={
         "help": "print accuracy on the held-out People's Daily lines (index mod 10 == 0) with gold segmentation"})
-    order: int = field(default=1, metadata={"help": "1: bigram transitions, 2: trigram (TnT-style)",
-                                            "choices": [1, 2]})
+    order: int | None = field(default=None, metadata={
+        "help": "1: bigram transitions, 2: trigram (TnT-style); unset: the saved model's order (1 when training)",
+        "choices": [1, 2]})
     presegmented: bool = field(default=False, metadata={
         "help": "input lines are already words separated by spaces (otherwise our jieba-compatible segmenter "
                 "cuts them)"})
@@ -227,7 +228,7 @@ class PosConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        if self.order not in (1, 2):
+        if self.order not in (None, 1, 2):
             raise ValueError(f"order={self.order!r} must be 1 or 2")
         if self.tagger not in ("hmm", "jieba"):
             raise ValueError(f"tagger={self.tagger!r} is not one of ['hmm', 'jieba']")
@@ -252,13 +253,13 @@ def _pos_model(cfg: PosConfig):
     path = Path(cfg.model)
     if path.exists() and not cfg.train:
         try:
-            return HMMTagger.load(path, order=cfg.order)
+            return HMMTagger.load(path, **({"order": cfg.order} if cfg.order else {}))
         except ValueError as e:
             raise SystemExit(f"error: --model: {e}") from None
     from tinyllm.data.corpora import peoples_daily_tagged
 
     sents = peoples_daily_tagged("train")
-    model = HMMTagger.train(sents, order=cfg.order, progress=cfg.progress)
+    model = HMMTagger.train(sents, order=cfg.order or 1, progress=cfg.progress)
     model.save(path)
     print(f"trained on {len(sents):,} People's Daily sentences ({len(model.words):,} words, "
           f"{len(model.tags)} tags); saved to {path}", file=sys.stderr)
