@@ -15,16 +15,19 @@ Estimates (all from counts of a tagged corpus, so training is one pass):
 - emissions: by Bayes, P(w|t) = P(t|w)·P(w)/P(t), and P(w) is the same for every tag at a position, so the
   Viterbi only needs e(w, t) = log P(t|w) − log P(t). For a word seen c(w) times,
   P(t|w) = (c(w,t) + β·P_unk(t|w)) / (c(w) + β): frequent words keep their relative frequencies, rare words
-  borrow from the unknown-word model, unseen words (c(w)=0) use it alone. β=0 is the plain MLE tagger.
+  borrow from the unknown-word model, unseen words (c(w)=0) use it alone. β=0 with `interpolation=False,
+  end_state=False` is the plain maximum-likelihood HMM (what nltk's supervised HMM trainer estimates).
 - unknown words: P_unk(t|w) from the word's *shape* (ASCII and full-width digits → "0", Latin letters → "a",
-  Chinese characters kept) — its last and first characters are strong cues in Chinese (…省 ns, …者 n,
+  Chinese characters kept) — its last and first characters are strong cues in Chinese (…县 ns, …者 n,
   …化 v/vn, 0月 t, 00 m, aaa nx). Counted over rare training words (the closest thing to unseen ones), each
   affix chain backs off from the longest affix to shorter ones to the rare-word tag prior with a Dirichlet
   pseudo-count (a count-aware form of TnT's successive abstraction); suffix and prefix estimates are combined
   as independent evidence, P_unk ∝ P(t|suffix)·P(t|prefix)/P(t).
 
+`tag_brute_force` scores every candidate sequence — the naive twin the tests hold Viterbi to.
+
 Not covered: CRF or neural taggers; joint segmentation + tagging (this tagger takes words; jieba.posseg's
-joint (BMES, tag) HMM over characters is the notes' 01.5.a and lives with the segmenter).
+joint (BMES, tag) HMM over characters is the notes' 01.5.a, in `tinyllm.nlp.posseg`).
 """
 
 from __future__ import annotations
