@@ -148,6 +148,7 @@ class RewardTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         rc, rr = pair_rewards(model, batch)
         loss = bradley_terry_loss(rc, rr, self.margin or None)
+        rc, rr = rc.detach(), rr.detach()
         return loss, {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).mean()),
                       "tokens": int(batch["attention_mask"].sum())}
 
