@@ -331,5 +331,16 @@ def test_cli_seg_and_train(tmp_path, capsys):
     out = tmp_path / "out.txt"
     assert main(["seg", "--dict", str(model), "--input", str(src), "--output", str(out), "--mode", "full"]) == 0
     assert out.read_text(encoding="utf-8").splitlines()[1] == "我们 / 爱 / 和平"
+    words = tmp_path / "dict.txt"
+    words.write_text("北京 3 ns\n天安门 2 ns\n我 5 r\n爱 5 v\n", encoding="utf-8")
+    user = tmp_path / "user.txt"
+    user.write_text("北京天安门 9\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["seg", "--dict", str(words), "--text", "我爱北京天安门"]) == 0
+    assert capsys.readouterr().out == "我 / 爱 / 北京 / 天安门\n"
+    assert main(["seg", "--dict", str(words), "--user-dict", str(user), "--text", "我爱北京天安门"]) == 0
+    assert capsys.readouterr().out == "我 / 爱 / 北京天安门\n"
     with pytest.raises(SystemExit):
         main(["seg", "--mode", "bogus", "--text", "x"])
+    with pytest.raises(SystemExit):
+        main(["seg", "--train", str(corpus)])  # --train needs --save

@@ -47,7 +47,7 @@ class SegConfig:
 
 
 def _load_segmenter(cfg: SegConfig):
-    from tinyllm.nlp.segment import Segmenter
+    from tinyllm.nlp.segment import Segmenter, jieba_hmm
 
     if cfg.dict == "jieba":
         seg = Segmenter.from_jieba()
@@ -55,7 +55,14 @@ def _load_segmenter(cfg: SegConfig):
         path = Path(cfg.dict)
         if not path.exists():
             raise SystemExit(f"error: --dict {cfg.dict!r}: no such file (or use 'jieba')")
-        seg = Segmenter.load(path) if path.name.endswith((".json.gz", ".json")) else Segmenter.from_dict_file(path)
+        if path.name.endswith((".json.gz", ".json")):
+            seg = Segmenter.load(path)
+        else:  # a jieba-format dictionary; like jieba's set_dictionary, it keeps jieba's HMM when available
+            try:
+                hmm = jieba_hmm()
+            except FileNotFoundError:
+                hmm = None
+            seg = Segmenter.from_dict_file(path, hmm)
     if cfg.user_dict:
         seg.load_userdict(cfg.user_dict)
     return seg
@@ -71,7 +78,7 @@ def run_seg(cfg: SegConfig) -> int:
             sents = [[w for w, _ in s] for s in peoples_daily_tagged("train")]
         else:
             sents = read_segmented(cfg.train)
-        seg = Segmenter.from_corpus(sents, min_freq=cfg.min_freq)
+        seg = Segmenter.from_corpus(sents, min_freq=cfg.min_freq, progress=cfg.progress)
         seg.save(cfg.save)
         print(f"trained on {len(sents):,} sentences: {seg.num_words:,} words, total {seg.total:,}; "
               f"saved to {cfg.save}", file=sys.stderr)

@@ -270,13 +270,17 @@ def _read_table_reference(path: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=1)
+def jieba_hmm() -> HMM:
+    """jieba's `finalseg` BMES tables (prob_start/prob_trans/prob_emit), read from the installed package."""
+    root = _package_dir("jieba") / "finalseg"
+    return HMM(start=_read_table(root / "prob_start.py"), trans=_read_table(root / "prob_trans.py"),
+               emit=_read_table(root / "prob_emit.py"))
+
+
+@functools.lru_cache(maxsize=1)
 def _jieba_prototype() -> Segmenter:
-    root = _package_dir("jieba")
-    hmm = HMM(start=_read_table(root / "finalseg" / "prob_start.py"),
-              trans=_read_table(root / "finalseg" / "prob_trans.py"),
-              emit=_read_table(root / "finalseg" / "prob_emit.py"))
-    freq, total, tags = _read_dict_file(root / "dict.txt")
-    return Segmenter(freq, hmm, total=total, tags=tags)
+    freq, total, tags = _read_dict_file(_package_dir("jieba") / "dict.txt")
+    return Segmenter(freq, jieba_hmm(), total=total, tags=tags)
 
 
 def _read_dict_file(path: str | os.PathLike) -> tuple[dict[str, int], int, dict[str, str]]:
@@ -358,7 +362,7 @@ class Segmenter:
     @classmethod
     def from_corpus(cls, sentences: Iterable[Iterable[str]], min_freq: int = 1, hmm: str | None = "oov",
                     folds: int = 5, mix: float = 0.01, emit_alpha: float = 0.0,
-                    patterns: Patterns = CORPUS_PATTERNS) -> Segmenter:
+                    patterns: Patterns = CORPUS_PATTERNS, progress: bool = False) -> Segmenter:
         """Dictionary and HMM estimated from segmented text (a list of word lists per sentence).
 
         freq(w) = corpus count of w (words seen fewer than `min_freq` times are dropped, except single
@@ -369,7 +373,7 @@ class Segmenter:
           dictionary built from the other parts, and the gold words inside its OOV buffers are counted. A model
           counted on all words learns that 一 starts words (一九九八年) and glues 一/年 back together; a model
           counted on real OOV buffers learns names, numbers and new words instead. The all-words counts are
-          added with weight `mix` so that every character has an emission.
+          added with weight `mix` so that every character has an emission. `progress` shows a bar over folds.
         - hmm=None: no HMM (OOV buffers stay single characters).
         """
         if min_freq < 1:
@@ -393,7 +397,9 @@ class Segmenter:
             model = HMM.estimate(sents, alpha=emit_alpha)
         elif hmm == "oov":
             buffers: list[list[str]] = []
-            for f in range(folds):
+            from tqdm import tqdm
+
+            for f in tqdm(range(folds), desc="HMM folds", unit="fold", disable=not progress):
                 part = [s for i, s in enumerate(sents) if i % folds == f]
                 rest = counts - Counter(w for s in part for w in s)
                 if not rest:
@@ -455,12 +461,13 @@ class Segmenter:
     def add_word(self, word: str, freq: int | None = None, tag: str | None = None) -> None:
         """Add (or re-weight) a word. Without `freq`, `suggest_freq(word)` — just enough to be cut out whole.
         Like jieba, `total` grows by `freq` and every prefix becomes a key; freq 0 deletes the word and forces
-        the HMM to split it too."""
+        the HMM to split it too. With a number pattern, digit runs are stored as the placeholder."""
         if not word:
             raise ValueError("add_word needs a non-empty word")
         freq = int(freq) if freq is not None else self.suggest_freq(word)
         if freq < 0:
             raise ValueError(f"freq={freq} must be >= 0")
+        word = self.normalize_numbers(word)
         self.freq[word] = freq
         self._logf[word] = math.log(freq) if freq else None
         self.total += freq
@@ -484,17 +491,18 @@ class Segmenter:
         lets the pieces win, min(int(total·Π p(piece)), freq(word)). `tune=True` also applies it."""
         ftotal = float(self.total)
         p = 1.0
+        norm = self.normalize_numbers
         if isinstance(segment, str):
             word = segment
             for piece in self.cut(word, hmm=False):
-                p *= self.freq.get(piece, 1) / ftotal
-            freq = max(int(p * self.total) + 1, self.freq.get(word, 1))
+                p *= self.freq.get(norm(piece), 1) / ftotal
+            freq = max(int(p * self.total) + 1, self.freq.get(norm(word), 1))
         else:
             pieces = tuple(segment)
             word = "".join(pieces)
             for piece in pieces:
-                p *= self.freq.get(piece, 1) / ftotal
-            freq = min(int(p * self.total), self.freq.get(word, 0))
+                p *= self.freq.get(norm(piece), 1) / ftotal
+            freq = min(int(p * self.total), self.freq.get(norm(word), 0))
         if tune:
             self.add_word(word, freq)
         return freq
