@@ -219,3 +219,30 @@ def test_bm25_only_store_and_bad_input(tmp_path) -> None:
         RagStore.open(tmp_path / "bad", chunking={"strategy": "semantic"})
     with pytest.raises(ValueError, match="variant='bm26'"):
         RagStore.open(tmp_path / "bad2", bm25={"variant": "bm26"})
+
+
+def test_searches_from_threads_during_updates(store: RagStore) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for _ in range(15):
+                for h in store.search("北京 上海 检索", k=5, mode="hybrid"):
+                    assert len(h.text) == h.end - h.start and h.chunk_id.startswith(h.doc_id + "#")
+        except BaseException as e:  # collected and re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(4):
+        store.add([(f"t{i}", f"线程测试文档{i}：北京和上海的检索系统。")])
+        store.delete("sh" if i == 1 else f"t{i - 1}" if i else "none")
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert sorted(store.ids()) == ["bj", "faiss", "lora", "rag", "t0", "t3"]
+    assert store._bm25.ids == store._dense.ids  # both indexes hold exactly the stored chunks
+    assert sorted(store._bm25.ids) == sorted(c.chunk_id for d in store.ids() for c in store.chunks(d))

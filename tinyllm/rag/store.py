@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class RagStore:
         self.directory, self._db, self.embedder = directory, conn, embedder
         self.chunking, self.bm25_config, self.dense_config = config["chunking"], config["bm25"], config["dense"]
         self.batch_size, self.progress = 32, False
+        self._lock = threading.RLock()  # one update or search at a time (a server may call from threads)
         self._load_indexes()
 
     # ----------------------------------------------------------------------------------------- open/close
@@ -140,7 +142,8 @@ class RagStore:
             BM25Index(**{**DEFAULT_BM25, **(bm25 or {})})
             DenseIndex(int(embedder.dim) if embedder is not None else 1, **{**DEFAULT_DENSE, **(dense or {})})
         directory.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(directory / DB, isolation_level=None)  # transactions are explicit
+        # transactions are explicit; the connection may be used from another thread (always under the store's lock)
+        conn = sqlite3.connect(directory / DB, isolation_level=None, check_same_thread=False)
         try:
             conn.executescript(SCHEMA)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -221,6 +224,10 @@ class RagStore:
 
     def _commit_update(self, write_rows: Any, apply: Any) -> None:
         """Rows + generation bump + new index directory, then COMMIT, then drop the old directory."""
+        with self._lock:
+            self._commit_update_locked(write_rows, apply)
+
+    def _commit_update_locked(self, write_rows: Any, apply: Any) -> None:
         old = self.generation
         new_dir = self._index_dir(old + 1)
         self._db.execute("BEGIN IMMEDIATE")
@@ -268,9 +275,10 @@ class RagStore:
             if vectors.shape != (len(chunks), self._dense.dim):
                 raise ValueError(f"embedder returned shape {vectors.shape}, expected ({len(chunks)}, "
                                  f"{self._dense.dim})")
-        old_ids = self._chunk_ids([d["id"] for d in docs])
+        old_ids: list[str] = []  # read inside the update's lock and transaction
 
         def write_rows() -> None:
+            old_ids.extend(self._chunk_ids([d["id"] for d in docs]))
             self._db.executemany("DELETE FROM chunks WHERE doc_id = ?", [(d["id"],) for d in docs])
             self._db.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?)",
                                  [(d["id"], d["text"], d["source"], json.dumps(d["metadata"], sort_keys=True))
@@ -297,9 +305,10 @@ class RagStore:
         present = [i for i in doc_ids if self.get(i) is not None]
         if not present:
             return 0
-        old_ids = self._chunk_ids(present)
+        old_ids: list[str] = []
 
         def write_rows() -> None:
+            old_ids.extend(self._chunk_ids(present))
             self._db.executemany("DELETE FROM chunks WHERE doc_id = ?", [(i,) for i in present])
             self._db.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in present])
 
@@ -374,12 +383,15 @@ class RagStore:
             raise ValueError(f"mode={mode!r} must be one of {MODES}")
         if mode != "bm25" and self._dense is None:
             raise ValueError(f"mode={mode!r} needs an embedder; this store has none (BM25 only)")
-        if mode == "bm25":
-            return self._hits(self._bm25.search(query, k))
-        encode = getattr(self.embedder, "encode_queries", self.embedder.encode)
-        qv = np.asarray(encode([query]), dtype=np.float32)
-        if mode == "dense":
-            return self._hits(self._dense.search(qv, k)[0])
-        depth = max(k, candidates)
-        fused = reciprocal_rank_fusion([self._bm25.search(query, depth), self._dense.search(qv, depth)[0]])
-        return self._hits([(str(i), s) for i, s in fused[:k]])
+        qv = None
+        if mode != "bm25":
+            encode = getattr(self.embedder, "encode_queries", self.embedder.encode)
+            qv = np.asarray(encode([query]), dtype=np.float32)
+        with self._lock:
+            if mode == "bm25":
+                return self._hits(self._bm25.search(query, k))
+            if mode == "dense":
+                return self._hits(self._dense.search(qv, k)[0])
+            depth = max(k, candidates)
+            fused = reciprocal_rank_fusion([self._bm25.search(query, depth), self._dense.search(qv, depth)[0]])
+            return self._hits([(str(i), s) for i, s in fused[:k]])
