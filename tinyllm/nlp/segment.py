@@ -16,8 +16,8 @@ Notes ch.01 分词 / jieba分词用法及原理. The mechanism, step by step:
    (unseen emission = −3.14e100; allowed predecessors B:{E,S} M:{M,B} S:{S,E} E:{B,M}; the path ends in E or S).
    This is how 杭研 in 他来到了网易杭研大厦 is found although no dictionary has it.
 5. **Blocks.** Text is first split into runs of "word" characters (Han, ASCII letters/digits, `+#&._%-`) and the
-   rest; whitespace runs are single tokens, other characters become one token each. Without HMM, adjacent single
-   ASCII letters/digits of the route are glued back into one token ("iPhone", "2024").
+   rest; each whitespace character (or a CR LF pair) is a token, and so is every other character. Without HMM,
+   adjacent single ASCII letters/digits of the route are glued back into one token ("iPhone", "2024").
 
 Modes: precise (the route), full (every dictionary word of the DAG — jieba's `cut_all`), search (precise, plus
 every dictionary 2-gram of words longer than 2 and 3-gram of words longer than 3, emitted before the word).
@@ -57,10 +57,10 @@ FORMAT = "tinyllm-segmenter"
 class Patterns:
     """The character classes that cut text into blocks (jieba's regexes by default).
 
-    block: runs segmented by the dictionary; the rest is split by `skip` (whitespace runs are kept whole;
-    other characters become single tokens, or whole runs in full mode). hmm: inside an OOV buffer, runs given
-    to the Viterbi decoder; the rest of the buffer is split into `hmm_skip` matches (numbers like 3.14%) and
-    the characters between them. eng: characters glued together in the no-HMM precise and the full modes.
+    block: runs segmented by the dictionary; the rest is split by `skip` (each whitespace character or CR LF
+    pair is a token; other characters become single tokens, or whole runs in full mode). hmm: inside an OOV
+    buffer, runs given to the Viterbi decoder; the rest of the buffer is split into `hmm_skip` matches
+    (numbers like 3.14%) and the characters between them. eng: characters glued together in the no-HMM precise and the full modes.
     number: if set, every match inside a block (a digit run like １９９８ or ５８．１) is replaced by the one
     placeholder character NUMBER before the dictionary and the HMM see it, and restored in the output — so a
     corpus-trained model learns "NUMBER年", "NUMBER万", "NUMBER％" once instead of every number it saw.
