@@ -7,8 +7,8 @@ Figures (one JSON line each):
   around whitespace are dropped before comparing, ours never emits them);
 - f1: word-level precision/recall/F1 on the People's Daily 1998 held-out lines (index % 10 == 0) for ours
   trained on the training lines (index % 10 != 0), ours with jieba's resources, and jieba itself;
-- speed: characters/s of precise mode (HMM on, then off) on the inews test text, ours vs jieba, timed
-  alternately (paired medians), ratio = ours / jieba (> 1: ours is faster).
+- speed: characters/s of precise mode (HMM on, then off; `--all-modes` adds full and search) on the inews test
+  text, ours vs jieba, timed alternately (paired medians), ratio = ours / jieba (> 1: ours is faster).
 
     python bench/segment.py                      # all three
     python bench/segment.py --what speed --repeats 5
@@ -86,7 +86,7 @@ def f1(seg_jieba, jieba, progress: bool = True) -> dict:
     return out
 
 
-def speed(seg, jieba, repeats: int = 5, max_chars: int | None = None) -> None:
+def speed(seg, jieba, repeats: int = 5, max_chars: int | None = None, all_modes: bool = False) -> None:
     texts = inews_sentences()
     if max_chars:
         keep, n = [], 0
@@ -97,12 +97,15 @@ def speed(seg, jieba, repeats: int = 5, max_chars: int | None = None) -> None:
                 break
         texts = keep
     nchars = sum(map(len, texts))
-    for hmm in (True, False):
-        t_ours, t_jieba = paired_median_seconds(lambda h=hmm: [seg.cut(t, hmm=h) for t in texts],
-                                                lambda h=hmm: [jieba.lcut(t, HMM=h) for t in texts],
-                                                repeats=repeats)
-        report(f"segment_precise_{'hmm' if hmm else 'nohmm'}", nchars / t_ours, nchars / t_jieba, "chars/s",
-               chars=nchars, repeats=repeats)
+    runs = [("precise_hmm", lambda t: seg.cut(t), jieba.lcut),
+            ("precise_nohmm", lambda t: seg.cut(t, hmm=False), lambda t: jieba.lcut(t, HMM=False))]
+    if all_modes:
+        runs += [("full", lambda t: seg.cut(t, mode="full"), lambda t: jieba.lcut(t, cut_all=True)),
+                 ("search_hmm", lambda t: seg.cut(t, mode="search"), jieba.lcut_for_search)]
+    for name, ours, peer in runs:
+        t_ours, t_jieba = paired_median_seconds(lambda f=ours: [f(t) for t in texts],
+                                                lambda f=peer: [f(t) for t in texts], repeats=repeats)
+        report(f"segment_{name}", nchars / t_ours, nchars / t_jieba, "chars/s", chars=nchars, repeats=repeats)
 
 
 def main() -> None:
@@ -111,6 +114,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="parity: only the first N sentences")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-chars", type=int, default=None, help="speed: only the first N characters of text")
+    ap.add_argument("--all-modes", action="store_true", help="speed: also full and search modes")
     args = ap.parse_args()
 
     import jieba
@@ -127,7 +131,7 @@ def main() -> None:
     if args.what in ("all", "f1"):
         f1(seg, jieba)
     if args.what in ("all", "speed"):
-        speed(seg, jieba, args.repeats, args.max_chars)
+        speed(seg, jieba, args.repeats, args.max_chars, args.all_modes)
 
 
 if __name__ == "__main__":
