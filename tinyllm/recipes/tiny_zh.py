@@ -15,6 +15,9 @@
 6. report    — `report.md` (config, tokens, throughput, MFU, metrics, chat samples), loss curves (PNG), and
    the final HF checkpoint in `model/` (loads in transformers; tokenizer files included).
 
+Opt-in alignment stages after the evaluation (`--dpo`, `--grpo`; `tiny_zh_align.py`): DPO on inews preference
+pairs and GRPO on verifiable arithmetic, each reporting its before/after metrics in `report.md`.
+
 Every stage writes its output atomically and is skipped when it already exists, so an interrupted run resumes
 where it stopped (`--fresh` starts over). Scales: default (~10 minutes on 2 cores), `--quick` (~2 minutes), and
 `test` (seconds; used by the test suite).
@@ -75,6 +78,10 @@ class TinyZhConfig:
     precision: str = field(default="bf16", metadata={"help": "training precision", "choices": ["fp32", "bf16"]})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     fresh: bool = field(default=False, metadata={"help": "delete previous outputs and start over"})
+    dpo: bool = field(default=False, metadata={"help": "also run DPO on inews preference pairs and report held-out "
+                                                       "preference accuracy / margin before and after"})
+    grpo: bool = field(default=False, metadata={"help": "also run an arithmetic SFT warm-up + GRPO and report the "
+                                                        "held-out mean verifiable reward before and after"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
@@ -313,6 +320,15 @@ def run_recipe(cfg: TinyZhConfig) -> int:
         timings["sft"] = time.time() - t0 - sum(timings.values())
         metrics = evaluate(cfg, sc, out, model_dir, tokenizer)
         timings["eval"] = time.time() - t0 - sum(timings.values())
+        if cfg.dpo or cfg.grpo:
+            from tinyllm.recipes.tiny_zh_align import stage_dpo, stage_grpo
+
+            if cfg.dpo:
+                metrics["dpo"] = stage_dpo(cfg, sc, out, model_dir, tokenizer)
+                timings["dpo"] = time.time() - t0 - sum(timings.values())
+            if cfg.grpo:
+                metrics["grpo"] = stage_grpo(cfg, sc, out, model_dir)
+                timings["grpo"] = time.time() - t0 - sum(timings.values())
     except KeyboardInterrupt:
         _log("interrupted; run the same command again to resume")
         return 130

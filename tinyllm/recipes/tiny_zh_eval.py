@@ -130,6 +130,14 @@ def _train_summary(run: Path) -> dict[str, Any]:
             "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None}
 
 
+def _alignment_lines(metrics: dict[str, Any]) -> list[str]:
+    if "dpo" not in metrics and "grpo" not in metrics:
+        return []
+    from tinyllm.recipes.tiny_zh_align import report_lines
+
+    return report_lines(metrics)
+
+
 def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: dict[str, Any],
                  timings: dict[str, float]) -> Path:
     import dataclasses
@@ -169,6 +177,7 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         f"| sentiment accuracy, contextually calibrated | {fmt(metrics['sentiment_accuracy_calibrated'], '.1%')} |",
         f"| majority-class baseline | {fmt(metrics['sentiment_majority_baseline'], '.1%')} |",
         f"| title ROUGE-L (characters, inews test) | {fmt(metrics['title_rouge_l_char'], '.3f')} |", "",
+        *_alignment_lines(metrics),
         "## Title samples", "", "| reference | generated |", "|---|---|",
         *[f"| {e['reference']} | {e['generated'] or '∅'} |" for e in metrics["title_examples"]], "",
         "## Chat samples", "",

@@ -367,11 +367,16 @@ class PPOConfig(RLRunConfig):
 def build_rl_prompts(cfg: RLRunConfig, tokenizer: Any) -> tuple[list[RLPrompt], list[RLPrompt]]:
     """(train, held-out) prompts of cfg.task, encoded (in a chat user turn when cfg.chat)."""
     from tinyllm.data.preference import prompt_and_reply_encoder
-    from tinyllm.train.tasks_arith import Problem, arith_problems, reasoning_gym_problems, split_problems
+    from tinyllm.train.tasks_arith import (
+        Problem,
+        distinct_arith_problems,
+        reasoning_gym_problems,
+        split_problems,
+    )
 
     total = cfg.num_prompts + cfg.num_heldout
-    if cfg.task == "arith":
-        problems = arith_problems(total, cfg.seed, cfg.max_operand)
+    if cfg.task == "arith":  # distinct prompts: held-out ones are never trained on
+        problems = distinct_arith_problems(total, cfg.seed, cfg.max_operand)
     elif cfg.task.startswith("reasoning_gym:"):
         problems = reasoning_gym_problems(cfg.task.split(":", 1)[1], total, cfg.seed)
     else:

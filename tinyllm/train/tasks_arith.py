@@ -55,6 +55,14 @@ def arith_problems(n: int, seed: int = 0, max_operand: int = 9, ops: str = "+") 
     return out
 
 
+def distinct_arith_problems(n: int, seed: int = 0, max_operand: int = 9, ops: str = "+") -> list[Problem]:
+    """Up to n problems with distinct prompts (fewer when the space is smaller), deterministic in `seed`: a
+    held-out split of these never repeats a training prompt."""
+    space = (max_operand + 1) ** 2 * len(set(ops))
+    seen = dict.fromkeys(arith_problems(max(n, 1) * 4 + 4 * space, seed, max_operand, ops))
+    return list(seen)[:n]
+
+
 def single_digit_additions() -> list[Problem]:
     """All 100 problems a+b= for a, b in 0…9, in order."""
     return [Problem(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
