@@ -154,3 +154,20 @@ def test_bad_input_is_named():
         KneserNeyLM(order=2, discounts=[0.5, 1.5]).fit([["a", "b"]])
     with pytest.raises(ValueError, match="not trained"):
         KneserNeyLM().prob("a")
+
+
+@pytest.mark.parametrize(("order", "modified"), [(1, True), (2, False), (3, True), (5, True)])
+def test_numpy_engine_equals_python_reference(order, modified):
+    rng = random.Random(order)
+    train = [[rng.choice("abcdefg") for _ in range(rng.randint(1, 12))] for _ in range(60)]
+    held = [[rng.choice("abcdefgh") for _ in range(rng.randint(1, 12))] for _ in range(20)]
+    ref = KneserNeyLM(order=order, modified=modified, backend="python").fit(train)
+    fast = KneserNeyLM(order=order, modified=modified, backend="numpy").fit(train)
+    assert fast._fast is not None and ref._fast is None
+    assert fast.discounts == ref.discounts
+    for h in itertools.product(["a", "b", "h", BOS], repeat=min(order - 1, 2)):
+        for w in [*"abcdefgh", EOS, UNK]:
+            assert fast.prob(w, h) == pytest.approx(ref.prob(w, h), rel=1e-13, abs=0), (w, h)
+    assert fast.evaluate(held) == pytest.approx(ref.evaluate(held), rel=1e-12)
+    with pytest.raises(ValueError, match="does not fit"):
+        KneserNeyLM(order=40, backend="numpy").fit(train)
