@@ -50,6 +50,22 @@ def test_recursive_invariants(text: str, size: int, overlap_frac: float) -> None
     _check_invariants(text, chunk_recursive(text, size, overlap), size, overlap)
 
 
+MARKDOWN = st.lists(st.sampled_from(["# ", "## ", "### ", "```\n", "标题", "正文。", "text. ", "\n", "\n\n", "a"]),
+                    max_size=80).map("".join)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=MARKDOWN, size=st.integers(1, 40), overlap_frac=st.floats(0, 0.9))
+def test_markdown_invariants(text: str, size: int, overlap_frac: float) -> None:
+    overlap = min(int(size * overlap_frac), size - 1)
+    chunks = chunk_markdown(text, size, overlap)
+    for c in chunks:
+        assert c.text == text[c.start:c.end] and 0 < len(c.text) <= size
+        assert isinstance(c.metadata["headings"], list)
+    covered = {i for c in chunks for i in range(c.start, c.end)}
+    assert all(i in covered for i, ch in enumerate(text) if not ch.isspace())
+
+
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(max_size=200), size=st.integers(1, 30), overlap=st.integers(0, 29))
 def test_fixed_windows_tile_the_text(text: str, size: int, overlap: int) -> None:
