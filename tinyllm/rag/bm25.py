@@ -65,16 +65,23 @@ def tokenize_en(text: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _cut() -> Callable[[str], list[str]]:
+    """tinyllm's jieba-compatible segmenter, else jieba itself; both need jieba's dictionary installed."""
     try:
         from tinyllm.nlp.segment import Segmenter
-
-        seg = Segmenter.from_jieba()
+    except ImportError:
+        Segmenter = None
+    if Segmenter is not None:
+        try:
+            seg = Segmenter.from_jieba()
+        except FileNotFoundError as e:
+            raise ImportError(f"tokenizer='zh' needs jieba's dictionary ({e}); or use tokenizer='zh-bigram'") from e
         return lambda text: list(seg.cut(text))
-    except (ImportError, AttributeError):
+    try:
         import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        return jieba.lcut
+    except ImportError as e:
+        raise ImportError("tokenizer='zh' needs jieba: pip install 'tinyllm[nlp]' (or use tokenizer='zh-bigram')") from e
+    jieba.setLogLevel(logging.WARNING)
+    return jieba.lcut
 
 
 def tokenize_zh(text: str) -> list[str]:
