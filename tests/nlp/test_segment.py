@@ -73,6 +73,7 @@ def test_dag_route_and_viterbi_equal_jieba(seg, jieba, inews_slice):
     for text in inews_slice[:10]:
         for blk in S.JIEBA_PATTERNS.compile()[0].findall(text):
             assert seg.get_dag(blk) == jieba.dt.get_DAG(blk)
+            assert seg.dag_lists(blk) == list(seg.get_dag(blk).values())
             route: dict = {}
             jieba.dt.calc(blk, jieba.dt.get_DAG(blk), route)
             assert seg.route_reference(blk) == [route[i] for i in range(len(blk) + 1)]

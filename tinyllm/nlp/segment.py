@@ -535,6 +535,26 @@ class Segmenter:
             dag[k] = ends or [k]
         return dag
 
+    def dag_lists(self, sentence: str) -> list[list[int]]:
+        """`get_dag` as a list, one lookup per fragment in the log-frequency table (the fast twin; tests check
+        equality)."""
+        get = self._logf.get
+        n = len(sentence)
+        out = []
+        for k in range(n):
+            ends = []
+            j = k + 1
+            lf = get(sentence[k], False)
+            while lf is not False:
+                if lf is not None:
+                    ends.append(j - 1)
+                if j == n:
+                    break
+                j += 1
+                lf = get(sentence[k:j], False)
+            out.append(ends or [k])
+        return out
+
     def route_reference(self, sentence: str) -> list[tuple[float, int]]:
         """route[k] = max over (log p(word k..x) + route[x+1], x), built from the explicit DAG (the naive twin)."""
         n = len(sentence)
@@ -656,7 +676,7 @@ class Segmenter:
         """jieba's cut_all walk: every dictionary word of the DAG; a position covered by no longer word gives its
         single character, and such single latin letters/digits are glued into one token. With `pos` (number
         placeholders) the word block[a:b] is emitted as src[pos[a]:pos[b]]."""
-        dag = self.get_dag(block)
+        dag = self.dag_lists(block)
         eng = self._eng
         last = -1  # inclusive end of the last emitted word
         eng_buf = None
