@@ -37,7 +37,7 @@ class AlignScale:
 
 ALIGN_SCALES = {
     "default": AlignScale(1500, 200, 200, 80, 20, 300, 60, 8),
-    "quick": AlignScale(400, 80, 100, 80, 20, 150, 30, 8),
+    "quick": AlignScale(300, 40, 50, 80, 20, 100, 20, 8),
     "test": AlignScale(8, 2, 4, 8, 4, 2, 2, 2),
 }
 
