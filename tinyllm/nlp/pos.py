@@ -96,10 +96,14 @@ class HMMTagger:
 
     `HMMTagger.train(sentences)` counts; `tag(words)` returns one tag per word; `save`/`load` keep the counts
     (JSON, written atomically) so every derived probability is rebuilt identically on load.
+
+    Defaults (β = 0.3, affixes counted over words seen ≤ 10 times as TnT does, 2-character affixes, affix
+    pseudo-count 8) were chosen on a development carve-out of the training lines (every 9th), never on the
+    held-out lines; they move accuracy by less than 0.1 point.
     """
 
-    def __init__(self, counts: dict[str, Any], order: int = 1, beta: float = 1.0, rare_max: int = 5,
-                 max_affix: int = 2, affix_prior: float = 2.0, beam: float = 1e-3, interpolation: bool = True,
+    def __init__(self, counts: dict[str, Any], order: int = 1, beta: float = 0.3, rare_max: int = 10,
+                 max_affix: int = 2, affix_prior: float = 8.0, beam: float = 1e-3, interpolation: bool = True,
                  end_state: bool = True) -> None:
         if order not in (1, 2):
             raise ValueError(f"order={order!r} must be 1 (bigram) or 2 (trigram)")
@@ -125,7 +129,7 @@ class HMMTagger:
               **params: Any) -> HMMTagger:
         """Count tags, tag n-grams, word/tag pairs and the affixes of rare words; see the module docstring."""
         sents = _check_sentences(sentences)
-        rare_max = int(params.get("rare_max", 5))
+        rare_max = int(params.get("rare_max", 10))
         max_affix = int(params.get("max_affix", 2))
         uni: Counter[str] = Counter()
         bi: Counter[tuple[str, str]] = Counter()
