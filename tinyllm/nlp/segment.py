@@ -418,7 +418,8 @@ class Segmenter:
 
     def oov_buffers(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of the runs the HMM would decode: ≥ 2 consecutive single characters of the route inside
-        a dictionary block that are not themselves a dictionary word."""
+        a dictionary block that are not themselves a dictionary word. `text` is taken as the dictionary sees it
+        (with a number pattern: digit runs already replaced by NUMBER, see `normalize_numbers`)."""
         out = []
         offset = 0
         for i, blk in enumerate(self._re_block.split(text)):
