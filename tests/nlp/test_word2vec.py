@@ -302,3 +302,23 @@ def test_bad_input_is_named(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(KeyError, match="'zz'"):
         kv.similarity("c", "zz")
+
+
+def test_cli_trains_writes_vectors_and_prints_neighbours(tmp_path, capsys):
+    from tinyllm.cli import main
+
+    _, sents = _topic_corpus(n_sent=200)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(s) for s in sents) + "\n", encoding="utf-8")
+    out = tmp_path / "vec" / "v.bin"
+    rc = main(["word2vec", "--corpus", str(corpus), "--presegmented", "--cbow", "--hs", "--min-count", "1",
+               "--dim", "8", "--epochs", "1", "--window", "2", "--threads", "1", "--out", str(out),
+               "--probes", "t0w0", "nope", "--topn", "3", "--progress", "false"])
+    assert rc == 0
+    kv = KeyedVectors.load_word2vec_format(out, binary=True)
+    assert len(kv) == 25 and kv.vector_size == 8
+    assert (out.parent / "v.config.json").exists()
+    printed = capsys.readouterr().out
+    assert "CBOW / hierarchical softmax" in printed and "t0w0: " in printed and "nope: (not in the vocabulary)" in printed
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["word2vec", "--corpus", str(tmp_path / "missing.txt"), "--progress", "false"])
