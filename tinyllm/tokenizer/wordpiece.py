@@ -101,24 +101,34 @@ def normalize_aligned(text: str, lowercase: bool = True, strip_accents: bool | N
 
 
 def _strip_accents(chars: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """NFD (decompose each character, then order every run of combining marks by combining class, stable), then
-    drop the non-spacing marks (category Mn). Reordering matters only when a spacing mark (Mc) with a combining
-    class survives, e.g. U+302E after U+0301."""
-    out: list[tuple[str, int]] = []
-    for ch, i in chars:
-        out += [(d, i) for d in unicodedata.normalize("NFD", ch)]
+    """NFD, then drop the non-spacing marks (category Mn).
+
+    NFD decomposes each character (its first part replaces it, the others are inserted after it) and orders every
+    run of combining marks by combining class (stable). Alignments follow HF's NormalizedString: walking the
+    result, a replacing part takes the next input character's origin and an inserted part the origin of the last
+    input character taken -- so a mark that moves keeps its kind, not its own origin. This only shows when a
+    spacing mark (Mc) with a combining class survives the reordering, e.g. "â" + U+302E."""
+    parts: list[tuple[str, bool]] = []  # (character, inserted?)
+    for ch, _ in chars:
+        d = unicodedata.normalize("NFD", ch)
+        parts += [(d[0], False), *((c, True) for c in d[1:])]
     k = 0
-    while k < len(out):  # canonical ordering of marks (only matters for a Mc with a combining class)
-        if unicodedata.combining(out[k][0]):
+    while k < len(parts):
+        if unicodedata.combining(parts[k][0]):
             j = k
-            while j < len(out) and unicodedata.combining(out[j][0]):
+            while j < len(parts) and unicodedata.combining(parts[j][0]):
                 j += 1
-            # the marks are sorted; alignments stay by position (as HF's NormalizedString does)
-            marks = sorted((c for c, _ in out[k:j]), key=unicodedata.combining)
-            out[k:j] = [(c, i) for c, (_, i) in zip(marks, out[k:j])]
+            parts[k:j] = sorted(parts[k:j], key=lambda p: unicodedata.combining(p[0]))
             k = j
         k += 1
-    return [(c, i) for c, i in out if unicodedata.category(c) != "Mn"]
+    out, taken = [], 0
+    for c, inserted in parts:
+        if not inserted:
+            taken += 1
+        origin = chars[max(taken - 1, 0)][1]
+        if unicodedata.category(c) != "Mn":
+            out.append((c, origin))
+    return out
 
 
 def pre_tokenize(chars: Sequence[tuple[str, int]]) -> list[list[tuple[str, int]]]:
