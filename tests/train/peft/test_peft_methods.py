@@ -240,3 +240,19 @@ def test_bad_method_configs_name_the_value() -> None:
             make()
     with pytest.raises(ValueError, match="needs a tokenizer"):
         apply_prompt_tuning(_model(), PromptTuningConfig(init="text", init_text="x"))
+
+
+def test_peft_run_resumes_exactly_from_an_adapter_checkpoint(tmp_path) -> None:
+    def run(steps: int, out, resume: bool = False) -> nn.Module:
+        m = apply_prefix_tuning(_model(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True))
+        cfg = TrainConfig(out_dir=str(out), max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=0,
+                          schedule="constant", eval_steps=0, save_interval=2, progress=False, device="cpu",
+                          resume=resume)
+        train(PeftModel(m), MemorizeTask(), cfg)
+        return m
+
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(4, tmp_path / "b", resume=True)  # the MLP and its AdamW state come back from step 2
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), n

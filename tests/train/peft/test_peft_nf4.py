@@ -15,6 +15,7 @@ from tinyllm.train.peft.nf4 import (
     bits_per_parameter,
     dequantize_absmax,
     dequantize_nf4,
+    dequantize_nf4_reference,
     nf4_code_values,
     quantize_nf4,
 )
@@ -65,6 +66,15 @@ def test_quantize_dequantize_error_bound() -> None:
     exact = w.reshape(-1, 64).abs().amax(1)
     scale = dq["absmax_scale"].repeat_interleave(256)[: exact.numel()]
     assert bool(((dequantize_absmax(dq) - exact).abs() <= scale / 254 + 1e-9).all())
+
+
+def test_fast_dequantize_equals_the_reference() -> None:
+    w = torch.randn(33, 100)  # 3300 weights: padded last block
+    for dq in (True, False):
+        state = quantize_nf4(w, double_quant=dq)
+        torch.testing.assert_close(dequantize_nf4(state), dequantize_nf4_reference(state), atol=0, rtol=0)
+        torch.testing.assert_close(dequantize_nf4(state, torch.bfloat16),
+                                   dequantize_nf4_reference(state).to(torch.bfloat16), atol=1e-2, rtol=1e-2)
 
 
 def test_nibble_order_and_odd_sizes() -> None:

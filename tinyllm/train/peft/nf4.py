@@ -106,18 +106,49 @@ def dequantize_absmax(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return q.float() / 127 * scale + state["absmax_offset"]
 
 
-def dequantize_nf4(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ŵ = absmax_block · NF4_CODE[index], reshaped to the original shape."""
+_PAIR_LUT: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _pair_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 2]: the two code values a packed byte stands for (high nibble first)."""
+    key = (device, dtype)
+    if key not in _PAIR_LUT:
+        b = torch.arange(256)
+        _PAIR_LUT[key] = torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 0xF]], dim=1).to(device, dtype)
+    return _PAIR_LUT[key]
+
+
+def dequantize_nf4_reference(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ = absmax_block · NF4_CODE[index], unpacking nibble by nibble: the oracle of dequantize_nf4."""
     packed = state["packed"]
     idx = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1).long()  # [n_padded]
-    block = int(state["block_size"])
-    absmax = dequantize_absmax(state)
-    values = NF4_CODE.to(packed.device)[idx].view(-1, block) * absmax[:, None]
-    shape = [int(s) for s in state["shape"]]
+    values = NF4_CODE.to(packed.device)[idx].view(-1, int(state["block_size"])) * dequantize_absmax(state)[:, None]
+    return values.view(-1)[: _numel(state)].view(_shape(state)).to(dtype)
+
+
+def _shape(state: dict[str, torch.Tensor]) -> list[int]:
+    return [int(s) for s in state["shape"]]
+
+
+def _numel(state: dict[str, torch.Tensor]) -> int:
     n = 1
-    for s in shape:
+    for s in _shape(state):
         n *= s
-    return values.view(-1)[:n].view(shape).to(dtype)
+    return n
+
+
+def dequantize_nf4(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ = absmax_block · NF4_CODE[index] in `dtype`, reshaped to the original shape.
+
+    Fast path: one lookup per byte in a [256, 2] table of code pairs (int32 indices), then one in-place scale
+    per block — about 1.5× the output's bytes of temporaries instead of ~4× for nibble-wise unpacking."""
+    packed = state["packed"]
+    pairs = _pair_lut(packed.device, dtype).index_select(0, packed.int())  # [n_padded / 2, 2]
+    block = int(state["block_size"])
+    values = pairs.view(-1, block).mul_(dequantize_absmax(state).to(dtype)[:, None])
+    n = _numel(state)
+    out = values.view(-1)
+    return (out if out.numel() == n else out[:n]).view(_shape(state))
 
 
 def nf4_nbytes(state: dict[str, torch.Tensor]) -> int:
