@@ -135,7 +135,7 @@ def huffman_tree(counts: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]
             code.append(bit[n])
             n = parent[n]
             path.append(n - v)
-        codes.append(np.array(code[::-1], dtype=np.uint8))
+        codes.append(np.array(code[::-1], dtype=np.int8))
         points.append(np.array(path[::-1], dtype=np.int64))
     return codes, points
 
