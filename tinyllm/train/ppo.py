@@ -306,8 +306,9 @@ class RLRunConfig(TrainConfig):
     chat: bool = field(default=True, metadata={"help": "wrap prompts in the chat template's user turn"})
     max_new_tokens: int = field(default=16, metadata={"help": "tokens per sampled completion"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
-    backend: str = field(default="generate", metadata={"help": "rollouts with the reference generator or the "
-                                                              "paged engine", "choices": ["generate", "engine"]})
+    backend: str = field(default="auto", metadata={"help": "rollouts: the paged engine (auto falls back to the "
+                                                          "reference generator)", "choices": ["auto", "engine",
+                                                                                              "generate"]})
     eval_samples: int = field(default=4, metadata={"help": "sampled completions per held-out prompt"})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})

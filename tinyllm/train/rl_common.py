@@ -15,8 +15,8 @@ log π(y|x) = Σ_t logp[:, t]·mask[:, t] sums the response tokens only (the pro
 
 Rollouts (`sample_responses`) draw n completions per prompt either with the reference generator
 (`tinyllm.infer.generate`, left-padded batch, one seeded torch.Generator) or with the paged engine
-(`tinyllm.infer.LLMEngine`, `SamplingParams(n=…, seed=…)`); each completion ends at its first stop token (kept)
-or at `max_new_tokens`.
+(`tinyllm.infer.LLMEngine`, `SamplingParams(n=…, seed=…)`; "auto" = the engine, falling back to the generator
+for a model the engine cannot run); each completion ends at its first stop token (kept) or at `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROLLOUT_BACKENDS = ("generate", "engine")
+ROLLOUT_BACKENDS = ("auto", "generate", "engine")
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -148,8 +148,13 @@ def sample_responses(model: nn.Module, prompts: Sequence[Sequence[int]], n: int 
     was_training = model.training
     model.eval()
     try:
-        if backend == "engine":
-            return _sample_engine(model, prompts, n, max_new_tokens, temperature, top_k, seed, sorted(stops))
+        if backend in ("engine", "auto"):
+            try:
+                return _sample_engine(model, prompts, n, max_new_tokens, temperature, top_k, seed, sorted(stops))
+            except (NotImplementedError, AttributeError, TypeError):
+                if backend == "engine":
+                    raise
+                # auto: a model the engine cannot run (no paged-attention path) falls back to the generator
         from tinyllm.infer.generate import generate
         from tinyllm.infer.sampling import make_generator
 
