@@ -114,7 +114,7 @@ def test_pool_sized_by_memory() -> None:
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("mode", ["gather", "paged"])
+@pytest.mark.parametrize("mode", ["gather", "paged", "native"])
 def test_paged_attention_equals_full_forward(mode: str, window: int | None) -> None:
     """Three sequences on shuffled physical blocks; step 1 prefills their starts, step 2 is a mixed batch
     (two decodes of different lengths, one prefill chunk after a prefix). Every new token's logits equal
@@ -129,6 +129,12 @@ def test_paged_attention_equals_full_forward(mode: str, window: int | None) -> N
     perm = torch.randperm(24, generator=g).tolist()  # physical blocks in scrambled order
     tables = [perm[0:3], perm[3:7], perm[7:13]]
     cache = PagedKVCache.for_model(model, num_blocks=24, block_size=bs)
+    if mode == "native":
+        if not cache.use_native():
+            from tinyllm.infer.cpu_kernels import kernel_status
+
+            pytest.skip(f"native kernel unavailable: {kernel_status()}")
+        mode = "paged"
     full = [model(torch.tensor([s]))[0] for s in seqs]  # [T, V] reference logits
     with torch.inference_mode():
         for starts, lengths in (([0, 0, 0], [8, 13, 11]), ([8, 13, 11], [1, 1, 12])):

@@ -47,13 +47,15 @@ class LLMEngine:
     num_blocks or kv_cache_memory (bytes) size the pool; by default it holds max_num_seqs sequences of
     max_model_len tokens, at most 1 GiB. attention: "paged" (fast path) or "gather" (the reference).
     fused: run LLaMA-family models through `fused.FusedForward` (the model's forward is the reference).
+    native: decode attention through the native CPU kernel (`cpu_kernels`, built on first use; the torch
+    path is the reference and the fallback when it cannot be built).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, attention: str = "paged",
-                 max_model_len: int | None = None, fused: bool = True) -> None:
+                 max_model_len: int | None = None, fused: bool = True, native: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -66,6 +68,7 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_model_len="
                              f"{self.max_model_len}: without chunked prefill a long prompt would never fit a step")
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size, kv_cache_memory)
+        self.cache.use_native(native and attention == "paged")
         self.block_manager = BlockManager(self.cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)
         self.runner = ModelRunner(model, self.cache, attention, fused)

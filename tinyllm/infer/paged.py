@@ -184,6 +184,8 @@ class PagedMeta:
     decode_tables: torch.Tensor | None = None  # [Nd, nb] padded block tables
     decode_len: int = 0  # longest decode context
     decode_mask: torch.Tensor | None = None  # [Nd, 1, 1, decode_len] or None when every context is full
+    decode_lens: torch.Tensor | None = None  # [Nd] context length of each decode sequence (native kernel)
+    window: int | None = None  # sliding window (native kernel)
     prefills: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] = field(default_factory=list)
     # (q_start, q_len, block ids, context length, mask [q_len, ctx] or None for plain causal)
 
@@ -230,6 +232,8 @@ def build_paged_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
         meta.decode_tables = torch.tensor([list(bt) + [0] * (nb - len(bt)) for bt in block_tables[:nd]],
                                           dtype=torch.long, device=device)
         meta.decode_len = max(ctx[:nd])
+        meta.decode_lens = torch.tensor(ctx[:nd], dtype=torch.long, device=device)
+        meta.window = sliding_window
         if any(c != meta.decode_len for c in ctx[:nd]) or sliding_window is not None:
             lens = torch.tensor(ctx[:nd])
             k_pos = torch.arange(meta.decode_len)
@@ -260,6 +264,17 @@ class PagedKVCache:
         # K and V of a layer side by side, so one scatter and one gather serve both
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # [layers, blocks, B, H_kv, D] views
+        self.native = False  # decode through `cpu_kernels.paged_decode_attention` (see `use_native`)
+
+    def use_native(self, enable: bool = True) -> bool:
+        """Switch decode attention to the native CPU kernel (reads K/V straight from the blocks, no gather);
+        returns whether it is on — off on other devices or when the kernel cannot be built."""
+        self.native = False
+        if enable and self.kv.device.type == "cpu" and self.kv.dtype in (torch.float32, torch.bfloat16):
+            from tinyllm.infer import cpu_kernels
+
+            self.native = cpu_kernels.load()
+        return self.native
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int = 16, dtype: torch.dtype | None = None) -> int:
@@ -320,7 +335,13 @@ class PagedKVCache:
         gqa = q.shape[1] != self.num_kv_heads
         outs = []
         nd = meta.num_decode
-        if nd:
+        if nd and self.native:
+            from tinyllm.infer.cpu_kernels import paged_decode_attention
+
+            od = paged_decode_attention(q[0, :, :nd].transpose(0, 1), self.kv[layer_idx], meta.decode_tables,
+                                        meta.decode_lens, scale, meta.window)  # [Nd, H, D]
+            outs.append(od.transpose(0, 1)[None])
+        elif nd:
             qd = q[0, :, :nd].transpose(0, 1)[:, :, None]  # [Nd, H, 1, D]
             kd, vd = self._context(layer_idx, meta.decode_tables, meta.decode_len)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
