@@ -256,3 +256,20 @@ def test_peft_run_resumes_exactly_from_an_adapter_checkpoint(tmp_path) -> None:
     resumed = run(4, tmp_path / "b", resume=True)  # the MLP and its AdamW state come back from step 2
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_soft_prompts_with_left_padding_equal_the_unpadded_rows(kind) -> None:
+    """A caller's padding mask and positions (as the generator builds them) are widened for the P prefix slots."""
+    from tinyllm.model.attention import build_attn_meta
+
+    m = _model()
+    wrapped = (apply_prompt_tuning(m, PromptTuningConfig(num_virtual_tokens=3)) if kind == "prompt"
+               else apply_prefix_tuning(m, PrefixTuningConfig(num_virtual_tokens=3)))
+    short, long = torch.randint(0, 97, (1, 4)), torch.randint(0, 97, (1, 6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], 1), long])  # left-pad row 0
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = wrapped(batch, positions=positions, attn_meta=build_attn_meta(6, 0, 2, key_padding_mask=mask))
+    torch.testing.assert_close(out[0, 2:], wrapped(short)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], wrapped(long)[0], atol=1e-5, rtol=0)
