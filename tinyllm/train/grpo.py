@@ -238,7 +238,7 @@ def run_grpo(cfg: GRPOConfig) -> TrainResult:
     policy, tokenizer, stops, pad = rl_setup(cfg)
     policy.to(pick_device(cfg.device))
     train_p, held = build_rl_prompts(cfg, tokenizer)
-    reward_fn = verifiable_reward(tokenizer.decode)
+    reward_fn = verifiable_reward(lambda ids: tokenizer.decode([i for i in ids if i not in stops]))
     settings = GRPOSettings(cfg.num_generations, cfg.batch_size, cfg.num_iterations, cfg.beta, cfg.epsilon,
                             cfg.loss_type, cfg.max_new_tokens, cfg.temperature, 0, cfg.backend)
     out = Path(cfg.out_dir)

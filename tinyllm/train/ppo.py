@@ -211,7 +211,7 @@ class Experience:
         adv, returns = gae(rewards, values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
             adv = masked_whiten(adv, mask)
-        stats = {"score": float(scores.mean()), "kl": float(masked_mean(old_logp - ref_logp, mask) * 1),
+        stats = {"score": float(scores.mean()), "kl": float(masked_mean(old_logp - ref_logp, mask)),
                  "response_len": float(mask.sum(-1).mean())}
         self.history.append(stats)
         exp = {"input_ids": ids, "mask": mask, "old_logp": old_logp, "old_values": values, "advantages": adv,
@@ -429,7 +429,7 @@ def run_ppo(cfg: PPOConfig) -> TrainResult:
 
         reward_fn = reward_model_reward(load_reward_model(cfg.reward_model, device), pad)
     else:
-        reward_fn = verifiable_reward(tokenizer.decode)
+        reward_fn = verifiable_reward(lambda ids: tokenizer.decode([i for i in ids if i not in stops]))
     settings = PPOSettings(cfg.rollout_batch_size, cfg.ppo_epochs, cfg.batch_size, cfg.kl_coef, cfg.clip_reward,
                            cfg.gamma, cfg.lam, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
                            cfg.whiten_advantages, cfg.max_new_tokens, cfg.temperature, 0, cfg.backend)
