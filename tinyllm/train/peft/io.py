@@ -172,8 +172,10 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def _lora_config(cfg: dict[str, Any], source: str) -> LoraConfig:
     for key, default in _LORA_UNSUPPORTED.items():
-        if cfg.get(key, default) not in (default, None, {}, False) and cfg.get(key) != default:
-            raise AdapterError(f"{source}: LoRA option {key}={cfg[key]!r} is not supported")
+        value = cfg.get(key, default)
+        empty = value is None or (isinstance(value, (dict, list)) and not value)
+        if value != default and not empty:
+            raise AdapterError(f"{source}: LoRA option {key}={value!r} is not supported")
     targets = cfg.get("target_modules")
     if targets is None:
         raise AdapterError(f"{source}: target_modules is missing")
