@@ -322,3 +322,14 @@ def test_cli_trains_writes_vectors_and_prints_neighbours(tmp_path, capsys):
     assert "CBOW / hierarchical softmax" in printed and "t0w0: " in printed and "nope: (not in the vocabulary)" in printed
     with pytest.raises(SystemExit, match="no such file"):
         main(["word2vec", "--corpus", str(tmp_path / "missing.txt"), "--progress", "false"])
+
+
+def test_seeded_runs_repeat_and_worker_threads_train_too():
+    topics, sents = _topic_corpus(n_sent=300)
+    kw = dict(vector_size=12, window=3, min_count=1, sg=0, hs=1, negative=0, epochs=3, sample=0, batch_size=24,
+              chunk_words=600, progress=False)
+    a, b = Word2Vec(sents, **kw), Word2Vec(sents, **kw)
+    np.testing.assert_array_equal(a.wv.vectors, b.wv.vectors)
+    two = Word2Vec(sents, threads=2, **kw)  # lock-free workers: same draws per chunk, racing updates
+    assert two.losses[-1] < two.losses[0]
+    assert {x for x, _ in two.wv.most_similar(topics[1][0], topn=5)} <= set(topics[1])
