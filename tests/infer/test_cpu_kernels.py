@@ -77,3 +77,21 @@ def test_disabled_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("TINYLLM_NATIVE", "0")
     assert not cpu_kernels.load()
     assert "TINYLLM_NATIVE=0" in cpu_kernels.kernel_status()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(("rows", "in_features", "group"), [(1, 96, 32), (3, 100, 64), (16, 256, 128)])
+def test_quantized_linear_native_equals_dequantized(method, rows, in_features, group) -> None:
+    from torch import nn
+
+    from tinyllm.infer.quant import QuantLinear
+
+    torch.manual_seed(rows)
+    lin = nn.Linear(in_features, 48, bias=True)
+    native = QuantLinear(lin, method, group, native=True)
+    ref = QuantLinear(lin, method, group, native=False)
+    assert native.native and not ref.native
+    x = torch.randn(2, rows, in_features) if rows > 1 else torch.randn(1, in_features)
+    torch.testing.assert_close(native(x), ref(x), atol=2e-5, rtol=1e-5)
+    big = torch.randn(40, in_features)  # more rows than NATIVE_MAX_ROWS: the dequantize path, same result
+    torch.testing.assert_close(native(big), ref(big), atol=2e-5, rtol=1e-5)

@@ -1,6 +1,8 @@
 """Native CPU kernels for the engine, compiled on first use with the system C++ compiler.
 
-Paged decode attention (`paged_decode_attention`) is the one kernel here. Without it, a decode step gathers
+Two kinds of kernel live here: paged decode attention, and weight-only int8/int4 matrix–vector products.
+
+Paged decode attention (`paged_decode_attention`): without it, a decode step gathers
 every running sequence's whole context out of the block pool (`index_select` copies K and V, then SDPA reads
 the copy): at batch 64 with 300-token contexts that is ~1 GB of copies per step on a 30-layer model — more
 bytes than the weights themselves. The kernel walks each sequence's block table and reads every cached
@@ -12,6 +14,14 @@ K/V row exactly once, straight from the pool, the way vLLM's PagedAttention does
         o[n, h·g + j] = Σ_t p[j, t] · V[block(t), t mod B, h]
 
 The torch path (`PagedKVCache.attend` without the kernel) stays the reference; tests check equality.
+
+Weight-only linears (`int8_linear`, `int4_linear`) for the few rows of a decode step: a batch-1 decode is a
+matrix–vector product whose time is the bytes of the weight matrix, so reading int8 (1 B) or packed int4
+(0.5 B + group scales) instead of fp32 (4 B) is the whole gain — if the codes are turned into floats inside
+the dot product and never written out. Torch's packed int8/int4 CPU kernels are slower than the fp32 GEMV
+at M = 1 on this build; these loops read each code once (int4: y = Σ_g s_g·Σ x_j c_j + z_g·Σ x_j).
+`QuantLinear` uses them for inputs of at most `NATIVE_MAX_ROWS` rows (prefill stays dequantize + matmul,
+which is compute-bound and where BLAS wins) and keeps the dequantize path as the reference.
 
 Building needs g++ and torch's headers (both present wherever torch was pip-installed on Linux); the
 shared library is cached under `$TINYLLM_CACHE` (default `~/.cache/tinyllm`) keyed by the source, compiler
@@ -115,9 +125,79 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv, at::Tensor tables, at::Tens
   return out;
 }
 
+// y[m, n] = scale[n] · Σ_k x[m, k] · q[n, k]        int8 per-channel absmax weights
+at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1), "q must be int8 [N, K]");
+  x = x.contiguous(); q = q.contiguous(); scale = scale.contiguous().to(at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* w = qp + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = xp + m * K;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < K; ++k) acc += xm[k] * static_cast<float>(w[k]);
+        yp[m * N + n] = acc * sp[n];
+      }
+    }
+  });
+  return y;
+}
+
+// y[m, n] = Σ_groups s[n, g] · Σ_j x[m, j] · c[n, j] + z[n, g] · Σ_j x[m, j]     int4 codes, 2 per byte
+at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor zero, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, Kp]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.size(1) * 2 == x.size(1), "packed must be uint8 [N, Kp/2]");
+  x = x.contiguous(); packed = packed.contiguous();
+  scale = scale.contiguous().to(at::kFloat); zero = zero.contiguous().to(at::kFloat);
+  const int64_t M = x.size(0), Kp = x.size(1), N = packed.size(0), G = Kp / group, half = group / 2;
+  TORCH_CHECK(G * group == Kp && scale.size(1) == G, "group layout disagrees");
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>(); const float* zp = zero.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  std::vector<float> xsum(M * G), xeven(M * Kp / 2), xodd(M * Kp / 2);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < Kp / 2; ++j) { xeven[m * Kp / 2 + j] = xp[m * Kp + 2 * j]; xodd[m * Kp / 2 + j] = xp[m * Kp + 2 * j + 1]; }
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.f;
+      for (int64_t j = 0; j < group; ++j) t += xp[m * Kp + g * group + j];
+      xsum[m * G + g] = t;
+    }
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = pp + n * Kp / 2;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xe = xeven.data() + m * Kp / 2; const float* xo = xodd.data() + m * Kp / 2;
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* p = row + g * half;
+          const float* e = xe + g * half; const float* o = xo + g * half;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < half; ++j)
+            dot += e[j] * static_cast<float>(p[j] & 15) + o[j] * static_cast<float>(p[j] >> 4);
+          acc += sp[n * G + g] * dot + zp[n * G + g] * xsum[m * G + g];
+        }
+        yp[m * N + n] = acc;
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(tinyllm_cpu, m) { m.def("paged_decode", &paged_decode); }
+TORCH_LIBRARY(tinyllm_cpu, m) {
+  m.def("paged_decode", &paged_decode);
+  m.def("wo_int8", &wo_int8);
+  m.def("wo_int4", &wo_int4);
+}
 """
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -186,3 +266,18 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, tables: torc
     out = torch.ops.tinyllm_cpu.paged_decode(q.float(), kv_layer, tables, lens, float(scale),
                                              int(window) if window else 0)
     return out.to(q.dtype)
+
+
+NATIVE_MAX_ROWS = 16  # QuantLinear: up to this many input rows use the native matrix–vector kernels
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] · (scale[:, None] · q)ᵀ → [M, N] in fp32; q int8 [N, K]. Requires `load()`."""
+    return torch.ops.tinyllm_cpu.wo_int8(x.float(), q, scale)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [M, Kp] (zero-padded to whole groups) · ŵᵀ with ŵ = scale·codes + zero per group → [M, N] fp32;
+    packed uint8 [N, Kp/2] (even column in the low nibble). Requires `load()`."""
+    return torch.ops.tinyllm_cpu.wo_int4(x.float(), packed, scale, zero, int(group_size))

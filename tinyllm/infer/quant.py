@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyllm.infer import cpu_kernels
+from tinyllm.infer.cpu_kernels import NATIVE_MAX_ROWS, int4_linear, int8_linear
+
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 
@@ -94,13 +97,15 @@ def _kernel_available(method: str) -> bool:
 class QuantLinear(nn.Module):
     """A weight-only quantized `nn.Linear`: y = x ŵᵀ + b with ŵ from integer codes and fp32 scales.
 
-    `use_kernel=True` runs torch's packed-weight CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
+    `native=True` (default) sends inputs of at most `cpu_kernels.NATIVE_MAX_ROWS` rows (decode steps) through
+    tinyllm's own int8/int4 matrix–vector kernels, which read each code once (`cpu_kernels`; off when they
+    cannot be built). `use_kernel=True` runs torch's packed-weight CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
     instead of dequantize + `F.linear`; int4 then also keeps the kernel's own packing (+0.5 B per weight), and
     only for out_features divisible by 16 (the kernel's tile), other layers silently keep the reference path.
     """
 
     def __init__(self, linear: nn.Linear, method: str = "int8", group_size: int = 128,
-                 use_kernel: bool = False) -> None:
+                 use_kernel: bool = False, native: bool = True) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
@@ -126,6 +131,8 @@ class QuantLinear(nn.Module):
             if self.use_kernel:
                 self._build_int4_kernel_weight()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        # few-row inputs (decode) through the native matrix–vector kernels when they build; see cpu_kernels
+        self.native = native and w.device.type == "cpu" and cpu_kernels.load()
 
     def _build_int4_kernel_weight(self) -> None:
         codes = unpack_int4(self.qweight).to(torch.int32)  # [N, Kp]
@@ -147,9 +154,24 @@ class QuantLinear(nn.Module):
         return self.dequantize().to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.device.type == "cpu" and x.numel() <= NATIVE_MAX_ROWS * self.in_features:
+            return self._native_forward(x)
         if self.use_kernel and x.device.type == "cpu":
             return self._kernel_forward(x)
         y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.method == "int8":
+            y = int8_linear(x2, self.qweight, self.scale)
+        else:
+            kp = self.qweight.shape[1] * 2
+            if kp != self.in_features:
+                x2 = F.pad(x2, (0, kp - self.in_features))  # padded columns must meet zeros
+            y = int4_linear(x2, self.qweight, self.scale, self.zero, self.group_size)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +202,7 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 def quantize_model(model: nn.Module, method: str = "int8", group_size: int = 128,
                    skip: Iterable[str] = ("lm_head",), use_kernel: bool = False, untie: bool = False,
-                   inplace: bool = True) -> nn.Module:
+                   inplace: bool = True, native: bool = True) -> nn.Module:
     """Replace every `nn.Linear` of `model` (except those matched by `skip`) by a `QuantLinear`; return the model.
 
     A Linear whose weight is shared with another module (tied embeddings) is refused unless `untie=True`
@@ -207,7 +229,7 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = 128
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(mod, method, group_size, use_kernel))
+        setattr(parent, attr, QuantLinear(mod, method, group_size, use_kernel, native))
     return model
 
 
