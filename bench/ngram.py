@@ -20,6 +20,8 @@ Figures (one JSON line each):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import tempfile
@@ -125,7 +127,7 @@ def main() -> None:
         import tinyllm
         from tinyllm.recipes.tiny_zh import SCALES, TinyZhConfig, stage_tokenizer
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # JSON lines only
             tdir = stage_tokenizer(TinyZhConfig(out=tmp, progress=False), SCALES["default"], Path(tmp))
             tok = tinyllm.load_tokenizer(tdir)
             n_tok = sum(len(tok.encode(d)) for d in val_docs)
