@@ -79,7 +79,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = BLOCK_SIZE, double_quant: bo
     flat = _pad_to(w.detach().reshape(-1).float(), block_size).view(-1, block_size)  # [nblocks, 64]
     absmax = flat.abs().amax(dim=1)  # [nblocks]
     scaled = flat / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    idx = torch.bucketize(scaled, _MIDPOINTS.to(flat.device)).to(torch.uint8).view(-1)  # nearest code
+    idx = torch.bucketize(scaled, _MIDPOINTS.to(flat.device), out_int32=True).to(torch.uint8).view(-1)  # nearest
     packed = (idx[0::2] << 4) | idx[1::2]
     out = {"packed": packed, "shape": torch.tensor(list(w.shape), dtype=torch.int64),
            "block_size": torch.tensor(block_size)}
