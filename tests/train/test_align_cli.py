@@ -79,7 +79,7 @@ def test_grpo_with_engine_rollouts(base, tmp_path) -> None:
 
 
 def test_bad_flags(base) -> None:
-    with pytest.raises(SystemExit, match="beta=0.0 must be > 0"):
+    with pytest.raises(SystemExit, match=r"beta=0\.0 must be > 0"):
         main(["dpo", "--init-from", str(base), "--beta", "0"])
     with pytest.raises(SystemExit, match="task='poems'"):
         main(["grpo", "--init-from", str(base), "--task", "poems"])
