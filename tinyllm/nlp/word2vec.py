@@ -23,7 +23,12 @@ The fast path is vectorised over batches of examples with torch (gather the rows
 with `index_add_`): all examples of a batch read the parameters as they were at the start of the batch and
 their updates are summed (like word2vec.c's lock-free threads, which also let updates of one word collide).
 `sgd_step_naive` is the same step as plain per-example Python loops; a test holds the two equal.
-`sgd_step_naive(..., sequential=True)` is word2vec.c's order of updates for comparison.
+`sgd_step_naive(..., sequential=True)` is word2vec.c's order of updates for comparison. Keep `batch_size` small
+next to the vocabulary: a row that occurs k times in one batch takes k summed steps at once, where
+word2vec.c's sequential steps would saturate (on a 25-word toy vocabulary CBOW diverges at batch 256 and
+trains at 24; on real text with ~40 k words 1,024 matches gensim's neighbours).
+Worker threads (`threads`) train chunks of the corpus concurrently on the shared tables, lock-free like
+word2vec.c's threads; every chunk draws from its own seeded generator.
 
 Not covered: phrases, incremental vocabulary updates, per-word learning-rate locks.
 """
