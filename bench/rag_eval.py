@@ -68,7 +68,11 @@ def bm25_lists(queries: list[str], docs: list[str]) -> tuple[list[list[tuple[int
 
 def dense_lists(embedder: Any, queries: list[str], docs: list[str], split: str,
                 cache: Path | None) -> tuple[list[list[tuple[int, float]]], float]:
-    key = hashlib.sha1(json.dumps([embedder.spec(), split, len(docs)], sort_keys=True).encode()).hexdigest()[:16]
+    spec = embedder.spec()
+    weights = Path(str(spec.get("path", ""))) / "model.safetensors"
+    stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else []  # retrained → new key
+    key = hashlib.sha1(json.dumps([spec, embedder.dim, stamp, split, len(docs)], sort_keys=True).encode()
+                       ).hexdigest()[:16]
     path = cache / f"{embedder.name}-{split}-{key}.npy" if cache else None
     t0 = time.perf_counter()
     if path is not None and path.exists():
