@@ -5,6 +5,9 @@ Figures (one JSON line each):
 - words_per_s: training throughput (corpus words × epochs / wall time of `train`, vocabulary building
   excluded on both sides), ratio = ours / gensim. gensim runs optimised C (Cython + BLAS) with its own worker
   threads; ours is vectorised torch over batches of examples with `--threads` Python workers;
+- words_per_s_paired: one-epoch runs on the first `--speed-words` words, ours and gensim alternating
+  `--repeats` times, medians — load changes on a shared machine hit both sides (steadier than the single
+  full-length run above);
 - neighbour_overlap: for the `--probe-words` most frequent words, the mean share of ours' top-10 cosine
   neighbours that are also gensim's top-10; next to it the same overlap between two gensim runs that differ
   only in the seed (`gensim_vs_gensim`), the ceiling that training noise allows.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--min-count", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=1024, help="ours: examples per vectorised step")
     ap.add_argument("--probe-words", type=int, default=200)
+    ap.add_argument("--speed-words", type=int, default=1_000_000, help="corpus words of the paired speed runs")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating one-epoch runs per side")
     args = ap.parse_args()
 
     import gensim
@@ -96,6 +102,29 @@ def main() -> None:
     report("word2vec_words_per_s", n_words * args.epochs / t_ours, n_words * args.epochs / t_ref, "words/s",
            variant=variant, threads=args.threads, epochs=args.epochs, dim=args.dim, batch_size=args.batch_size,
            vocab=len(ours.wv), gensim_vocab=len(ref.wv), our_loss_per_epoch=[round(x, 3) for x in ours.losses])
+
+    take, n_take = [], 0
+    for s in sents:
+        take.append(s)
+        n_take += len(s)
+        if n_take >= args.speed_words:
+            break
+    rates: dict[str, list[float]] = {"ours": [], "gensim": []}
+    one = {**hp, "epochs": 1}
+    for _ in range(args.repeats):
+        m = Word2Vec(**one, seed=1, batch_size=args.batch_size, threads=args.threads, progress=False)
+        m.build_vocab(take)
+        t = time.perf_counter()
+        m.train(take)
+        rates["ours"].append(n_take / (time.perf_counter() - t))
+        g = gensim.models.Word2Vec(**one, seed=1, workers=args.threads)
+        g.build_vocab(take)
+        t = time.perf_counter()
+        g.train(take, total_examples=g.corpus_count, epochs=1)
+        rates["gensim"].append(n_take / (time.perf_counter() - t))
+    report("word2vec_words_per_s_paired", statistics.median(rates["ours"]), statistics.median(rates["gensim"]),
+           "words/s", variant=variant, threads=args.threads, words=n_take, repeats=args.repeats,
+           ours_runs=[round(x) for x in rates["ours"]], gensim_runs=[round(x) for x in rates["gensim"]])
 
     assert ours.vocab is not None
     probe = [w for w in ours.vocab.words if w in ref.wv.key_to_index][: args.probe_words]
