@@ -5,8 +5,9 @@ with ratio = ours / peer.
   decode      (a) batch-1 greedy decode tok/s after a 16-token prompt: `LLM` engine vs HF `generate`
               (min_new_tokens = max_new_tokens, so both make the same count); plus the memory-bandwidth
               ceiling (measured GB/s / model bytes per token) and the fraction of it reached;
-  decode_int4 the same engine with `quantization="int4", group_size=32` (the GGUF's own Q4_1 grid, so
-              the weights are unchanged) vs HF fp32: how far weight-only int4 moves the bandwidth wall;
+  decode_int4 the same engine over int8 (per-channel) and int4 g32 weights (the GGUF's own Q4_1 grid, so
+              the int4 weights are unchanged), decoded by tinyllm's native matrix-vector kernels, vs HF fp32:
+              how far weight-only quantization moves the bandwidth wall; with llama_cpp, llama.cpp vs each;
   offline     (b) `--requests` requests, prompts 64–256 tokens, outputs 64–128 (seed 0, greedy, EOS
               ignored so lengths are fixed): output tok/s of the engine vs HF sequential `generate`
               (timed on the first `--sequential-sample` requests) and vs HF padded batched `generate`
@@ -209,15 +210,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from tinyllm.infer.quant import quantize_model
             from tinyllm.model.hf import load_model
 
-            q = quantize_model(load_model(path, dtype=dtype), "int4", 32, use_kernel=True)
-            qllm = LLM(q, tokenizer, max_model_len=1024, max_num_seqs=4)
-            lines.append(bench_decode(qllm, peer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
-                                      model_nbytes(q), "decode_int4", check=True))
-            if "llama_cpp" not in args.skip:
-                line = bench_llama_cpp(path, qllm, prompt, args.new_tokens, args.repeats)
-                if line:
-                    line["bench"] = "llama_cpp_int4"
-                    lines.append(line)
+            for method, group in (("int8", 128), ("int4", 32)):
+                # weight-only codes read by tinyllm's native matrix-vector kernels (cpu_kernels)
+                q = quantize_model(load_model(path, dtype=dtype), method, group)
+                qllm = LLM(q, tokenizer, max_model_len=1024, max_num_seqs=4)
+                line = bench_decode(qllm, peer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
+                                    model_nbytes(q), f"decode_{method}", check=method == "int4")
+                lines.append(line)
+                if "llama_cpp" not in args.skip:
+                    line = bench_llama_cpp(path, qllm, prompt, args.new_tokens, args.repeats)
+                    if line:
+                        line["bench"] = f"llama_cpp_vs_{method}"
+                        lines.append(line)
     return lines
 
 

@@ -96,13 +96,17 @@ def bench_quant(model, tok, args) -> None:
           f'"bytes_fp32": {base_mem}, "decode_tps_fp32": {base_tps:.2f}}}', flush=True)
     for method, g in [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)]:
         name = method if method == "int8" else f"{method}-g{g}"
-        qm = quantize_model(model, method, g, inplace=False)
+        qm = quantize_model(model, method, g, inplace=False, native=False)
         ppl = perplexity(qm, ids, args.window)
         report(f"ppl {name}", ppl, base_ppl, "ppl", delta_pct=round(100 * (ppl / base_ppl - 1), 3))
         report(f"memory {name}", model_nbytes(qm), base_mem, "bytes")
         report(f"decode {name} dequant", decode_tps(qm, prompt, args.new_tokens, args.repeats), base_tps, "tok/s")
         del qm
-        qk = quantize_model(model, method, g, use_kernel=True, inplace=False)
+        qn = quantize_model(model, method, g, inplace=False)  # tinyllm's native matrix-vector kernels
+        report(f"decode {name} native", decode_tps(qn, prompt, args.new_tokens, args.repeats), base_tps, "tok/s",
+               native=qn.model.layers[0].mlp.up_proj.native)
+        del qn
+        qk = quantize_model(model, method, g, use_kernel=True, inplace=False, native=False)
         report(f"decode {name} kernel fp32", decode_tps(qk, prompt, args.new_tokens, args.repeats), base_tps,
                "tok/s", memory_bytes=model_nbytes(qk))
         del qk
@@ -111,7 +115,7 @@ def bench_quant(model, tok, args) -> None:
     bf_tps = decode_tps(bf, prompt, args.new_tokens, args.repeats)
     report("decode bf16 (vs fp32)", bf_tps, base_tps, "tok/s")
     for method, g in [("int8", 128), ("int4", 32)]:
-        qk = quantize_model(bf, method, g, use_kernel=True, inplace=False)
+        qk = quantize_model(bf, method, g, use_kernel=True, inplace=False, native=False)
         report(f"decode {method}-g{g} kernel bf16 (vs bf16)", decode_tps(qk, prompt, args.new_tokens, args.repeats),
                bf_tps, "tok/s")
         del qk

@@ -87,7 +87,7 @@ def test_quantized_linear_native_equals_dequantized(method, rows, in_features, g
     from tinyllm.infer.quant import QuantLinear
 
     torch.manual_seed(rows)
-    lin = nn.Linear(in_features, 48, bias=True)
+    lin = nn.Linear(in_features, 50, bias=True)  # 50 rows: blocks of four plus a remainder of two
     native = QuantLinear(lin, method, group, native=True)
     ref = QuantLinear(lin, method, group, native=False)
     assert native.native and not ref.native

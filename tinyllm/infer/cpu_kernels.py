@@ -50,6 +50,9 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -126,6 +129,32 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv, at::Tensor tables, at::Tens
 }
 
 // y[m, n] = scale[n] · Σ_k x[m, k] · q[n, k]        int8 per-channel absmax weights
+// One row's dot product; with AVX-512, four rows at a time share every load of x.
+static inline float dot_i8(const float* x, const int8_t* w, int64_t K) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < K; ++k) acc += x[k] * static_cast<float>(w[k]);
+  return acc;
+}
+
+#ifdef __AVX512F__
+static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    a0 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k)))), a0);
+    a1 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + K + k)))), a1);
+    a2 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 2 * K + k)))), a2);
+    a3 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 3 * K + k)))), a3);
+  }
+  out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+  for (; k < K; ++k)
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * static_cast<float>(w[r * K + k]);
+}
+#endif
+
 at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1), "q must be int8 [N, K]");
@@ -134,15 +163,21 @@ at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* w = qp + n * K;
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * 4, rows = std::min<int64_t>(4, N - n0);
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = xp + m * K;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < K; ++k) acc += xm[k] * static_cast<float>(w[k]);
-        yp[m * N + n] = acc * sp[n];
+        float out[4];
+#ifdef __AVX512F__
+        if (rows == 4) {
+          dot4_i8(xm, qp + n0 * K, K, out);
+        } else
+#endif
+        {
+          for (int64_t r = 0; r < rows; ++r) out[r] = dot_i8(xm, qp + (n0 + r) * K, K);
+        }
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = out[r] * sp[n0 + r];
       }
     }
   });
@@ -156,7 +191,7 @@ at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor
   x = x.contiguous(); packed = packed.contiguous();
   scale = scale.contiguous().to(at::kFloat); zero = zero.contiguous().to(at::kFloat);
   const int64_t M = x.size(0), Kp = x.size(1), N = packed.size(0), G = Kp / group, half = group / 2;
-  TORCH_CHECK(G * group == Kp && scale.size(1) == G, "group layout disagrees");
+  TORCH_CHECK(G * group == Kp && scale.size(1) == G && half % 16 == 0, "group layout disagrees (group % 32 == 0)");
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>(); const float* zp = zero.data_ptr<float>(); float* yp = y.data_ptr<float>();
@@ -169,22 +204,54 @@ at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor
       xsum[m * G + g] = t;
     }
   }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = pp + n * Kp / 2;
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * 4, rows = std::min<int64_t>(4, N - n0);
       for (int64_t m = 0; m < M; ++m) {
         const float* xe = xeven.data() + m * Kp / 2; const float* xo = xodd.data() + m * Kp / 2;
-        float acc = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* p = row + g * half;
-          const float* e = xe + g * half; const float* o = xo + g * half;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t j = 0; j < half; ++j)
-            dot += e[j] * static_cast<float>(p[j] & 15) + o[j] * static_cast<float>(p[j] >> 4);
-          acc += sp[n * G + g] * dot + zp[n * G + g] * xsum[m * G + g];
+        const float* xs = xsum.data() + m * G;
+#ifdef __AVX512F__
+        if (rows == 4) {
+          // four rows share each load of x; per group t = x_even·lo + x_odd·hi, acc += s_g · t
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          float zsum[4] = {0.f, 0.f, 0.f, 0.f};
+          const __m512i mask = _mm512_set1_epi32(15);
+          for (int64_t g = 0; g < G; ++g) {
+            __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t c = 0; c < half; c += 16) {
+              const __m512 ev = _mm512_loadu_ps(xe + g * half + c), ov = _mm512_loadu_ps(xo + g * half + c);
+              for (int r = 0; r < 4; ++r) {
+                const __m512i v = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i*)(pp + (n0 + r) * Kp / 2 + g * half + c)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                t[r] = _mm512_fmadd_ps(ev, lo, _mm512_fmadd_ps(ov, hi, t[r]));
+              }
+            }
+            for (int r = 0; r < 4; ++r) {
+              acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sp[(n0 + r) * G + g]), t[r], acc[r]);
+              zsum[r] += zp[(n0 + r) * G + g] * xs[g];
+            }
+          }
+          for (int r = 0; r < 4; ++r) yp[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r]) + zsum[r];
+          continue;
         }
-        yp[m * N + n] = acc;
+#endif
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint8_t* row = pp + (n0 + r) * Kp / 2;
+          const int64_t n = n0 + r;
+          float acc = 0.f;
+          for (int64_t g = 0; g < G; ++g) {
+            const uint8_t* p = row + g * half;
+            const float* e = xe + g * half; const float* o = xo + g * half;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < half; ++j)
+              dot += e[j] * static_cast<float>(p[j] & 15) + o[j] * static_cast<float>(p[j] >> 4);
+            acc += sp[n * G + g] * dot + zp[n * G + g] * xs[g];
+          }
+          yp[m * N + n] = acc;
+        }
       }
     }
   });
