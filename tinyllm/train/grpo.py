@@ -39,6 +39,7 @@ from tinyllm.train.rl_common import (
     PromptCycle,
     RewardFn,
     RLPrompt,
+    RolloutQueue,
     frozen_copy,
     masked_mean,
     pack_pairs,
@@ -103,27 +104,17 @@ class GRPOSettings:
     backend: str = "generate"
 
 
-class GroupRollouts:
+class GroupRollouts(RolloutQueue):
     """Endless GRPO batches: each rollout is prompts_per_step prompts × G completions, reused num_iterations
     times (one optimizer step each)."""
 
     def __init__(self, policy: nn.Module, ref: nn.Module | None, reward_fn: RewardFn, prompts: PromptCycle,
                  s: GRPOSettings, stop_ids: Sequence[int], pad_id: int, seed: int) -> None:
-        self.policy, self.ref, self.reward_fn, self.prompts, self.s = policy, ref, reward_fn, prompts, s
-        self.stop_ids, self.pad_id, self.seed = list(stop_ids), pad_id, seed
-        self.rollouts, self.queue = 0, []
-        self.history: list[dict[str, float]] = []
-
-    def __iter__(self) -> GroupRollouts:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if not self.queue:
-            self.queue = self.make_group_batch()
-        return self.queue.pop(0)
+        super().__init__(reward_fn, prompts, stop_ids, pad_id, seed)
+        self.policy, self.ref, self.s = policy, ref, s
 
     @torch.no_grad()
-    def make_group_batch(self) -> list[dict[str, Any]]:
+    def make_batches(self) -> list[dict[str, Any]]:
         s, g = self.s, self.s.num_generations
         items = self.prompts.take(s.prompts_per_step)
         groups = sample_responses(self.policy, [p.ids for p in items], g, s.max_new_tokens, s.temperature, s.top_k,
@@ -150,13 +141,6 @@ class GroupRollouts:
                              "completion_len": float(mask.sum(-1).mean())})
         return [out] * s.num_iterations
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rollouts": self.rollouts, "prompts": self.prompts.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rollouts = int(state["rollouts"])
-        self.prompts.load_state_dict(state["prompts"])
-        self.queue = []
 
 
 class GRPOTask:

@@ -41,6 +41,7 @@ from tinyllm.train.rl_common import (
     PromptCycle,
     RewardFn,
     RLPrompt,
+    RolloutQueue,
     frozen_copy,
     masked_mean,
     masked_whiten,
@@ -170,26 +171,16 @@ class PPOSettings:
     backend: str = "generate"
 
 
-class Experience:
+class Experience(RolloutQueue):
     """Endless PPO mini-batches: a fresh rollout whenever the previous one has been used ppo_epochs times."""
 
     def __init__(self, model: ActorCritic, ref: nn.Module, reward_fn: RewardFn, prompts: PromptCycle,
                  s: PPOSettings, stop_ids: Sequence[int], pad_id: int, seed: int) -> None:
-        self.model, self.ref, self.reward_fn, self.prompts, self.s = model, ref, reward_fn, prompts, s
-        self.stop_ids, self.pad_id, self.seed = list(stop_ids), pad_id, seed
-        self.rollouts, self.queue = 0, []
-        self.history: list[dict[str, float]] = []
-
-    def __iter__(self) -> Experience:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if not self.queue:
-            self.queue = self.make_experience()
-        return self.queue.pop(0)
+        super().__init__(reward_fn, prompts, stop_ids, pad_id, seed)
+        self.model, self.ref, self.s = model, ref, s
 
     @torch.no_grad()
-    def make_experience(self) -> list[dict[str, Any]]:
+    def make_batches(self) -> list[dict[str, Any]]:
         s = self.s
         items = self.prompts.take(s.rollout_batch_size)
         device = next(self.model.parameters()).device
@@ -227,13 +218,6 @@ class Experience:
                 out.append({**mb, "score": torch.tensor(stats["score"]), "kl": torch.tensor(stats["kl"])})
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rollouts": self.rollouts, "prompts": self.prompts.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rollouts = int(state["rollouts"])
-        self.prompts.load_state_dict(state["prompts"])
-        self.queue = []
 
 
 class PPOTask:

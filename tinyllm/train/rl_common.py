@@ -371,3 +371,35 @@ class PromptCycle:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._epoch_order()
+
+
+class RolloutQueue:
+    """Endless training batches made from rollouts (the PPO and GRPO task's `train_batches`): when the queue runs
+    dry, `make_batches()` samples a fresh rollout from the current policy and returns its mini-batches (each
+    reused for several optimizer steps); resumable through the rollout count and the prompt cursor."""
+
+    def __init__(self, reward_fn: RewardFn, prompts: PromptCycle, stop_ids: Sequence[int], pad_id: int,
+                 seed: int) -> None:
+        self.reward_fn, self.prompts = reward_fn, prompts
+        self.stop_ids, self.pad_id, self.seed = list(stop_ids), pad_id, seed
+        self.rollouts, self.queue = 0, []
+        self.history: list[dict[str, float]] = []
+
+    def make_batches(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> RolloutQueue:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if not self.queue:
+            self.queue = self.make_batches()
+        return self.queue.pop(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollouts": self.rollouts, "prompts": self.prompts.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollouts = int(state["rollouts"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.queue = []
