@@ -25,7 +25,7 @@ which is compute-bound and where BLAS wins) and keeps the dequantize path as the
 
 Building needs g++ and torch's headers (both present wherever torch was pip-installed on Linux); the
 shared library is cached under `$TINYLLM_CACHE` (default `~/.cache/tinyllm`) keyed by the source, compiler
-flags and torch version, written to a temporary name and renamed. When anything fails the engine keeps the
+flags, torch version and CPU model/flags (the code is built for this CPU), written to a temporary name and renamed. When anything fails the engine keeps the
 torch path and says why once (`kernel_status()`); `TINYLLM_NATIVE=0` turns the kernels off.
 """
 
@@ -272,6 +272,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None}
 
 
+def _cpu_signature() -> str:
+    """The CPU model and flags: -march=native code must never be loaded on another kind of CPU (shared homes)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("TINYLLM_CACHE", Path.home() / ".cache" / "tinyllm")) / "kernels"
 
@@ -308,7 +318,8 @@ def load() -> bool:
                 raise RuntimeError("disabled by TINYLLM_NATIVE=0")
             if not sys.platform.startswith("linux"):
                 raise RuntimeError(f"native kernels are built on Linux only, not {sys.platform}")
-            key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, torch.__version__]).encode()).hexdigest()[:16]
+            parts = [_SOURCE, *_FLAGS, torch.__version__, _cpu_signature()]
+            key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
             target = _cache_dir() / f"tinyllm_cpu_{key}.so"
             if not target.exists():
                 _build(target)
