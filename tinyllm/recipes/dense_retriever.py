@@ -113,7 +113,10 @@ class PairBatches:
             self._order = self._perm()
         idx = self._order[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        return collate([self.pairs[i] for i in idx], self.pad_id)
+        return self.collate([self.pairs[i] for i in idx])
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return collate(items, self.pad_id)
 
 
 def collate(items: Sequence[tuple[list[int], list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -156,9 +159,99 @@ class BiEncoderTask:
                 if p.requires_grad and not n.startswith(("mlm_head.", "pooler."))]
 
 
+# ------------------------------------------------------------------ DSSM: hashed n-grams → learned projection
+class HashedProjectionEncoder(nn.Module):
+    """x̂ (unit hashed n-gram rows, [B, in_dim]) → normalize([g ⊙ x̂ ; x̂ W]); the torch twin of
+    `tinyllm.rag.embed.hashed_projection`. g starts at the buckets' IDF (so the untrained model is IDF-weighted
+    hashing), W at N(0, 1/k): a random projection whose share of the cosine is small next to the IDF part."""
+
+    def __init__(self, idf: torch.Tensor, proj_dim: int, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.g = nn.Parameter(idf.detach().clone().float())
+        self.w = nn.Parameter(torch.randn(idf.numel(), proj_dim, generator=gen) / proj_dim ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(torch.cat([x * self.g, x @ self.w], dim=-1), dim=-1)
+
+
+def bucket_idf(x: Any) -> torch.Tensor:
+    """Smoothed IDF per hash bucket over the rows of a CSR matrix: ln((1 + N) / (1 + df)) + 1."""
+    import numpy as np
+
+    df = np.bincount(x.indices, minlength=x.shape[1])
+    return torch.tensor(np.log((1 + x.shape[0]) / (1 + df)) + 1, dtype=torch.float32)
+
+
+def densify(x: Any, rows: Sequence[int]) -> torch.Tensor:
+    sub = x[list(rows)].tocoo()
+    out = torch.zeros(sub.shape, dtype=torch.float32)
+    out[torch.as_tensor(sub.row, dtype=torch.long), torch.as_tensor(sub.col, dtype=torch.long)] = \
+        torch.as_tensor(sub.data, dtype=torch.float32)
+    return out
+
+
+class HashedPairBatches(PairBatches):
+    """PairBatches over (row, row, content hash) triples whose rows index CSR title / article matrices."""
+
+    def __init__(self, pairs: Sequence[tuple[int, int, int]], queries: Any, docs: Any, batch_size: int,
+                 seed: int) -> None:
+        super().__init__(pairs, batch_size, 0, seed)  # type: ignore[arg-type]
+        self.queries, self.docs = queries, docs
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return {"q": densify(self.queries, [q for q, _, _ in items]),
+                "d": densify(self.docs, [d for _, d, _ in items]),
+                "doc_keys": torch.tensor([k for _, _, k in items], dtype=torch.long)}
+
+
+class HashedBiEncoderTask:
+    """The training loop's Task for the DSSM bi-encoder: InfoNCE over in-batch negatives, as BiEncoderTask."""
+
+    def __init__(self, train: tuple[Any, Any, list[int]], dev: tuple[Any, Any, list[int]], batch_size: int,
+                 temperature: float = 0.05, seed: int = 0) -> None:
+        self.train, self.dev = train, dev
+        self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
+
+    @staticmethod
+    def _pairs(keys: list[int]) -> list[tuple[int, int, int]]:
+        return [(i, i, k) for i, k in enumerate(keys)]
+
+    def train_batches(self) -> HashedPairBatches:
+        q, d, keys = self.train
+        return HashedPairBatches(self._pairs(keys), q, d, self.batch_size, self.seed)
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]] | None:
+        q, d, keys = self.dev
+        pairs = self._pairs(keys)
+        if len(pairs) < self.batch_size:
+            return None
+        loader = HashedPairBatches(pairs, q, d, self.batch_size, self.seed)
+        n = len(pairs) // self.batch_size * self.batch_size
+        return (loader.collate(pairs[i:i + self.batch_size]) for i in range(0, n, self.batch_size))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        q, d = model(batch["q"]), model(batch["d"])
+        loss, logits = info_nce(q, d, self.temperature, batch["doc_keys"])
+        acc = (logits.argmax(-1) == torch.arange(len(q), device=q.device)).float().mean()
+        return loss, {"tokens": int((batch["q"] != 0).sum() + (batch["d"] != 0).sum()), "in_batch_acc": float(acc)}
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+ARCH_DEFAULTS = {"dssm": {"batch_size": 128, "max_steps": 100, "lr": 3e-4, "warmup_steps": 10},
+                 "transformer": {"batch_size": 48, "max_steps": 150, "lr": 1e-3, "warmup_steps": 15}}
+
+
 @dataclass
 class DenseRetrieverConfig:
     out: str = field(default="runs/dense-retriever", metadata={"help": "output directory"})
+    arch: str = field(default="dssm", metadata={"help": "dssm (hashed n-grams → learned projection) or "
+                                                "transformer (BERT encoder from scratch)",
+                                                "choices": ["dssm", "transformer"]})
+    hash_dim: int = field(default=16384, metadata={"help": "dssm: hash buckets of the input layer"})
+    proj_dim: int = field(default=256, metadata={"help": "dssm: width of the learned dense projection"})
     tokenizer: str = field(default="", metadata={"help": "an existing tokenizer directory (default: train one)"})
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size when training a tokenizer"})
     tokenizer_chars: int = field(default=1_500_000, metadata={"help": "characters of inews train for BPE"})
@@ -168,11 +261,12 @@ class DenseRetrieverConfig:
     intermediate_size: int = field(default=1024, metadata={"help": "FFN width"})
     query_len: int = field(default=48, metadata={"help": "max query (title) tokens"})
     doc_len: int = field(default=128, metadata={"help": "max document tokens (the article's beginning)"})
-    batch_size: int = field(default=48, metadata={"help": "pairs per batch (in-batch negatives: B − 1 each)"})
+    batch_size: int = field(default=0, metadata={"help": "pairs per batch (in-batch negatives: B − 1 each; "
+                                                 "0: 128 dssm, 48 transformer)"})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature τ"})
-    max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=15, metadata={"help": "linear warm-up steps"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: 100 dssm, 150 transformer)"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: 3e-4 dssm, 1e-3 transformer)"})
+    warmup_steps: int = field(default=-1, metadata={"help": "linear warm-up steps (-1: 10 dssm, 15 transformer)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 autocast", "choices": ["fp32", "bf16"]})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     limit: int = field(default=0, metadata={"help": "use only the first N train pairs (0: all; tests)"})
@@ -181,8 +275,19 @@ class DenseRetrieverConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCH_DEFAULTS:
+            raise ValueError(f"arch={self.arch!r} is not one of {sorted(ARCH_DEFAULTS)}")
+        for name, default in ARCH_DEFAULTS[self.arch].items():  # 0 / -1 = the architecture's default
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == (-1 if name == "warmup_steps" else 0):
+                setattr(self, name, default)
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
         for name in ("vocab_size", "tokenizer_chars", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "query_len", "doc_len", "batch_size", "max_steps"):
+                     "intermediate_size", "query_len", "doc_len", "batch_size", "max_steps", "hash_dim",
+                     "proj_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -260,13 +365,13 @@ def dev_metrics(model_dir: Path, split: str = "dev", progress: bool = False, lim
     import numpy as np
 
     from tinyllm.data.corpora import inews
-    from tinyllm.rag.embed import BertEmbedder, encode_queries
+    from tinyllm.rag.embed import encode_queries, load_trained_embedder
     from tinyllm.rag.metrics import evaluate_rankings
 
     arts = [a for a in inews(split) if a.title and a.content]
     if limit:
         arts = arts[:limit]
-    emb = BertEmbedder(model_dir)
+    emb = load_trained_embedder(model_dir)
     docs = emb.encode([a.content for a in arts], batch_size=64, progress=progress)
     queries = encode_queries(emb, [a.title for a in arts], batch_size=64)
     top = np.argsort(-(queries @ docs.T), axis=1)[:, :10]
@@ -276,15 +381,80 @@ def dev_metrics(model_dir: Path, split: str = "dev", progress: bool = False, lim
     return evaluate_rankings([list(r) for r in top], [by_content[a.content] for a in arts])
 
 
-def run_recipe(cfg: DenseRetrieverConfig) -> dict[str, Any]:
-    """Tokenizer → pairs → training loop → export; returns the run's summary (also in retriever.json)."""
-    from tinyllm.model.hf import save_pretrained
-    from tinyllm.train.loop import TrainConfig, train
+def _train_config(cfg: DenseRetrieverConfig, out: Path, weight_decay: float) -> Any:
+    from tinyllm.train.loop import TrainConfig
 
+    return TrainConfig(out_dir=str(out / "train"), max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                       lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
+                       weight_decay=weight_decay, precision=cfg.precision, eval_interval=0,
+                       eval_steps=8, log_interval=max(1, min(20, cfg.max_steps)), save_interval=0, keep_last=1,
+                       seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+
+
+def _finish(cfg: DenseRetrieverConfig, out: Path, model_dir: Path, result: Any, train_seconds: float,
+            t_start: float, spec: dict[str, Any]) -> dict[str, Any]:
+    metrics = dev_metrics(model_dir, progress=cfg.progress, limit=cfg.limit)
+    summary = {"config": asdict(cfg), "train_seconds": train_seconds, "total_seconds": time.time() - t_start,
+               "final_loss": result.losses[-1] if result.losses else None, "eval_losses": result.eval_losses,
+               "dev": metrics, "model": str(model_dir), "embedder_spec": spec}
+    path = out / "retriever.json"
+    tmp_json = path.with_name(".retriever.json.tmp")
+    tmp_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    tmp_json.replace(path)
+    _log(f"trained in {train_seconds:.0f}s; dev recall@10 {metrics['recall@10']:.3f}, MRR {metrics['mrr']:.3f}")
+    return summary
+
+
+def hashed_split(split: str, hasher: Any, limit: int = 0, progress: bool = False) -> tuple[Any, Any, list[int]]:
+    """(title CSR rows, article CSR rows, content hashes) of an inews split, rows unit-L2 hashed n-grams."""
+    from tinyllm.data.corpora import inews
+
+    arts = [a for a in inews(split) if a.title and a.content]
+    if limit:
+        arts = arts[:limit]
+    return (hasher.encode_sparse([a.title for a in arts], progress),
+            hasher.encode_sparse([a.content for a in arts], progress), [doc_key(a.content) for a in arts])
+
+
+def run_dssm(cfg: DenseRetrieverConfig) -> dict[str, Any]:
+    """Hash train/dev → IDF init → training loop (HashedBiEncoderTask) → export a hashed-projection dir."""
+    from tinyllm.rag.embed import HashingEmbedder, save_hashed_projection
+    from tinyllm.train.loop import train
+
+    out = Path(cfg.out)
+    t_start = time.time()
+    hasher = HashingEmbedder(cfg.hash_dim, (1, 2), sublinear=True)
+    train_set = hashed_split("train", hasher, cfg.limit, cfg.progress)
+    dev_set = hashed_split("dev", hasher, cfg.limit, cfg.progress)
+    _log(f"{train_set[0].shape[0]} train pairs, {dev_set[0].shape[0]} dev pairs, {cfg.hash_dim} buckets")
+    model = HashedProjectionEncoder(bucket_idf(train_set[1]), cfg.proj_dim, cfg.seed)
+    task = HashedBiEncoderTask(train_set, dev_set, cfg.batch_size, cfg.temperature, cfg.seed)
+    t_train = time.time()
+    result = train(model, task, _train_config(cfg, out, weight_decay=0.1))
+    train_seconds = time.time() - t_train
+    model_dir = save_hashed_projection(out / "model", model.g.detach().cpu().numpy(),
+                                       model.w.detach().cpu().numpy(), cfg.hash_dim, (1, 2), True)
+    return _finish(cfg, out, model_dir, result, train_seconds, t_start,
+                   {"type": "hashed_projection", "path": str(model_dir)})
+
+
+def run_recipe(cfg: DenseRetrieverConfig) -> dict[str, Any]:
+    """Train the chosen architecture; returns the run's summary (also in retriever.json)."""
     out = Path(cfg.out)
     if cfg.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.arch == "dssm":
+        return run_dssm(cfg)
+    return run_transformer(cfg)
+
+
+def run_transformer(cfg: DenseRetrieverConfig) -> dict[str, Any]:
+    """Tokenizer → pairs → training loop → export an HF BERT directory."""
+    from tinyllm.model.hf import save_pretrained
+    from tinyllm.train.loop import train
+
+    out = Path(cfg.out)
     t_start = time.time()
     tok = stage_tokenizer(cfg, out)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -294,11 +464,7 @@ def run_recipe(cfg: DenseRetrieverConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build_encoder(cfg, tok.vocab_size, pad_id)
     task = BiEncoderTask(train_pairs, eval_pairs, cfg.batch_size, pad_id, cfg.temperature, cfg.seed)
-    tcfg = TrainConfig(out_dir=str(out / "train"), max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                       lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
-                       weight_decay=0.01, precision=cfg.precision, eval_interval=0,
-                       eval_steps=8, log_interval=max(1, min(20, cfg.max_steps)), save_interval=0, keep_last=1,
-                       seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+    tcfg = _train_config(cfg, out, weight_decay=0.01)
     t_train = time.time()
     result = train(model, task, tcfg)
     train_seconds = time.time() - t_train
@@ -309,16 +475,7 @@ def run_recipe(cfg: DenseRetrieverConfig) -> dict[str, Any]:
     tok.save(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp.replace(model_dir)
-    metrics = dev_metrics(model_dir, progress=cfg.progress, limit=cfg.limit)
-    summary = {"config": asdict(cfg), "train_seconds": train_seconds, "total_seconds": time.time() - t_start,
-               "final_loss": result.losses[-1] if result.losses else None, "eval_losses": result.eval_losses,
-               "dev": metrics, "model": str(model_dir), "embedder_spec": {"type": "bert", "path": str(model_dir)}}
-    path = out / "retriever.json"
-    tmp_json = path.with_name(".retriever.json.tmp")
-    tmp_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
-    tmp_json.replace(path)
-    _log(f"trained in {train_seconds:.0f}s; dev recall@10 {metrics['recall@10']:.3f}, MRR {metrics['mrr']:.3f}")
-    return summary
+    return _finish(cfg, out, model_dir, result, train_seconds, t_start, {"type": "bert", "path": str(model_dir)})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
