@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 from tinyllm.recipes.dense_retriever import (
     DenseRetrieverConfig,
+    HashedPairBatches,
     HashedProjectionEncoder,
     PairBatches,
     bucket_idf,
     collate,
     info_nce,
+    mine_hard_negatives,
     pad_batch,
     run_recipe,
 )
@@ -50,6 +52,35 @@ def test_duplicate_documents_are_not_negatives():
     s = q @ d.T / 0.1
     ref = torch.stack([-(s[i, i] - s[i][keep[i]].logsumexp(0)) for i in range(4)]).mean()
     assert torch.allclose(loss, ref)
+
+
+def test_extra_negative_rows_join_the_softmax():
+    q = F.normalize(torch.randn(3, 8), dim=-1)
+    d = F.normalize(torch.randn(5, 8), dim=-1)  # 3 positives + 2 mined negatives
+    keys = torch.tensor([1, 2, 3, 4, 1])  # the last extra row is query 0's own article again
+    loss, logits = info_nce(q, d, 0.1, keys)
+    assert logits.shape == (3, 5) and torch.isinf(logits[0, 4]) and not torch.isinf(logits[1, 4])
+    s = q @ d.T / 0.1
+    ref = torch.stack([-(s[i, i] - s[i][~torch.isinf(logits[i])].logsumexp(0)) for i in range(3)]).mean()
+    assert torch.allclose(loss, ref)
+    with pytest.raises(ValueError, match="must both be"):
+        info_nce(q, d[:2], 0.1)
+
+
+def test_hard_negatives_are_the_top_wrong_articles():
+    from tinyllm.rag.embed import HashingEmbedder
+
+    h = HashingEmbedder(256)
+    titles = ["北京下雨", "上海晴天", "广州台风"]
+    docs = ["北京今天下雨，气温骤降", "北京明天下雨转晴", "上海晴天，广州台风登陆"]
+    qx, dx = h.encode_sparse(titles), h.encode_sparse(docs)
+    hard = mine_hard_negatives(qx, dx, [10, 11, 12], torch.ones(256), n=1)
+    assert hard[0] == [1]  # 北京下雨's best wrong article is the other Beijing one
+    assert all(len(r) == 1 and r[0] != i for i, r in enumerate(hard))
+    batches = HashedPairBatches([(i, i, k) for i, k in enumerate([10, 11, 12])], qx, dx, 3, 0, hard)
+    b = next(batches)
+    assert b["q"].shape == (3, 256) and b["d"].shape == (6, 256)
+    assert b["doc_keys"][3:].tolist() == [[10, 11, 12][r[0]] for r in (hard[i] for i in batches._order[:3])]
 
 
 def test_pair_batches_cover_epochs_and_resume_exactly():

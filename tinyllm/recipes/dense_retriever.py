@@ -52,19 +52,22 @@ PAD = "<|endoftext|>"
 
 def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float,
              doc_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch InfoNCE loss of unit query rows q [B, D] against unit document rows d [B, D].
+    """In-batch InfoNCE loss of unit query rows q [B, D] against unit document rows d [B + M, D]: row i's
+    positive is d[i]; the other B − 1 in-batch documents and M extra rows (mined hard negatives) are negatives.
 
-    Returns (loss, logits [B, B]). With `doc_keys` [B] (a content hash per document), off-diagonal entries
-    whose document equals the positive one are masked out (−inf) — duplicates are not negatives.
+    Returns (loss, logits [B, B + M]). With `doc_keys` [B + M] (a content hash per document), entries other
+    than the positive whose document equals the positive one are masked out (−inf) — duplicates are not
+    negatives.
     """
-    if q.shape != d.shape or q.dim() != 2:
-        raise ValueError(f"query {tuple(q.shape)} and document {tuple(d.shape)} embeddings must both be [B, D]")
+    if q.dim() != 2 or d.dim() != 2 or q.shape[1] != d.shape[1] or d.shape[0] < q.shape[0]:
+        raise ValueError(f"query {tuple(q.shape)} and document {tuple(d.shape)} embeddings must both be [B, D] "
+                         "(documents may add extra negative rows)")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
-    logits = q @ d.T / temperature  # [B, B]
+    logits = q @ d.T / temperature  # [B, B + M]
     if doc_keys is not None:
-        same = doc_keys[:, None] == doc_keys[None, :]
-        same.fill_diagonal_(False)
+        same = doc_keys[:q.shape[0], None] == doc_keys[None, :]
+        same[:, :q.shape[0]].fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(logits, labels), logits
@@ -192,25 +195,50 @@ def densify(x: Any, rows: Sequence[int]) -> torch.Tensor:
 
 
 class HashedPairBatches(PairBatches):
-    """PairBatches over (row, row, content hash) triples whose rows index CSR title / article matrices."""
+    """PairBatches over (row, row, content hash) triples whose rows index CSR title / article matrices; with
+    `hard` (per pair, a list of article rows) those articles join the batch as extra negatives."""
 
     def __init__(self, pairs: Sequence[tuple[int, int, int]], queries: Any, docs: Any, batch_size: int,
-                 seed: int) -> None:
+                 seed: int, hard: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__(pairs, batch_size, 0, seed)  # type: ignore[arg-type]
-        self.queries, self.docs = queries, docs
+        self.queries, self.docs, self.hard = queries, docs, hard
+        self.keys = {d: k for _, d, k in pairs}
 
     def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
-        return {"q": densify(self.queries, [q for q, _, _ in items]),
-                "d": densify(self.docs, [d for _, d, _ in items]),
-                "doc_keys": torch.tensor([k for _, _, k in items], dtype=torch.long)}
+        drows = [d for _, d, _ in items]
+        if self.hard is not None:
+            drows += [h for q, _, _ in items for h in self.hard[q]]
+        return {"q": densify(self.queries, [q for q, _, _ in items]), "d": densify(self.docs, drows),
+                "doc_keys": torch.tensor([self.keys[d] for d in drows], dtype=torch.long)}
+
+
+def mine_hard_negatives(queries: Any, docs: Any, keys: Sequence[int], weights: torch.Tensor, n: int,
+                        block: int = 512) -> list[list[int]]:
+    """For every title, the n articles (other than its own content) that score highest under the untrained
+    model's exact-match part ⟨g ⊙ x̂_q, g ⊙ x̂_d⟩ (g = IDF) — its own top mistakes, mined once before training (static hard negatives,
+    as DPR mines them with BM25)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    if n <= 0:
+        return [[] for _ in keys]
+    w = sp.diags(weights.numpy().astype(np.float32) ** 2)
+    k = np.asarray(keys)
+    out = []
+    dt = (w @ docs.T).tocsr()
+    for i in range(0, queries.shape[0], block):
+        s = (queries[i:i + block] @ dt).toarray()
+        s[k[i:i + block, None] == k[None, :]] = -np.inf
+        out.extend(np.argsort(-s, axis=1, kind="stable")[:, :n].tolist())
+    return out
 
 
 class HashedBiEncoderTask:
     """The training loop's Task for the DSSM bi-encoder: InfoNCE over in-batch negatives, as BiEncoderTask."""
 
     def __init__(self, train: tuple[Any, Any, list[int]], dev: tuple[Any, Any, list[int]], batch_size: int,
-                 temperature: float = 0.05, seed: int = 0) -> None:
-        self.train, self.dev = train, dev
+                 temperature: float = 0.05, seed: int = 0, hard: Sequence[Sequence[int]] | None = None) -> None:
+        self.train, self.dev, self.hard = train, dev, hard
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
 
     @staticmethod
@@ -219,7 +247,7 @@ class HashedBiEncoderTask:
 
     def train_batches(self) -> HashedPairBatches:
         q, d, keys = self.train
-        return HashedPairBatches(self._pairs(keys), q, d, self.batch_size, self.seed)
+        return HashedPairBatches(self._pairs(keys), q, d, self.batch_size, self.seed, self.hard)
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]] | None:
         q, d, keys = self.dev
@@ -236,11 +264,12 @@ class HashedBiEncoderTask:
         acc = (logits.argmax(-1) == torch.arange(len(q), device=q.device)).float().mean()
         return loss, {"tokens": int((batch["q"] != 0).sum() + (batch["d"] != 0).sum()), "in_batch_acc": float(acc)}
 
+
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-ARCH_DEFAULTS = {"dssm": {"batch_size": 128, "max_steps": 100, "lr": 3e-4, "warmup_steps": 10},
+ARCH_DEFAULTS = {"dssm": {"batch_size": 128, "max_steps": 150, "lr": 3e-4, "warmup_steps": 10},
                  "transformer": {"batch_size": 48, "max_steps": 150, "lr": 1e-3, "warmup_steps": 15}}
 
 
@@ -252,6 +281,7 @@ class DenseRetrieverConfig:
                                                 "choices": ["dssm", "transformer"]})
     hash_dim: int = field(default=16384, metadata={"help": "dssm: hash buckets of the input layer"})
     proj_dim: int = field(default=256, metadata={"help": "dssm: width of the learned dense projection"})
+    hard_negatives: int = field(default=1, metadata={"help": "dssm: mined hard negatives per title (0: none)"})
     tokenizer: str = field(default="", metadata={"help": "an existing tokenizer directory (default: train one)"})
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size when training a tokenizer"})
     tokenizer_chars: int = field(default=1_500_000, metadata={"help": "characters of inews train for BPE"})
@@ -285,6 +315,8 @@ class DenseRetrieverConfig:
             raise ValueError(f"lr={self.lr!r} must be > 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+        if not isinstance(self.hard_negatives, int) or self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives={self.hard_negatives!r} must be a non-negative integer")
         for name in ("vocab_size", "tokenizer_chars", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "query_len", "doc_len", "batch_size", "max_steps", "hash_dim",
                      "proj_dim"):
@@ -427,8 +459,11 @@ def run_dssm(cfg: DenseRetrieverConfig) -> dict[str, Any]:
     train_set = hashed_split("train", hasher, cfg.limit, cfg.progress)
     dev_set = hashed_split("dev", hasher, cfg.limit, cfg.progress)
     _log(f"{train_set[0].shape[0]} train pairs, {dev_set[0].shape[0]} dev pairs, {cfg.hash_dim} buckets")
-    model = HashedProjectionEncoder(bucket_idf(train_set[1]), cfg.proj_dim, cfg.seed)
-    task = HashedBiEncoderTask(train_set, dev_set, cfg.batch_size, cfg.temperature, cfg.seed)
+    idf = bucket_idf(train_set[1])
+    model = HashedProjectionEncoder(idf, cfg.proj_dim, cfg.seed)
+    hard = mine_hard_negatives(train_set[0], train_set[1], train_set[2], idf, cfg.hard_negatives) \
+        if cfg.hard_negatives else None
+    task = HashedBiEncoderTask(train_set, dev_set, cfg.batch_size, cfg.temperature, cfg.seed, hard)
     t_train = time.time()
     result = train(model, task, _train_config(cfg, out, weight_decay=0.1))
     train_seconds = time.time() - t_train
