@@ -210,17 +210,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from tinyllm.infer.quant import quantize_model
             from tinyllm.model.hf import load_model
 
-            for method, group in (("int8", 128), ("int4", 32)):
-                # weight-only codes read by tinyllm's native matrix-vector kernels (cpu_kernels)
-                q = quantize_model(load_model(path, dtype=dtype), method, group)
+            for method, group, head in (("int8", 128, False), ("int4", 32, False), ("int8", 128, True)):
+                # weight-only codes read by tinyllm's native matrix-vector kernels (cpu_kernels); head=True also
+                # quantizes lm_head (untied: the embedding table stays fp32 for lookups, one row per token)
+                q = quantize_model(load_model(path, dtype=dtype), method, group, skip=() if head else ("lm_head",),
+                                   untie=head)
                 qllm = LLM(q, tokenizer, max_model_len=1024, max_num_seqs=4)
+                per_token = model_nbytes(q) - (q.model.embed_tokens.weight.nbytes if head else 0)
+                name = f"decode_{method}" + ("_with_head" if head else "")
                 line = bench_decode(qllm, peer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
-                                    model_nbytes(q), f"decode_{method}", check=method == "int4")
+                                    per_token, name, check=method == "int4")
                 lines.append(line)
                 if "llama_cpp" not in args.skip:
                     line = bench_llama_cpp(path, qllm, prompt, args.new_tokens, args.repeats)
                     if line:
-                        line["bench"] = f"llama_cpp_vs_{method}"
+                        line["bench"] = f"llama_cpp_vs_{name[len('decode_'):]}"
                         lines.append(line)
     return lines
 
