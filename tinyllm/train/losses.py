@@ -176,12 +176,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """causal_lm_loss(hidden [N, d] · weight [V, d]ᵀ, labels [N]) without materialising the [N, V] logits.
 
     Under autocast the matmuls run in the autocast dtype, as an autocast nn.Linear would; the loss is fp32.
-    chunk_rows: rows per chunk (default: about 16 MiB of fp32 logits)."""
+    chunk_rows: rows per chunk (default: about 64 MiB of fp32 logits — smaller chunks starve the matmuls)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, d], weight {tuple(weight.shape)} [V, d] and "
                          f"labels {tuple(labels.shape)} [N]")
     if chunk_rows is None:
-        chunk_rows = max(1, 2**22 // weight.shape[0])
+        chunk_rows = max(1, 2**24 // weight.shape[0])
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows={chunk_rows} must be positive")
     dev = hidden.device.type
