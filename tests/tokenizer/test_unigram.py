@@ -17,16 +17,8 @@ import numpy as np
 import pytest
 
 from tinyllm.tokenizer import Tokenizer as TokenizerInterface
-from tinyllm.tokenizer.unigram import (
-    SPACE,
-    UnigramTokenizer,
-    UnigramTrainStats,
-    _ChunkLattices,
-    chunks,
-    digamma,
-    normalize,
-    train_unigram,
-)
+from tinyllm.tokenizer.unigram import SPACE, UnigramTokenizer, chunks, digamma, normalize
+from tinyllm.tokenizer.unigram_train import UnigramTrainStats, _ChunkLattices, train_unigram
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,13 +16,8 @@ from hypothesis import strategies as st
 
 from tinyllm.tokenizer import Tokenizer as TokenizerInterface
 from tinyllm.tokenizer import load_tokenizer
-from tinyllm.tokenizer.wordpiece import (
-    WordPieceTokenizer,
-    basic_tokenize,
-    train_wordpiece,
-    train_wordpiece_naive,
-    word_counts,
-)
+from tinyllm.tokenizer.wordpiece import WordPieceTokenizer, basic_tokenize
+from tinyllm.tokenizer.wordpiece_train import train_wordpiece, train_wordpiece_naive, word_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

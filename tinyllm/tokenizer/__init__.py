@@ -6,8 +6,10 @@ from tinyllm.tokenizer.bpe import BPETokenizer, train_bpe
 from tinyllm.tokenizer.chat import apply_chat_template, encode_chat
 from tinyllm.tokenizer.hf_shim import CheckpointTokenizer
 from tinyllm.tokenizer.interface import IncrementalDecoder, Tokenizer, load_tokenizer
-from tinyllm.tokenizer.unigram import UnigramTokenizer, train_unigram
-from tinyllm.tokenizer.wordpiece import WordPieceTokenizer, train_wordpiece
+from tinyllm.tokenizer.unigram import UnigramTokenizer
+from tinyllm.tokenizer.unigram_train import train_unigram
+from tinyllm.tokenizer.wordpiece import WordPieceTokenizer
+from tinyllm.tokenizer.wordpiece_train import train_wordpiece
 
 __all__ = ["BPETokenizer", "CheckpointTokenizer", "IncrementalDecoder", "Tokenizer", "UnigramTokenizer",
            "WordPieceTokenizer", "apply_chat_template", "encode_chat", "load_tokenizer", "train_bpe",
