@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from tinyllm.nlp import seg_hmm
 from tinyllm.nlp import segment as S
 from tinyllm.nlp.segment import HMM, MIN_FLOAT, NUMBER, Segmenter, segmentation_prf
 
@@ -93,7 +94,7 @@ def test_resources_read_as_data_equal_jieba_tables(seg, jieba):
     assert seg.hmm.start == fs.start_P and seg.hmm.trans == fs.trans_P and seg.hmm.emit == fs.emit_P
     root = S._package_dir("jieba") / "finalseg"
     for name in ("prob_start.py", "prob_trans.py"):
-        assert S._read_table(root / name) == S._read_table_reference(root / name)
+        assert seg_hmm._read_table(root / name) == seg_hmm._read_table_reference(root / name)
     assert seg.total == jieba.dt.total
     assert len(seg.freq) == len(jieba.dt.FREQ)
     for w in ("中国", "中国科", "中国科学院", "杭研", "AT&T"):
@@ -212,7 +213,7 @@ def test_viterbi_equals_brute_force():
         return {k: math.log(rng.uniform(0.05, 1)) for k in keys}
 
     hmm = HMM(start={"B": math.log(0.6), "S": math.log(0.4), "M": MIN_FLOAT, "E": MIN_FLOAT},
-              trans={s: rand_row(S.PREV_OF_NEXT[s]) for s in "BMES"},
+              trans={s: rand_row(seg_hmm.PREV_OF_NEXT[s]) for s in "BMES"},
               emit={s: rand_row(chars[: 3 + (s in "BS") * 2]) for s in "BMES"})  # some emissions missing
     for n in range(1, 7):
         for obs in ("".join(p) for p in itertools.islice(itertools.product(chars, repeat=n), 40)):
@@ -223,7 +224,7 @@ def test_viterbi_equals_brute_force():
                 return total
 
             valid = [t for t in map("".join, itertools.product("BMES", repeat=n))
-                     if t[-1] in "ES" and all(b in S.PREV_OF_NEXT[a] for a, b in itertools.pairwise(t))]
+                     if t[-1] in "ES" and all(b in seg_hmm.PREV_OF_NEXT[a] for a, b in itertools.pairwise(t))]
             best = max(score(t) for t in valid)
             got = hmm.viterbi(obs)
             assert got == hmm.viterbi_reference(obs)
