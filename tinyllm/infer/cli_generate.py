@@ -202,7 +202,7 @@ def _encode(cfg: GenerateConfig, tokenizer: Any, prompt: str) -> list[int]:
         text = _render(tokenizer, [*messages, {"role": "user", "content": prompt}])
         ids = tokenizer.encode(text, allowed_special="all")  # the template's special tokens stay whole
     else:
-        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        ids = tokenizer.encode(prompt, allowed_special="all", add_special_tokens=True)  # as vLLM and LLM.generate
     if not ids:
         raise _UserError("the prompt is empty and the tokenizer adds no BOS token; give a prompt")
     return ids

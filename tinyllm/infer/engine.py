@@ -93,7 +93,10 @@ class LLMEngine:
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise ValueError("a text prompt needs a tokenizer; pass prompt_token_ids instead")
-                text, prompt_token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+                # as vLLM (and a transformers tokenizer) do: special-token spellings in a text prompt, e.g. a
+                # rendered ChatML prompt's <|im_start|>, are the special tokens, not their characters as text
+                text, prompt_token_ids = prompt, self.tokenizer.encode(prompt, allowed_special="all",
+                                                                       add_special_tokens=True)
             elif prompt is not None:
                 prompt_token_ids = list(prompt)
         else:

@@ -220,7 +220,8 @@ def _prompts(st: ServerState, prompt: str | list[str] | list[int] | list[list[in
     out = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
-            ids = tok.encode(p, add_special_tokens=True)
+            # special-token spellings are the special tokens, as in vLLM's /v1/completions (a raw ChatML prompt)
+            ids = tok.encode(p, allowed_special="all", add_special_tokens=True)
             out.append((p, ids))
         else:
             out.append((tok.decode(p), list(p)))

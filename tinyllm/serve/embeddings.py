@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _text_ids(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Text → ids as a transformers tokenizer gives them: BOS/CLS added, special-token spellings matched whole."""
+    return lambda text: tokenizer.encode(text, allowed_special="all", add_special_tokens=True)
+
+
 class Embedder:
     """`embed(list of token-id lists) -> [B, d]` unit vectors; `encode(text) -> ids` as the model expects."""
 
@@ -47,11 +52,11 @@ class Embedder:
             tok.no_padding()
             return cls(model, lambda text: tok.encode(text).ids, name or resolved.name)
         tokenizer = load_tokenizer(resolved)
-        return cls(model, lambda text: tokenizer.encode(text, add_special_tokens=True), name or Path(resolved).name)
+        return cls(model, _text_ids(tokenizer), name or Path(resolved).name)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any, name: str) -> Embedder:
-        return cls(model, lambda text: tokenizer.encode(text, add_special_tokens=True), name)
+        return cls(model, _text_ids(tokenizer), name)
 
     def check(self, ids: list[int], index: int) -> None:
         if not ids:
