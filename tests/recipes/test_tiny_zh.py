@@ -4,6 +4,7 @@ and a second run resumes from the finished stages instead of redoing them."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 import zlib
@@ -45,6 +46,60 @@ def test_artefacts(run_dir) -> None:
     assert "majority-class baseline" in report and "ROUGE-L" in report and "Chat samples" in report
     cfg = json.loads((run_dir / "model" / "config.json").read_text())
     assert isinstance(cfg["eos_token_id"], list) and len(cfg["eos_token_id"]) == 2
+
+
+def test_heldout_bits_per_char_beside_kneser_ney(run_dir) -> None:
+    from tinyllm.recipes.tiny_zh_bpc import BPC_CHARS
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    hb = metrics["heldout_bits"]
+    held = hb["heldout"]
+    assert 0 < held["chars"] <= BPC_CHARS["test"] and held["bytes"] > held["chars"]
+    rows = [hb["models"]["pretrain"], hb["models"]["sft"], hb["ngram"]["kn3"], hb["ngram"]["kn5"]]
+    for row in rows:  # every row divides the bits of the same held-out characters
+        assert math.isfinite(row["bits_per_char"]) and math.isfinite(row["bits_per_byte"])
+        assert row["bits_per_char"] > 0 and row["bits_per_byte"] > 0
+        assert (row["chars"], row["bytes"], row["sha256"]) == (held["chars"], held["bytes"], held["sha256"])
+    delta = hb["delta_sft_minus_pretrain"]["bits_per_char"]
+    assert delta == pytest.approx(rows[1]["bits_per_char"] - rows[0]["bits_per_char"])
+    assert 0 <= metrics["title_lead_rouge_l_char"] <= 1 and metrics["title_lead_chars"] >= 1
+    report = (run_dir / "report.md").read_text()
+    for needle in ("Held-out bits per character", "Kneser–Ney 3-gram", "Kneser–Ney 5-gram",
+                   "after SFT − after pretraining", "lead baseline", held["sha256"][:16]):
+        assert needle in report, needle
+
+
+def test_ngram_baseline_uses_the_shards_text_and_its_cache(run_dir) -> None:
+    from tinyllm.data.corpora import pretrain_texts
+    from tinyllm.eval.bpc import texts_sha256
+    from tinyllm.recipes.tiny_zh import SCALES
+    from tinyllm.recipes.tiny_zh_bpc import (
+        BPC_CHARS,
+        heldout_bits,
+        heldout_documents,
+        load_document_manifest,
+        training_documents,
+    )
+    from tinyllm.tokenizer import load_tokenizer
+
+    hb = json.loads((run_dir / "metrics.json").read_text())["heldout_bits"]
+    manifest = load_document_manifest(run_dir / "shards")
+    train_pool = pretrain_texts("train")
+    train = training_documents(manifest, train_pool)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    index = json.loads((run_dir / "shards" / "index.json").read_text())
+    # the manifest names exactly the documents tokenized into the training shards
+    assert sum(len(tok.encode(d)) + 1 for d in train) == index["splits"]["train"]["total_tokens"]
+    assert hb["ngram"]["kn5"]["train_sha256"] == texts_sha256(train)
+    held = heldout_documents(manifest, pretrain_texts("val"), train_pool, BPC_CHARS["test"])
+    assert texts_sha256(held) == hb["heldout"]["sha256"] and not set(held) & set(train_pool)
+    again = heldout_bits(run_dir, "test", SCALES["test"].seq_len, tok,
+                         {"pretrain": run_dir / "pretrain" / "final", "sft": run_dir / "model"})
+    assert all(r["cached"] for r in again["ngram"].values())
+    for name in ("kn3", "kn5"):
+        assert again["ngram"][name]["bits"] == hb["ngram"][name]["bits"]
+    for name in ("pretrain", "sft"):
+        assert again["models"][name]["bits"] == pytest.approx(hb["models"][name]["bits"], rel=1e-6)
 
 
 def test_checkpoint_loads_in_transformers(run_dir) -> None:

@@ -133,6 +133,7 @@ def stage_tokenizer(cfg: TinyZhConfig, sc: Scale, out: Path) -> Path:
 def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens_needed: int) -> Path:
     from tinyllm.data.corpora import pretrain_texts
     from tinyllm.data.text import write_shards
+    from tinyllm.recipes.tiny_zh_bpc import save_document_manifest, shuffled_order
 
     sdir = out / "shards"
     if (sdir / "index.json").exists():
@@ -140,8 +141,9 @@ def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens
     t0 = time.time()
     train, val = pretrain_texts("train"), pretrain_texts("val")
     rng = random.Random(cfg.seed)
-    rng.shuffle(train)
-    rng.shuffle(val)
+    # the same order rng.shuffle(train), rng.shuffle(val) gives, kept as indices for the document manifest
+    train_order, val_order = shuffled_order(len(train), rng), shuffled_order(len(val), rng)
+    train, val = [train[i] for i in train_order], [val[i] for i in val_order]
     # ~1.4 characters per token for this tokenizer on Chinese news; keep 20% headroom
     train_chars, val_chars = int(tokens_needed * 1.4 * 1.2), max(20_000, int(tokens_needed * 0.05))
 
@@ -158,6 +160,7 @@ def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens
     tmp = out / ".shards.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     index = write_shards(docs_train, tokenizer, tmp, val_texts=docs_val, progress=cfg.progress)
+    save_document_manifest(tmp, cfg.seed, train_order, docs_train, val_order, docs_val)
     tmp.replace(sdir)
     sp = index["splits"]
     _log(f"shards: {sp['train']['total_tokens']:,} train / {sp['val']['total_tokens']:,} val tokens "

@@ -1,5 +1,6 @@
-"""Evaluation and report of the tiny-zh recipe (notes ch.09): perplexity, sentiment accuracy against the
-majority baseline, title ROUGE-L by character, chat samples, and `report.md`."""
+"""Evaluation and report of the tiny-zh recipe (notes ch.09): perplexity, held-out bits per character and
+byte beside character Kneser–Ney baselines (`tiny_zh_bpc.py`), sentiment accuracy against the majority baseline,
+title ROUGE-L by character against the lead baseline, chat samples, and `report.md`."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def _user_text(rec: dict[str, str]) -> str:
     return f"{rec['instruction']}\n\n{rec['input']}" if rec.get("input") else rec["instruction"]
 
 
+def lead_title(article: str, max_chars: int) -> str:
+    """The lead baseline for titles: the article's first sentence (through the first 。！？), cut to
+    `max_chars` characters if it is longer."""
+    text = article.strip()
+    ends = [i for i in (text.find(c) for c in "。！？") if i >= 0]
+    first = text[: min(ends) + 1] if ends else text
+    return first[:max_chars]
+
+
 def _greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, stop: list[int],
                   batch_size: int = 16) -> list[str]:
     from tinyllm.infer.generate import generate
@@ -62,6 +72,7 @@ def evaluate(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> d
     from tinyllm.eval.harness import choice_logprobs, sequence_nll
     from tinyllm.eval.metrics import accuracy, majority_baseline, mean_rouge_l, perplexity
     from tinyllm.model.hf import load_model
+    from tinyllm.recipes.tiny_zh_bpc import heldout_bits
 
     path = out / "metrics.json"
     if path.exists():
@@ -98,13 +109,23 @@ def evaluate(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> d
     titles = sft_examples("title", "test", max_chars=120)[: sc.eval_titles]
     prompts = [_encode_chat(tokenizer, [{"role": "user", "content": _user_text(r)}]) for r in titles]
     gen = _greedy_batch(model, tokenizer, prompts, 24, stop)
-    metrics["title_rouge_l_char"] = mean_rouge_l(gen, [r["output"] for r in titles], "char")
+    refs = [r["output"] for r in titles]
+    metrics["title_rouge_l_char"] = mean_rouge_l(gen, refs, "char")
+    # lead baseline on the same articles (as the model saw them), cut to the mean reference length
+    lead_chars = max(1, round(sum(map(len, refs)) / len(refs)))
+    metrics["title_lead_rouge_l_char"] = mean_rouge_l([lead_title(r["input"], lead_chars) for r in titles],
+                                                      refs, "char")
+    metrics["title_lead_chars"] = lead_chars
     metrics["title_examples"] = [{"reference": r["output"], "generated": g} for r, g in zip(titles[:5], gen[:5])]
 
     samples = _greedy_batch(model, tokenizer,
                             [_encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in SAMPLE_PROMPTS],
                             48, stop)
     metrics["samples"] = [{"prompt": p, "reply": s} for p, s in zip(SAMPLE_PROMPTS, samples)]
+    t1 = time.time()
+    metrics["heldout_bits"] = heldout_bits(out, cfg.scale, sc.seq_len, tokenizer,
+                                           {"pretrain": out / "pretrain" / "final", "sft": model_dir})
+    metrics["heldout_bits"]["seconds"] = time.time() - t1
     metrics["eval_seconds"] = time.time() - t0
     tmp = path.with_name(".metrics.json.tmp")
     tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -128,6 +149,14 @@ def _train_summary(run: Path) -> dict[str, Any]:
             "tokens": last.get("tokens_seen") or last.get("tokens"),
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
             "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None}
+
+
+def _bits_lines(metrics: dict[str, Any]) -> list[str]:
+    if "heldout_bits" not in metrics:
+        return []
+    from tinyllm.recipes.tiny_zh_bpc import report_lines
+
+    return report_lines(metrics["heldout_bits"])
 
 
 def _alignment_lines(metrics: dict[str, Any]) -> list[str]:
@@ -176,7 +205,10 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         f"{fmt(metrics['sentiment_accuracy'], '.1%')} |",
         f"| sentiment accuracy, contextually calibrated | {fmt(metrics['sentiment_accuracy_calibrated'], '.1%')} |",
         f"| majority-class baseline | {fmt(metrics['sentiment_majority_baseline'], '.1%')} |",
-        f"| title ROUGE-L (characters, inews test) | {fmt(metrics['title_rouge_l_char'], '.3f')} |", "",
+        f"| title ROUGE-L (characters, inews test) | {fmt(metrics['title_rouge_l_char'], '.3f')} |",
+        f"| lead baseline: first sentence, at most {metrics.get('title_lead_chars', '–')} characters (mean "
+        f"reference length) | {fmt(metrics.get('title_lead_rouge_l_char'), '.3f')} |", "",
+        *_bits_lines(metrics),
         *_alignment_lines(metrics),
         "## Title samples", "", "| reference | generated |", "|---|---|",
         *[f"| {e['reference']} | {e['generated'] or '∅'} |" for e in metrics["title_examples"]], "",
