@@ -131,21 +131,24 @@ def test_gelu_exact_and_tanh() -> None:
     assert gelu(one).item() == pytest.approx(0.841345, abs=1e-6)
     assert (gelu_tanh(x) - gelu(x)).abs().max() < 1e-3  # the approximation is close but not exact
     torch.testing.assert_close(silu(x), x * torch.sigmoid(x), atol=1e-12, rtol=0)
-    assert set(ACTIVATIONS) == {"silu", "gelu", "gelu_tanh", "relu"}
+    assert set(ACTIVATIONS) == {"silu", "gelu", "gelu_tanh", "relu", "relu2"}
+    from transformers.activations import ACT2FN
+
+    torch.testing.assert_close(ACTIVATIONS["relu2"](x), ACT2FN["relu2"](x), atol=0, rtol=0)  # same formula
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu2"])
 def test_gated_mlp_formula(act: str) -> None:
     """SwiGLU (silu) / GeGLU (gelu): FFN(x) = (act(x W_g) ⊙ x W_u) W_d."""
     mlp = randomize_(GatedMLP(16, 40, act, bias=False))
     x = torch.randn(3, 16)
     g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     torch.testing.assert_close(mlp(x), (ACTIVATIONS[act](x @ g.T) * (x @ u.T)) @ d.T, atol=1e-5, rtol=0)
-    if act == "silu":
+    if act in ("silu", "relu2"):
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaMLP
 
-        hf = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2))
+        hf = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act=act))
         hf.load_state_dict(mlp.state_dict())
         torch.testing.assert_close(mlp(x), hf(x), atol=1e-6, rtol=0)
 

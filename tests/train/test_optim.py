@@ -9,7 +9,7 @@ import torch
 
 from tinyllm.model.config import ModelConfig
 from tinyllm.model.transformer import CausalLM
-from tinyllm.train.optim import build_optimizer, cosine_lr, lr_at, param_groups, wsd_lr
+from tinyllm.train.optim import MuonAdamW, build_optimizer, cosine_lr, lr_at, param_groups, wsd_lr
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
@@ -76,3 +76,56 @@ def test_schedule_values_by_hand() -> None:
         lr_at(0, "step", 1.0, 0.0, 0, 10)
     with pytest.raises(ValueError, match="decay_shape='exp'"):
         wsd_lr(95, 1.0, 0.0, 0, 100, 0.2, "exp")
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest() -> None:
+    model = CausalLM(ModelConfig(**TINY, tie_word_embeddings=True))
+    opt = build_optimizer(model.named_parameters(), 1e-3, 0.1, kind="muon")
+    assert isinstance(opt, MuonAdamW)
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adam_ids = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert id(model.model.embed_tokens.weight) in adam_ids  # embeddings and the (tied) head stay on AdamW
+    assert id(model.model.layers[0].self_attn.q_proj.weight) in muon_ids
+    assert id(model.model.layers[0].mlp.down_proj.weight) in muon_ids
+    assert not muon_ids & adam_ids
+    assert len(muon_ids | adam_ids) == len({id(p) for p in model.parameters()})
+    # one lr assignment reaches both optimizers (the loop sets every group's lr each step)
+    for g in opt.param_groups:
+        g["lr"] = 5e-4
+    assert all(g["lr"] == 5e-4 for o in (opt.muon, opt.adamw) for g in o.param_groups)
+
+
+def test_muon_update_equals_torch_muon_and_state_round_trips() -> None:
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**TINY))
+    twin = CausalLM(ModelConfig(**TINY))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model.named_parameters(), 1e-2, 0.1, kind="muon")
+    opt.muon.ns_dtype = torch.bfloat16  # torch.optim.Muon iterates in bf16
+    w, tw = model.model.layers[0].self_attn.q_proj.weight, twin.model.layers[0].self_attn.q_proj.weight
+    ref = torch.optim.Muon([tw], lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    x = torch.randint(0, 64, (2, 12))
+    for m in (model, twin):
+        m(x).float().square().mean().backward()
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(w, tw, atol=1e-6, rtol=0)
+    state = opt.state_dict()
+    opt2 = build_optimizer(model.named_parameters(), 1e-2, 0.1, kind="muon")
+    opt2.load_state_dict(state)
+    assert torch.equal(opt2.muon.state[w]["momentum_buffer"], opt.muon.state[w]["momentum_buffer"])
+    with pytest.raises(ValueError, match="muon"):
+        opt2.load_state_dict(torch.optim.AdamW([w]).state_dict())
+    with pytest.raises(ValueError, match="optimizer='lion'"):
+        build_optimizer(model.named_parameters(), 1e-2, 0.1, kind="lion")
+
+
+def test_newton_schulz_orthogonalises_in_fp32_too() -> None:
+    from tinyllm.train.muon import newton_schulz
+
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    o = newton_schulz(g, dtype=torch.float32)
+    s = torch.linalg.svdvals(o)
+    assert o.shape == g.shape and s.min() > 0.6 and s.max() < 1.25  # singular values pushed towards 1
+    torch.testing.assert_close(newton_schulz(g.T, dtype=torch.float32), o.T)  # tall = transposed wide
+    torch.testing.assert_close(o, newton_schulz(g, dtype=torch.bfloat16).float(), atol=0.05, rtol=0)

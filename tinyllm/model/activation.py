@@ -6,6 +6,7 @@ Registry `ACTIVATIONS`: name → callable, chosen when the model is built.
 - gelu (exact):   x·Φ(x) = x·(1 + erf(x/√2))/2
 - gelu_tanh:      0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))   (GPT-2 / BERT-original approximation)
 - relu:           max(0, x)
+- relu2:          max(0, x)²   (Primer; transformers' "relu2")
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """ReLU² (So et al. 2021, Primer): relu(x)², the speedrun's MLP activation; transformers' "relu2"."""
+    return F.relu(x).square()
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu,
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
     "relu": relu,
+    "relu2": relu2,
 }

@@ -17,8 +17,8 @@ _COMMON = (
     "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id", "partial_rotary_factor",
 )
 _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-         "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-_ACTS_BACK = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+         "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
+_ACTS_BACK = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
 
 
 def _act(name: str) -> str:

@@ -46,11 +46,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tinyllm.atomic import atomic_write_json
+from tinyllm.capability import PRECISION_CHOICES, resolve_precision
 from tinyllm.train import checkpoint as ckpt
-from tinyllm.train.optim import DECAY_SHAPES, SCHEDULES, build_optimizer, lr_at
+from tinyllm.train.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
 from tinyllm.utils import pick_device, seed_everything
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = PRECISION_CHOICES  # "auto": bf16 where measured faster (tinyllm.capability)
 
 
 @runtime_checkable
@@ -88,10 +90,14 @@ class TrainConfig:
     schedule: str = field(default="cosine", metadata=_meta("learning-rate schedule", choices=list(SCHEDULES)))
     decay_fraction: float = field(default=0.2, metadata=_meta("wsd: fraction of steps spent decaying"))
     decay_shape: str = field(default="linear", metadata=_meta("wsd decay shape", choices=list(DECAY_SHAPES)))
+    optimizer: str = field(default="adamw", metadata=_meta("adamw, or muon (Muon on hidden matrices, AdamW on "
+                                                           "embeddings, head and gains)", choices=list(OPTIMIZERS)))
     weight_decay: float = field(default=0.1, metadata=_meta("AdamW decoupled weight decay (≥2-D params)"))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_meta("AdamW β1 β2"))
     grad_clip: float = field(default=1.0, metadata=_meta("max global gradient norm (0: no clipping)"))
-    precision: str = field(default="fp32", metadata=_meta("fp32 or bf16 autocast", choices=list(PRECISIONS)))
+    precision: str = field(default="auto", metadata=_meta(
+        "fp32, bf16 autocast, or auto (bf16 on CUDA and on CPUs where bf16 matmul measures faster than fp32)",
+        choices=list(PRECISIONS)))
     compile: bool = field(default=False, metadata=_meta("wrap the forward in torch.compile (faster steps after a "
                                                          "one-off compilation, cached on disk)"))
     eval_interval: int = field(default=200, metadata=_meta("evaluate every N steps (0: only at the end)"))
@@ -117,7 +123,8 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr!r} must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
-        for name, allowed in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("precision", PRECISIONS)):
+        for name, allowed in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("precision", PRECISIONS),
+                              ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         if not 0 < self.decay_fraction <= 1:
@@ -218,7 +225,7 @@ def write_run_config(cfg: Any, out_dir: Path, name: str, **extra: Any) -> Path:
     `cfg.progress`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    _atomic_json(path, {**dataclasses.asdict(cfg), **extra})
+    atomic_write_json(path, {**dataclasses.asdict(cfg), **extra}, default=str, ensure_ascii=True)
     if getattr(cfg, "progress", False):
         print(f"{describe_config(cfg)} → {path}", flush=True)
     return path
@@ -226,12 +233,6 @@ def write_run_config(cfg: Any, out_dir: Path, name: str, **extra: Any) -> Path:
 
 def _named(params: Iterable[Any]) -> list[tuple[str, nn.Parameter]]:
     return [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------ the loop
@@ -244,9 +245,10 @@ class _Run:
         self.device = pick_device(cfg.device)
         self.model.to(self.device)
         self.params = _named(task.trainable_parameters(model))
-        self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+        self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas), kind=cfg.optimizer)
         self.fwd = torch.compile(model) if cfg.compile else model
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         self.data = task.train_batches()
         self.flops_per_token: float | None = None
         self.eval_losses: dict[int, float] = {}
@@ -325,7 +327,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig) -> TrainResult:
     seed_everything(cfg.seed)
     run = _Run(model, task, cfg)
     run.out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run.out / "train_config.json", dataclasses.asdict(cfg))
+    atomic_write_json(run.out / "train_config.json", dataclasses.asdict(cfg), default=str, ensure_ascii=True)
     start = run.resume() if cfg.resume else 0
     metrics_path = run.out / "metrics.jsonl"
     if not cfg.resume:
@@ -359,7 +361,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig) -> TrainResult:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - t_window, 1e-9)
                     if peak is None:
-                        peak = matmul_peak_flops(str(run.device), torch.bfloat16 if cfg.precision == "bf16"
+                        peak = matmul_peak_flops(str(run.device), torch.bfloat16 if run.precision == "bf16"
                                                  else torch.float32)
                     mfu = tps * (run.flops_per_token or 0.0) / peak
                     emit({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": run.lr(step - 1),

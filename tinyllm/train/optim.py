@@ -16,7 +16,13 @@ needs only the step. W = warmup steps, S = total steps, η = lr, η_min = min_lr
             q = (s − (S − D)) / D: linear η − (η − η_min)·q, or "sqrt" η_min + (η − η_min)·(1 − √q)
 - constant: η after warm-up (= `get_constant_schedule_with_warmup`)
 
-Not covered: other optimizers (Lion, Muon, Adafactor), layer-wise lr decay, per-group schedules.
+Muon (Jordan et al. 2024; `train/muon.py`, equal to `torch.optim.Muon`) for the hidden matrices: the momentum of each 2-D weight is
+orthogonalised by a few Newton–Schulz iterations before the update, so every direction of the matrix moves by
+the same amount. Embeddings, the output head and 1-D gains stay on AdamW (Muon is defined for hidden linear
+maps only). With Moonshot's `match_rms_adamw` scaling (update RMS 0.2·√max(A, B)) the AdamW learning rate and
+weight decay carry over unchanged, so one `lr` and one schedule drive both (`MuonAdamW`).
+
+Not covered: other optimizers (Lion, Adafactor), layer-wise lr decay, per-group schedules.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from tinyllm.train.muon import Muon
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "sqrt")
@@ -43,10 +51,68 @@ def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
     return [g for g in groups if g["params"]]
 
 
+OPTIMIZERS = ("adamw", "muon")
+# parameters that are not hidden linear maps, by name: they stay on AdamW under Muon
+_NOT_HIDDEN = ("embed_tokens", "lm_head", "wte", "wpe", "score")
+
+
+class MuonAdamW:
+    """Muon on the hidden 2-D weights, AdamW on the rest, behind one optimizer interface.
+
+    `param_groups` lists both optimizers' groups (the same dicts), so the training loop's per-step lr
+    assignment reaches both; `state_dict` nests the two states."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None) -> None:
+        self.muon, self.adamw = muon, adamw
+        self._opts = [o for o in (muon, adamw) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self._opts for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self._opts for k, v in o.state.items()}
+
+    def step(self) -> None:
+        for o in self._opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self._opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict() if self.adamw else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise ValueError(f"optimizer state has keys {sorted(state)}; a Muon checkpoint has 'muon' and 'adamw' "
+                             "(was it saved with --optimizer adamw?)")
+        self.muon.load_state_dict(state["muon"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state["adamw"])
+
+
 def build_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `params` (named), fused when the parameters' device supports it (fused=None: try)."""
+                    fused: bool | None = None, kind: str = "adamw") -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW over `params` (named), fused when the parameters' device supports it (fused=None: try);
+    `kind="muon"`: Muon for hidden matrices and AdamW for embeddings, head and gains (`MuonAdamW`)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kind!r} is not one of {list(OPTIMIZERS)}")
+    params = list(params)
+    if kind == "muon":
+        hidden = [(n, p) for n, p in params
+                  if p.requires_grad and p.dim() == 2 and not any(k in n for k in _NOT_HIDDEN)]
+        ids = {id(p) for _, p in hidden}
+        if not hidden:
+            raise ValueError("optimizer='muon' found no hidden 2-D weight to orthogonalise")
+        muon = Muon([p for _, p in hidden], lr=lr, weight_decay=weight_decay)
+        rest = [(n, p) for n, p in params if id(p) not in ids]
+        adamw = build_optimizer(rest, lr, weight_decay, betas, eps, fused) if any(
+            p.requires_grad for _, p in rest) else None
+        return MuonAdamW(muon, adamw)
     groups = param_groups(params, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters (every parameter has requires_grad=False)")
