@@ -66,6 +66,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "d192-muon": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
                       optimizer="muon"),
     "v4096-muon": dict(vocab=4096, optimizer="muon"),
+    "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
 }
 
 
