@@ -63,17 +63,56 @@ def test_toml_config_then_flags_override(echo_command, tmp_path, capsys) -> None
 
 
 def test_bad_values_exit_with_a_message(echo_command, tmp_path, capsys) -> None:
-    with pytest.raises(SystemExit) as e:
-        cli.main(["echo", "--count", "-1"])
-    assert "count=-1" in str(e.value)
-    with pytest.raises(SystemExit):
+    assert cli.main(["echo", "--count", "-1"]) == 2
+    assert capsys.readouterr().err == "tinyllm echo: error: count=-1 must be >= 0\n"
+    with pytest.raises(SystemExit):  # argparse's own checks keep argparse's usage message and exit status 2
         cli.main(["echo", "--mode", "c"])
     assert "invalid choice" in capsys.readouterr().err
     conf = tmp_path / "c.toml"
     conf.write_text("nope = 1\n")
+    assert cli.main(["echo", "--config", str(conf)]) == 2
+    assert "nope" in capsys.readouterr().err
+    conf.write_text("count = [1\n")
+    assert cli.main(["echo", "--config", str(conf)]) == 2
+    assert f"--config {conf}: not valid TOML" in capsys.readouterr().err
+    assert cli.main(["echo", "--config", str(tmp_path / "none.toml")]) == 2
+    assert "none.toml: no such file or directory" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_debug_keeps_the_traceback(monkeypatch, tmp_path, capsys) -> None:
+    """ValueError / OSError / a SystemExit message from a command print `tinyllm <cmd>: error: ...` and
+    return 2; --debug and TINYLLM_DEBUG=1 re-raise; any other exception is a bug and propagates."""
+    raised: list[BaseException] = []
+
+    def run_fail(cfg: EchoConfig) -> int:
+        raise raised[-1]
+
+    mod = types.ModuleType("fail_mod")
+    mod.EchoConfig, mod.run_fail = EchoConfig, run_fail
+    monkeypatch.setitem(sys.modules, "fail_mod", mod)
+    monkeypatch.setitem(cli.COMMANDS, "fail", "fail_mod:EchoConfig:run_fail")
+    missing = tmp_path / "nope.bin"
+    cases = [(ValueError("x.json: not valid JSON\n(line 1)"), "x.json: not valid JSON (line 1)"),
+             (FileNotFoundError(2, "No such file or directory", str(missing)), f"{missing}: no such file or directory"),
+             (SystemExit("error: --store s holds no store"), "--store s holds no store")]
+    for exc, message in cases:
+        raised.append(exc)
+        assert cli.main(["fail"]) == 2
+        assert capsys.readouterr().err == f"tinyllm fail: error: {message}\n"
+    with pytest.raises(SystemExit):
+        cli.main(["fail", "--debug"])
+    raised.append(ValueError("bad"))
+    monkeypatch.setenv("TINYLLM_DEBUG", "1")
+    with pytest.raises(ValueError, match="bad"):
+        cli.main(["fail"])
+    monkeypatch.delenv("TINYLLM_DEBUG")
+    raised.append(KeyError("bug"))
+    with pytest.raises(KeyError):
+        cli.main(["fail"])
+    raised.append(SystemExit(3))  # a bare exit status passes through
     with pytest.raises(SystemExit) as e:
-        cli.main(["echo", "--config", str(conf)])
-    assert "nope" in str(e.value)
+        cli.main(["fail"])
+    assert e.value.code == 3
 
 
 def test_unknown_command_and_help(capsys) -> None:

@@ -3,6 +3,12 @@
 `tinyllm <command> [--config file.toml] [--field value ...]` parses into the command's dataclass (fields,
 types, defaults and help come from the dataclass; a field's help is its `metadata["help"]`) and calls `run`.
 Commands with a space in their name (`calc params`) become sub-commands. The CLI holds no logic.
+
+A user's mistake (a missing or unreadable path, a corrupt checkpoint, tokenizer or store, an unreachable
+endpoint, a value the config rejects) surfaces as a ValueError or OSError (or a SystemExit carrying a message)
+with a message that names the bad value; `main` prints it as one line, `tinyllm <command>: error: <message>`,
+and returns 2, with no traceback. `--debug` (or TINYLLM_DEBUG=1) re-raises instead, traceback included.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import tomllib
 import types
@@ -127,25 +134,60 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_config(cls: type, args: argparse.Namespace) -> Any:
+    """The command's dataclass from `--config` (TOML) overridden by the flags; ValueError names a bad value."""
     values: dict[str, Any] = {}
     config_file = getattr(args, "config", None)
     if config_file:
         path = Path(config_file)
         try:
-            values.update(tomllib.loads(path.read_text()))
-        except FileNotFoundError:
-            raise SystemExit(f"error: --config {path}: no such file") from None
+            values.update(tomllib.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--config {path}: {_os_reason(e)}") from None
         except tomllib.TOMLDecodeError as e:
-            raise SystemExit(f"error: --config {path}: {e}") from None
+            raise ValueError(f"--config {path}: not valid TOML ({e})") from None
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise SystemExit(f"error: --config {path}: unknown field(s) {unknown}")
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "_command")})
+            raise ValueError(f"--config {path}: unknown field(s) {unknown}")
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "debug", "_command")})
     try:
         return cls(**values)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except TypeError as e:  # a TOML value of the wrong type reaching a comparison in __post_init__
+        raise ValueError(str(e)) from None
+
+
+def _os_reason(e: BaseException) -> str:
+    """An OSError as 'reason' (its filename is named by the caller); anything else as its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[:1].lower() + e.strerror[1:]
+    return str(e)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "the user gave a bad value, path or file", not "tinyllm has a bug".
+
+    Loaders and configs raise ValueError (ConfigError, CheckpointError, AdapterError, FormatError, JSON and
+    TOML decode errors, UnicodeDecodeError are all ValueErrors) or OSError (missing files, permissions,
+    refused connections); the safetensors reader raises its own class on a damaged file."""
+    from safetensors import SafetensorError
+
+    return ValueError, OSError, SafetensorError
+
+
+def _message(e: BaseException) -> str:
+    """One line for an error: an OSError with a filename names it; the 'error: ' prefix is not repeated."""
+    if isinstance(e, SystemExit):
+        text = str(e.code)
+    elif isinstance(e, OSError) and e.strerror and e.filename is not None:
+        text = f"{e.filename}: {_os_reason(e)}"
+    else:
+        text = str(e) or type(e).__name__
+    text = text.removeprefix("error: ").strip()
+    return " ".join(text.split()) if "\n" in text else text
+
+
+def _debug_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("TINYLLM_DEBUG", "") not in ("", "0")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -184,11 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     cls, run = _load(COMMANDS[name])
     sub = argparse.ArgumentParser(prog=f"tinyllm {name}", description=_HELP.get(name, ""))
     sub.add_argument("--config", default=None, help="TOML file with field values (flags override it)")
+    sub.add_argument("--debug", action="store_true", default=False,
+                     help="show the full traceback of an error (also TINYLLM_DEBUG=1)")
     add_dataclass_arguments(sub, cls)
     args = sub.parse_args(argv[len(name.split(" ")):])
-    cfg = build_config(cls, args)
-    result = run(cfg)
+    try:
+        cfg = build_config(cls, args)
+        result = run(cfg)
+    except SystemExit as e:  # a command refusing with a message; a bare exit status passes through
+        if not isinstance(e.code, str) or _debug_requested(args):
+            raise
+        return _report(name, e)
+    except user_errors() as e:
+        if _debug_requested(args):
+            raise
+        return _report(name, e)
     return int(result) if isinstance(result, int) else 0
+
+
+def _report(name: str, e: BaseException) -> int:
+    print(f"tinyllm {name}: error: {_message(e)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

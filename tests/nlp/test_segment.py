@@ -344,5 +344,5 @@ def test_cli_seg_and_train(tmp_path, capsys):
     assert capsys.readouterr().out == "我 / 爱 / 北京天安门\n"
     with pytest.raises(SystemExit):
         main(["seg", "--mode", "bogus", "--text", "x"])
-    with pytest.raises(SystemExit):
-        main(["seg", "--train", str(corpus)])  # --train needs --save
+    assert main(["seg", "--train", str(corpus)]) == 2  # --train needs --save
+    assert "--save" in capsys.readouterr().err

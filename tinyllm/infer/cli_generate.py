@@ -100,8 +100,8 @@ class ChatConfig(GenerateConfig):
 
 
 # ------------------------------------------------------------------ shared plumbing
-class _UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
+class _UserError(ValueError):
+    """A problem the user can fix; `tinyllm` prints it as one line and exits with status 2."""
 
 
 def _load(cfg: GenerateConfig) -> tuple[torch.nn.Module, Any]:
@@ -169,11 +169,6 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
     return ids
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def _engine(model: torch.nn.Module, tokenizer: Any, num_prompts: int) -> Any:
     from tinyllm.infer.engine import LLMEngine
 
@@ -194,6 +189,15 @@ def _complete_engine(model: torch.nn.Module, tokenizer: Any, ids: list[int], cfg
     sys.stdout.write("\n" if cfg.stream else text + "\n")
     sys.stdout.flush()
     return text
+
+
+def _fits(model: torch.nn.Module, ids: list[int], where: str) -> list[int]:
+    """`ids` when they leave room for at least one new token in the model's context, else a clear error."""
+    limit = model.config.max_position_embeddings
+    if len(ids) >= limit:
+        raise _UserError(f"{where} is {len(ids)} tokens; the model's context holds {limit} positions, so no "
+                         "room is left to generate (shorten the prompt)")
+    return ids
 
 
 def _encode(cfg: GenerateConfig, tokenizer: Any, prompt: str) -> list[int]:
@@ -223,7 +227,7 @@ def _read_prompts(path: str) -> list[str]:
 def _batch_rows(cfg: GenerateConfig, model: torch.nn.Module, tokenizer: Any, prompts: list[str]) -> list[dict]:
     from tqdm.auto import tqdm
 
-    encoded = [_encode(cfg, tokenizer, p) for p in prompts]
+    encoded = [_fits(model, _encode(cfg, tokenizer, p), f"--input-file prompt {i + 1}") for i, p in enumerate(prompts)]
     rows: list[dict] = [{} for _ in prompts]
     with tqdm(total=len(prompts), desc="prompts", file=sys.stderr, disable=None) as bar:
         if cfg.engine and cfg.num_beams == 1:
@@ -271,19 +275,16 @@ def _write_jsonl(rows: list[dict], path: str | None) -> None:
 
 # ------------------------------------------------------------------ commands
 def run_generate(cfg: GenerateConfig) -> int:
-    try:
-        prompts = _read_prompts(cfg.input_file) if cfg.input_file else None
-        model, tokenizer = _load(cfg)
-        if prompts is not None:
-            _write_jsonl(_batch_rows(cfg, model, tokenizer, prompts), cfg.output_file)
-            return 0
-        ids = _encode(cfg, tokenizer, cfg.prompt)
-        if cfg.engine and cfg.num_beams == 1:
-            _complete_engine(model, tokenizer, ids, cfg)
-        else:
-            _complete(model, tokenizer, ids, cfg.generation(), cfg.stream)
-    except _UserError as e:
-        return _fail(str(e))
+    prompts = _read_prompts(cfg.input_file) if cfg.input_file else None
+    model, tokenizer = _load(cfg)
+    if prompts is not None:
+        _write_jsonl(_batch_rows(cfg, model, tokenizer, prompts), cfg.output_file)
+        return 0
+    ids = _fits(model, _encode(cfg, tokenizer, cfg.prompt), "--prompt")
+    if cfg.engine and cfg.num_beams == 1:
+        _complete_engine(model, tokenizer, ids, cfg)
+    else:
+        _complete(model, tokenizer, ids, cfg.generation(), cfg.stream)
     return 0
 
 
@@ -298,10 +299,7 @@ def _fit_context(model: torch.nn.Module, tokenizer: Any, messages: list[dict[str
 
 
 def run_chat(cfg: ChatConfig) -> int:
-    try:
-        model, tokenizer = _load(cfg)
-    except _UserError as e:
-        return _fail(str(e))
+    model, tokenizer = _load(cfg)
     base = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(base)
     budget = max(1, model.config.max_position_embeddings - cfg.max_new_tokens)
