@@ -174,11 +174,17 @@ class TokenShards:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no index.json (not a shard directory, or writing "
                                     "did not finish)") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a valid shard index ({e})") from None
         self.split = split
-        self.dtype = np.dtype(self.index["dtype"])
-        self.vocab_size: int = int(self.index["vocab_size"])
-        self.eos_token_id: int = int(self.index["eos_token_id"])
-        meta = self.index["splits"][split]
+        try:
+            self.dtype = np.dtype(self.index["dtype"])
+            self.vocab_size: int = int(self.index["vocab_size"])
+            self.eos_token_id: int = int(self.index["eos_token_id"])
+            meta = self.index["splits"][split]
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"no field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path}: not a valid shard index ({what})") from None
         self.arrays: list[np.ndarray] = []
         for name, count in zip(meta["files"], meta["tokens"]):
             f = self.directory / name

@@ -84,16 +84,9 @@ def run_seg(cfg: SegConfig) -> int:
               f"saved to {cfg.save}", file=sys.stderr)
         return 0
 
+    _check_input(cfg.input)
     seg = _load_segmenter(cfg)
-    if cfg.text is not None:
-        lines = [cfg.text]
-    elif cfg.input in (None, "-"):
-        lines = sys.stdin.read().splitlines()
-    else:
-        path = Path(cfg.input)
-        if not path.exists():
-            raise SystemExit(f"error: --input {cfg.input!r}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(cfg.input, cfg.text)
     out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout  # noqa: SIM115
     try:
         it = lines
@@ -243,18 +236,25 @@ class PosConfig:
             raise ValueError("give either --input or --text, not both")
 
 
+def _check_input(input: str | None) -> None:
+    """Fail on a missing --input file before any slow model loading or training."""
+    if input not in (None, "-") and not Path(input).is_file():
+        raise SystemExit(f"error: --input {input!r}: no such file")
+
+
 def _read_lines(input: str | None, text: str | None) -> list[str]:
     if text is not None:
         return [text]
     if input in (None, "-"):
         return sys.stdin.read().splitlines()
-    path = Path(input)
-    if not path.is_file():
-        raise SystemExit(f"error: --input {input!r}: no such file")
-    return path.read_text(encoding="utf-8").splitlines()
+    _check_input(input)
+    try:
+        return Path(input).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--input {input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _pos_model(cfg: PosConfig):
+def _pos_model(cfg: PosConfig, flag: str = "--model"):
     from tinyllm.nlp.pos import HMMTagger
 
     path = Path(cfg.model)
@@ -262,7 +262,7 @@ def _pos_model(cfg: PosConfig):
         try:
             return HMMTagger.load(path, **({"order": cfg.order} if cfg.order else {}))
         except ValueError as e:
-            raise SystemExit(f"error: --model: {e}") from None
+            raise SystemExit(f"error: {flag}: {e}") from None
     from tinyllm.data.corpora import peoples_daily_tagged
 
     sents = peoples_daily_tagged("train")
@@ -276,6 +276,7 @@ def _pos_model(cfg: PosConfig):
 def run_pos(cfg: PosConfig) -> int:
     if cfg.tagger == "jieba" and (cfg.train or cfg.eval):
         raise SystemExit("error: --train/--eval apply to the HMM tagger (--tagger hmm)")
+    _check_input(cfg.input)
     model = _pos_model(cfg) if cfg.tagger == "hmm" else None
     if cfg.eval:
         from tinyllm.data.corpora import peoples_daily_tagged
@@ -349,7 +350,7 @@ def run_keywords(cfg: KeywordsConfig) -> int:
     if cfg.tagger == "dict":
         tagger = kw.dictionary_tagger()
     elif cfg.tagger == "hmm":
-        tagger = kw.hmm_tagger(_pos_model(PosConfig(model=cfg.pos_model, progress=False)))
+        tagger = kw.hmm_tagger(_pos_model(PosConfig(model=cfg.pos_model, progress=False), "--pos-model"))
     else:
         tagger = kw.default_tagger
     if cfg.method == "tfidf":

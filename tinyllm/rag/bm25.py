@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -353,9 +354,12 @@ class BM25Index:
         path = Path(directory) / FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: no BM25 index here")
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            arrays = [z[k] for k in ("rows", "terms", "tfs", "lengths")]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = [z[k] for k in ("rows", "terms", "tfs", "lengths")]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a damaged or foreign file
+            raise ValueError(f"{path}: not a readable BM25 index ({type(e).__name__}); rebuild it") from None
         cfg = meta["config"]
         name = cfg.pop("tokenizer")
         if tokenizer is None and name is None:

@@ -17,8 +17,11 @@ skips unchanged ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -199,6 +202,16 @@ class IndexConfig:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
 
 
+@contextlib.contextmanager
+def _damage_named(store: str) -> Iterator[None]:
+    """A damaged store.sqlite surfaces as sqlite3.DatabaseError, which names no file: say which store."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"--store {store}: damaged or not a store database ({e}); rebuild it with "
+                         "`tinyllm rag index`") from None
+
+
 def _open_store(store: str, embedder: Any = None, chunking: dict[str, Any] | None = None) -> Any:
     from tinyllm.rag.store import DB, RagStore
 
@@ -218,17 +231,22 @@ def run_index(cfg: IndexConfig) -> int:
     embedder = make_embedder(cfg.embedder or ("hashing" if new else ""), cfg.dim)
     chunking = {"strategy": cfg.strategy, "size": cfg.chunk_size, "overlap": cfg.chunk_overlap} if new else None
     docs, skipped = load_documents(cfg.paths, cfg.progress)
-    store = _open_store(cfg.store, embedder, chunking)
-    try:
-        added = store.add(docs, batch_size=cfg.batch_size, progress=cfg.progress) if docs else 0
-        total, chunks = len(store), store.num_chunks
-    finally:
-        store.close()
+    if skipped and not docs:  # nothing readable: refuse before a store is created or touched
+        path, reason = skipped[0]
+        more = f" (and {len(skipped) - 1} more skipped)" if len(skipped) > 1 else ""
+        raise ValueError(f"--paths: nothing to index: {path}: {reason}{more}")
+    with _damage_named(cfg.store):
+        store = _open_store(cfg.store, embedder, chunking)
+        try:
+            added = store.add(docs, batch_size=cfg.batch_size, progress=cfg.progress) if docs else 0
+            total, chunks = len(store), store.num_chunks
+        finally:
+            store.close()
     print(f"indexed {added} new or changed document(s) of {len(docs)} read; the store {cfg.store} holds "
           f"{total} document(s) in {chunks} chunk(s)")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
-    return 0 if docs or not skipped else 1
+    return 0
 
 
 @dataclass
@@ -247,11 +265,12 @@ class SearchConfig:
 
 
 def run_search(cfg: SearchConfig) -> int:
-    store = _open_store(cfg.store)
-    try:
-        hits = store.search(cfg.query, k=cfg.k, mode=cfg.mode)
-    finally:
-        store.close()
+    with _damage_named(cfg.store):
+        store = _open_store(cfg.store)
+        try:
+            hits = store.search(cfg.query, k=cfg.k, mode=cfg.mode)
+        finally:
+            store.close()
     for rank, h in enumerate(hits, start=1):
         if cfg.json:
             print(json.dumps({"rank": rank, "score": h.score, "doc_id": h.doc_id, "chunk_id": h.chunk_id,
@@ -276,7 +295,8 @@ class AskConfig:
     api_key: str = field(default="", metadata={"help": "API key for --base-url (default: $OPENAI_API_KEY)"})
     served_model: str = field(default="", metadata={"help": "model name at --base-url (default: the first listed)"})
     max_tokens: int = field(default=256, metadata={"help": "answer length limit in tokens"})
-    max_context_tokens: int = field(default=1500, metadata={"help": "token budget of the numbered sources"})
+    max_context_tokens: int = field(default=1500, metadata={"help": "token budget of the numbered sources (with "
+                                                                    "--model: at most what its context leaves)"})
     min_score: float = field(default=0.0, metadata={"help": "refuse when the best source scores below this "
                                                             "(dense cosine for dense/hybrid; 0: never refuse)"})
 
@@ -290,17 +310,24 @@ class AskConfig:
 def run_ask(cfg: AskConfig) -> int:
     from tinyllm.rag.pipeline import LocalLLM, OpenAIChatLLM, answer
 
-    if cfg.model:
-        llm: Any = LocalLLM(cfg.model, max_tokens=cfg.max_tokens)
-    else:
-        llm = OpenAIChatLLM(cfg.base_url, cfg.api_key or os.environ.get("OPENAI_API_KEY", ""),
-                            cfg.served_model, max_tokens=cfg.max_tokens)
-    store = _open_store(cfg.store)
-    try:
-        out = answer(cfg.question, store, llm, k=cfg.k, mode=cfg.mode, min_score=cfg.min_score or None,
-                     max_context_tokens=cfg.max_context_tokens)
-    finally:
-        store.close()
+    with _damage_named(cfg.store):
+        store = _open_store(cfg.store)  # first: a missing store fails before a model loads
+        try:
+            budget, count = cfg.max_context_tokens, None
+            if cfg.model:
+                llm: Any = LocalLLM(cfg.model, max_tokens=cfg.max_tokens)
+                # the sources get what the model's context leaves after the instructions and the answer
+                try:
+                    budget, count = llm.source_budget(cfg.question, budget), llm.count_tokens
+                except ValueError as e:
+                    raise ValueError(f"--model {cfg.model}: {e}") from None
+            else:
+                llm = OpenAIChatLLM(cfg.base_url, cfg.api_key or os.environ.get("OPENAI_API_KEY", ""),
+                                    cfg.served_model, max_tokens=cfg.max_tokens)
+            out = answer(cfg.question, store, llm, k=cfg.k, mode=cfg.mode, min_score=cfg.min_score or None,
+                         max_context_tokens=budget, count_tokens=count)
+        finally:
+            store.close()
     print(out.text)
     if out.hits:
         print("\nsources:")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -243,9 +244,12 @@ class DenseIndex:
         path = Path(directory) / FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: no dense index here")
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            vectors, labels = z["vectors"], z["labels"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                vectors, labels = z["vectors"], z["labels"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a damaged or foreign file
+            raise ValueError(f"{path}: not a readable dense index ({type(e).__name__}); rebuild it") from None
         index = cls(**meta["config"])
         if vectors.shape != (len(meta["ids"]), index.dim) or len(labels) != len(vectors):
             raise ValueError(f"{path}: vectors {vectors.shape}, labels {labels.shape} and "

@@ -21,6 +21,7 @@ Not covered: refine / tree-summarize synthesis (one LLM call per chunk), streami
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,11 @@ def answer(question: str, store: Any, llm: LLMFn, k: int = 5, mode: str = "hybri
 
 
 # ------------------------------------------------------------------ LLM back ends
+class EndpointError(ConnectionError, RuntimeError):
+    """An OpenAI-compatible endpoint that cannot be reached, fails, or answers something that is not the API's
+    JSON; the message names the URL. A ConnectionError (an OSError) for callers that treat I/O failures alike."""
+
+
 class LocalLLM:
     """A tinyllm checkpoint behind `llm(prompt) -> text`: chat template (when the tokenizer has one), then
     the engine's generate (greedy by default)."""
@@ -144,6 +150,8 @@ class LocalLLM:
         from tinyllm.infer.engine import LLM
 
         self.llm = model if hasattr(model, "generate") and hasattr(model, "get_tokenizer") else LLM(model, **llm_kwargs)
+        if self.llm.get_tokenizer() is None:
+            raise ValueError(f"{model}: no tokenizer.json; answering from text needs the checkpoint's tokenizer")
         self.max_tokens, self.temperature, self.system = max_tokens, temperature, system
 
     def render(self, prompt: str) -> str:
@@ -167,8 +175,38 @@ class LocalLLM:
             ids: Any = tok.encode(text, allowed_special="all")
         except TypeError:
             ids = text
+        window, n = self.context_window(), self.count_tokens(text)
+        if n >= window:
+            raise ValueError(f"the prompt is {n} tokens; the model's context holds {window} positions "
+                             "(lower the source budget, max_context_tokens)")
         out = self.llm.generate([ids], params, use_tqdm=False)
         return out[0].outputs[0].text
+
+    def context_window(self) -> int:
+        """Positions the model attends over: the engine's max_model_len (the model's context by default)."""
+        window = getattr(getattr(self.llm, "engine", None), "max_model_len", None)
+        return int(window) if window else sys.maxsize  # an object without an engine: no known limit
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` as the prompt encodes them (special-token spellings kept whole)."""
+        tok = self.llm.get_tokenizer()
+        try:
+            return len(tok.encode(text, allowed_special="all"))
+        except TypeError:
+            return len(tok.encode(text))
+
+    def source_budget(self, question: str, wanted: int, template: str = PROMPT) -> int:
+        """The most source tokens a prompt may carry so that the rendered prompt plus `max_tokens` of answer
+        fit the context window: `min(wanted, window - max_tokens - tokens of the prompt without sources)`.
+        The answer keeps at most half the window. Raises ValueError when not even one source token fits."""
+        window = self.context_window()
+        bare = self.count_tokens(self.render(template.format(context="", question=question)))
+        room = window - min(self.max_tokens, window // 2) - bare - 1
+        if room < 1:
+            raise ValueError(f"the question and instructions take {bare} tokens of the model's {window}-position "
+                             f"context with max_tokens={self.max_tokens} reserved for the answer: no room for "
+                             "sources (shorten the question, lower --max-tokens or use a longer-context model)")
+        return min(wanted, room)
 
 
 class OpenAIChatLLM:
@@ -194,17 +232,41 @@ class OpenAIChatLLM:
                                        transport=transport)
         self.model, self.max_tokens, self.temperature, self.system = model, max_tokens, temperature, system
 
+    def _url(self, path: str) -> str:
+        return str(self.client.base_url).rstrip("/") + path
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON body of a 200 answer to `method path`; EndpointError naming the URL otherwise."""
+        import httpx
+
+        url = self._url(path)
+        try:
+            r = self.client.request(method, path, **kwargs)
+        except (httpx.HTTPError, httpx.InvalidURL) as e:  # refused, timed out, reset, not HTTP at all
+            raise EndpointError(f"{url}: {type(e).__name__}: {e or 'no answer'}") from None
+        if r.status_code != 200:
+            raise EndpointError(f"{url} returned {r.status_code}: {' '.join(r.text[:300].split())}")
+        try:
+            return r.json()
+        except ValueError:
+            raise EndpointError(f"{url}: the answer is not JSON ({' '.join(r.text[:100].split())!r})") from None
+
     def _model(self) -> str:
         if not self.model:
-            r = self.client.get("/models")
-            r.raise_for_status()
-            self.model = r.json()["data"][0]["id"]
+            body = self._request("GET", "/models")
+            try:
+                self.model = body["data"][0]["id"]
+            except (KeyError, IndexError, TypeError):
+                raise EndpointError(f"{self._url('/models')}: no model listed in {str(body)[:100]!r}; "
+                                    "pass the model name") from None
         return self.model
 
     def __call__(self, prompt: str) -> str:
         body = {"model": self._model(), "max_tokens": self.max_tokens, "temperature": self.temperature,
                 "messages": [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]}
-        r = self.client.post("/chat/completions", json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"{self.client.base_url}/chat/completions returned {r.status_code}: {r.text[:300]}")
-        return r.json()["choices"][0]["message"]["content"] or ""
+        out = self._request("POST", "/chat/completions", json=body)
+        try:
+            return out["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError(f"{self._url('/chat/completions')}: not a chat completion: "
+                                f"{str(out)[:100]!r}") from None

@@ -44,6 +44,24 @@ class ServeConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail fast, before the model loads, when uvicorn could not listen on host:port (an unknown host, an
+    address not on this machine, a port in use or reserved); binds a probe socket the way uvicorn does."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def build_app(cfg: ServeConfig):
     import torch
 
@@ -66,6 +84,7 @@ def build_app(cfg: ServeConfig):
 def run_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
+    check_address(cfg.host, cfg.port)
     app = build_app(cfg)
     print(f"serving {app.state.server.model_name} at http://{cfg.host}:{cfg.port} (chat page at /)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
