@@ -130,7 +130,7 @@ def test_repeat_kv_matches_repeat_interleave_and_transformers() -> None:
     from transformers.models.llama.modeling_llama import repeat_kv as hf_repeat_kv
 
     x = torch.randn(2, 3, 5, 4)
-    for n in (1, 2, 4):
+    for n in (1, 2, 4):  # copies, no arithmetic: bit-equal
         assert torch.equal(repeat_kv(x, n), torch.repeat_interleave(x, n, dim=1))
         assert torch.equal(repeat_kv(x, n), hf_repeat_kv(x, n))
     # head h of the result is K/V head h // n_rep
@@ -251,13 +251,14 @@ def test_bf16_training_attention_runs_in_fp32_on_cpu() -> None:
         out = sdpa_attention(*ours_in, None, None, True, 8**-0.5)
     ref = F.scaled_dot_product_attention(*ref_in, is_causal=True, scale=8**-0.5)
     assert out.dtype == torch.bfloat16
+    # bit-equal: both run the same fp32 kernel on the same shapes and round once to bf16
     torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
     out.backward(grad)
     ref.backward(grad.float())
     for a, r in zip(ours_in, ref_in):
         assert a.grad.dtype == torch.bfloat16
         torch.testing.assert_close(a.grad, r.grad.bfloat16(), rtol=0, atol=0)
-    with torch.no_grad():  # inference keeps bf16 kernels
+    with torch.no_grad():  # inference keeps bf16 kernels: the very same call, bit-equal
         plain = F.scaled_dot_product_attention(*base, is_causal=True, scale=8**-0.5)
         torch.testing.assert_close(sdpa_attention(*base, None, None, True, 8**-0.5), plain, rtol=0, atol=0)
 

@@ -96,7 +96,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     # and back: our own export reloads to the same tensors
     again = load_model(tmp_path)
     for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
-        assert k == k2 and torch.equal(a, b), k
+        assert k == k2 and torch.equal(a, b), k  # stored and read back, not recomputed
 
 
 def test_name_maps_round_trip_and_legacy_names():

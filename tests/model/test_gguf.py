@@ -32,6 +32,7 @@ def test_dequantize_matches_reference(qtype: Q) -> None:
     raw = ref_quantize(data, qtype)
     ours = dequantize(raw, int(qtype)).reshape(data.shape)
     ref = ref_dequantize(raw, qtype).reshape(data.shape)
+    # element-wise d·q (+ m), one rounding per operation and no reduction: bit-equal on any CPU
     np.testing.assert_array_equal(ours, ref)
     assert ours.dtype == np.float32
     if qtype == Q.F32:
@@ -155,7 +156,7 @@ def test_quantized_gguf_matches_transformers_loader(tmp_path, qtype: Q) -> None:
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     ref_sd = ref.state_dict()
-    for k, v in sd.items():
+    for k, v in sd.items():  # the same dequantized values, moved, not recomputed
         torch.testing.assert_close(v, ref_sd[k], rtol=0, atol=0)
     ours = load_model(path)
     with torch.no_grad():

@@ -49,7 +49,7 @@ def test_pytorch_model_bin_loads(tiny_hf_checkpoint) -> None:
     torch.save(sd, path / "pytorch_model.bin")
     expect = _logits(load_model(path))
     (path / "model.safetensors").unlink()
-    assert torch.equal(_logits(load_model(path)), expect)
+    assert torch.equal(_logits(load_model(path)), expect)  # the same weights through the same model: bit-equal
 
 
 def test_truncated_safetensors_names_the_file(tiny_hf_checkpoint) -> None:
@@ -98,7 +98,7 @@ def test_round_trip_and_save_into_existing_dir(tmp_path: Path) -> None:
     assert (target / "tokenizer.json").read_text() == "{}" and (target / "README.md").read_text() == "mine"
     assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in target.iterdir()}
     assert not list(tmp_path.glob(".ckpt.tmp-*"))
-    torch.testing.assert_close(_logits(load_model(target)), _logits(model), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(load_model(target)), _logits(model), atol=0, rtol=0)  # same weights, ops
     torch.testing.assert_close(_hf_logits(target), _logits(model), atol=1e-4, rtol=0)
     # tied weights are stored once, as transformers expects
     assert "lm_head.weight" not in safetensors.torch.load_file(target / "model.safetensors")
@@ -125,7 +125,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="disk full"):  # same for a fresh target
         save_pretrained(second, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    torch.testing.assert_close(_logits(load_model(target)), _logits(first), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(load_model(target)), _logits(first), atol=0, rtol=0)  # same weights, ops
 
 
 def test_save_refuses_unexportable_config(tmp_path: Path) -> None:

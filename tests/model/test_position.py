@@ -136,12 +136,12 @@ def test_partial_rotary_leaves_tail_untouched() -> None:
     rope = RotaryPosition(cfg)
     x = torch.randn(1, 4, 5, 32)
     y = apply_rotary(x, *rope.rotary(torch.arange(5)[None]))
-    assert rope.dim == 16 and torch.equal(y[..., 16:], x[..., 16:])
+    assert rope.dim == 16 and torch.equal(y[..., 16:], x[..., 16:])  # the unrotated half is passed through
 
 
 # ------------------------------------------------------------------ ALiBi
 def test_alibi_slopes_power_of_two() -> None:
-    assert torch.equal(alibi_slopes(8), torch.tensor([2.0 ** -h for h in range(1, 9)]))
+    assert torch.equal(alibi_slopes(8), torch.tensor([2.0 ** -h for h in range(1, 9)]))  # powers of 2: exact
     torch.testing.assert_close(alibi_slopes(16), torch.tensor([2.0 ** (-h / 2) for h in range(1, 17)]))
 
 

@@ -65,7 +65,8 @@ def test_tinyllm_adapter_loads_in_peft_with_the_same_logits(method, base, tmp_pa
     with torch.no_grad():
         logits = theirs(input_ids=X).logits[:, -X.shape[1]:]  # PEFT also returns the virtual positions
     torch.testing.assert_close(ours_logits, logits, atol=1e-5, rtol=0)
-    # and tinyllm.load_model(base, adapter=...) reads it back to the same logits
+    # and tinyllm.load_model(base, adapter=...) reads it back to the same logits (the same unmerged modules and
+    # weights, so the same ops: bit-equal)
     with torch.no_grad():
         torch.testing.assert_close(load_model(base, adapter=tmp_path / "adapter")(X), ours_logits, atol=0, rtol=0)
 
@@ -115,7 +116,7 @@ def test_tinyllm_only_methods_round_trip(method, base, tmp_path) -> None:
     assert kind == {"adapter": "BOTTLENECK_ADAPTER", "bitfit": "BITFIT"}[method]
     back = load_model(base, adapter=tmp_path / "a")
     with torch.no_grad():
-        torch.testing.assert_close(back(X), out, atol=0, rtol=0)
+        torch.testing.assert_close(back(X), out, atol=0, rtol=0)  # same modules and weights reloaded: bit-equal
 
 
 def test_merge_adapter_command_writes_a_transformers_checkpoint(base, tmp_path) -> None:

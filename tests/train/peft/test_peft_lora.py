@@ -103,18 +103,18 @@ def test_multiple_adapters_switch_disable_delete() -> None:
     out_two = m(x)
     assert not torch.allclose(out_one, out_two)
     set_adapter(m, "one")
-    torch.testing.assert_close(m(x), out_one, atol=0, rtol=0)
+    torch.testing.assert_close(m(x), out_one, atol=0, rtol=0)  # switching back runs the very same ops
     # only the active adapter trains
     assert m.model.layers[0].self_attn.q_proj.lora_A["one"].weight.requires_grad
     assert not m.model.layers[0].self_attn.o_proj.lora_A["two"].weight.requires_grad
     with disable_adapters(m):
-        torch.testing.assert_close(m(x), base, atol=0, rtol=0)
+        torch.testing.assert_close(m(x), base, atol=0, rtol=0)  # only the base layer runs, as before LoRA
     set_adapter(m, ["one", "two"])  # both: the deltas add up
     both = m(x)
     assert not torch.allclose(both, out_one) and not torch.allclose(both, out_two)
     delete_adapter(m, "two")
     set_adapter(m, "one")
-    torch.testing.assert_close(m(x), out_one, atol=0, rtol=0)
+    torch.testing.assert_close(m(x), out_one, atol=0, rtol=0)  # switching back runs the very same ops
     with pytest.raises(ValueError, match="'two' is not on the model"):
         set_adapter(m, "two")
 
