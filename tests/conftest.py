@@ -7,6 +7,8 @@ wrong name mapping or a skipped bias changes the logits visibly; nothing is down
 
     def test_x(tiny_hf_checkpoint):
         path = tiny_hf_checkpoint("qwen2", num_key_value_heads=1)
+
+Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ from typing import Any
 import pytest
 import torch
 from hf_helpers import TINY_HF, hf_config, randomize_, save_tiny_hf  # noqa: F401 (re-exported)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where CUDA is available; elsewhere they are collected and skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
