@@ -1,4 +1,4 @@
-"""Atomic writes: a reader, or a run that resumes after a crash, sees the old artefact or the new one, never half.
+"""Atomic writes: a reader, or a run resuming after a crash, sees the old artefact or the new one, never half.
 
 Every file the package writes (checkpoints, configs, tokenizers, token shards, RAG index files, recipe
 outputs, reports, plots, word vectors, ...) goes through this module; DESIGN §6 asks that bad input or a
@@ -18,12 +18,14 @@ the files of the old directory that the writer did not produce (hard links where
 so `save_pretrained` into a directory that already holds a tokenizer keeps it, and the whole directory
 still changes in one step.
 
-Temp names are `.{name}.tmp-{pid}-{hex}` (and `.{name}.old-{pid}-{hex}` for a directory set aside): hidden, and
-not ending in the target's suffix, so globs such as `step-*` or `*.safetensors` never pick them up;
-`is_temp_name` recognises them. A directory write sweeps the litter that dead writers left for its target.
+Temp names are `.{name}.tmp-{pid}-{hex}` (and `.{name}.old-{pid}-{hex}` for a directory set aside): hidden,
+and not ending in the target's suffix, so globs such as `step-*` or `*.safetensors` never pick them up;
+`is_temp_name` recognises them. A directory write sweeps the litter that dead writers (by process id, on
+this machine) left for its target.
 
-Not covered: durability on file systems that ignore fsync, and concurrent writers of one target (the last
-rename wins; each writer's own artefact is still whole).
+Not covered: durability on file systems that ignore fsync; concurrent writers of one target (the last rename
+wins, each writer's artefact still whole); writers of one directory in different PID namespaces or machines
+(the sweep could take a live foreign writer's temp for litter: that writer then fails, nothing is torn).
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _makedirs(path: Path) -> None:
+    """`mkdir -p` that fsyncs the parent of each directory it creates, so the new entries survive a crash."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -95,7 +111,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     `torch.save`, `faiss.write_index`, ...); on a clean exit the file it wrote is fsynced and renamed over
     `target`. On an exception the temp is removed and `target` is untouched."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _makedirs(target.parent)
     tmp = temp_path(target)
     try:
         yield tmp
@@ -150,7 +166,8 @@ def atomic_write_text(target: str | os.PathLike, text: str, encoding: str = "utf
 def json_text(obj: Any, *, indent: int | None = 2, sort_keys: bool = False, ensure_ascii: bool = False,
               default: Callable[[Any], Any] | None = None) -> str:
     """`json.dumps` with a trailing newline: the text `atomic_write_json` writes."""
-    return json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=default) + "\n"
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=default)
+    return text + "\n"
 
 
 def atomic_write_json(target: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
@@ -158,6 +175,30 @@ def atomic_write_json(target: str | os.PathLike, obj: Any, *, indent: int | None
     """Write `obj` as JSON (UTF-8, trailing newline) to `target` atomically."""
     text = json_text(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=default)
     return atomic_write_text(target, text)
+
+
+def trim_torn_tail(path: str | os.PathLike) -> None:
+    """An append-only log of lines (metrics.jsonl) that a crash cut ends in a partial line: drop that line, so
+    a resumed run appends whole records after whole records. A missing file is left missing."""
+    try:
+        f = open(path, "rb+")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return
+    with f:
+        size = pos = f.seek(0, os.SEEK_END)
+        end = 0
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            i = f.read(step).rfind(b"\n")
+            if i >= 0:
+                end = pos + i + 1
+                break
+        if end != size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------ directories
@@ -289,7 +330,7 @@ def atomic_dir(target: str | os.PathLike, keep_existing: bool = False) -> Iterat
     whole (see the module docstring). `keep_existing`: files of the old `target` that the block did not write
     are kept. On an exception the temp directory is removed and `target` is untouched."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _makedirs(target.parent)
     sweep(target)
     tmp = temp_path(target)
     tmp.mkdir()
@@ -305,15 +346,16 @@ def atomic_dir(target: str | os.PathLike, keep_existing: bool = False) -> Iterat
 
 def atomic_write_files(directory: str | os.PathLike, files: Mapping[str, str | bytes],
                        keep_existing: bool = True) -> Path:
-    """Write several files (name → text or bytes) into `directory` as one atomic change: all of them or none.
-    Other files already in `directory` are kept unless `keep_existing` is False."""
+    """Write several files (name → text or bytes) into `directory` as one atomic change: all of them or
+    none. Other files already in `directory` are kept unless `keep_existing` is False."""
     with atomic_dir(directory, keep_existing=keep_existing) as tmp:
         for name, payload in files.items():
             (tmp / name).write_bytes(payload.encode("utf-8") if isinstance(payload, str) else payload)
     return Path(directory)
 
 
-def atomic_copy_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
+def atomic_copy_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                      names: Iterable[str]) -> list[str]:
     """Copy those of `names` that exist in `src_dir` into `dst_dir` as one atomic change of `dst_dir` (its
     other files are kept); returns the names copied."""
     src_dir = Path(src_dir)

@@ -6,9 +6,9 @@
 - a `.gguf` file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors dequantized; see gguf.py).
 
 `save_pretrained(model, dir)` writes `config.json`, `generation_config.json` and `model.safetensors` that
-`transformers.AutoModelForCausalLM.from_pretrained` (or `AutoModel` for BERT) loads. Files are written into a
-temporary directory beside the target and renamed into place, so an interrupted save never leaves a
-half-written checkpoint.
+`transformers.AutoModelForCausalLM.from_pretrained` (or `AutoModel` for BERT) loads. The directory is built
+beside the target and swapped in as a whole (`tinyllm.atomic.atomic_dir`), so an interrupted save leaves the
+previous checkpoint complete.
 
 Parameter names follow HF (DESIGN rule 9), so for llama/qwen2/mistral the table is the identity; BERT and
 Mixtral supply their own name maps (bert.py, moe.py).
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tinyllm.atomic import atomic_dir, json_text
 from tinyllm.model.config import ConfigError, ModelConfig
 
 
@@ -198,22 +197,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
 
 
 # ------------------------------------------------------------------ writing
-def _atomic_dir(target: Path) -> tuple[Path, Any]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-    def commit() -> None:
-        if target.exists():
-            # keep files we do not own (tokenizer, README) by copying ours over them one by one
-            for f in tmp.iterdir():
-                os.replace(f, target / f.name)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-
-    return tmp, commit
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write `model` as an HF checkpoint directory that transformers loads."""
     from safetensors.torch import save_file
@@ -229,17 +212,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, dtype: torch
     store_dtype = next(iter(sd.values())).dtype
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(store_dtype).removeprefix("torch.")
     target = Path(directory)
-    tmp, commit = _atomic_dir(target)
-    try:
+    # built beside the target and swapped in whole; files we do not own (tokenizer, README) are kept
+    with atomic_dir(target, keep_existing=True) as tmp:
         save_file({k: v.cpu().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json_text(hf_cfg, sort_keys=True, ensure_ascii=True))
         if not cfg.is_encoder:
             gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                    if getattr(cfg, k) is not None}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / "generation_config.json").write_text(json_text(gen, ensure_ascii=True))
     return target

@@ -281,7 +281,7 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` + `tokenizer_config.json` (loadable by HF `tokenizers` and transformers'
-        AutoTokenizer, and by `BPETokenizer.load`). Each file is written to a temp name, then renamed."""
+        AutoTokenizer, and by `BPETokenizer.load`). The files change together (`tinyllm.atomic`)."""
         from tinyllm.tokenizer import bpe_io
 
         return bpe_io.save(self, directory)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tinyllm.atomic import atomic_write_files
 from tinyllm.tokenizer.bpe import Pair, _rank_merge, _spell, _unspell
 from tinyllm.tokenizer.pretokenize import LLAMA3_PATTERN, to_oniguruma
 
@@ -204,19 +205,15 @@ def to_hf_json(tok: BPETokenizer) -> dict[str, Any]:
 
 
 def save(tok: BPETokenizer, directory: str | os.PathLike) -> Path:
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token,
               "eos_token": tok.eos_token, "pad_token": tok.pad_token, "unk_token": None,
               "add_bos_token": tok.add_bos_token, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "model_max_length": 1 << 30}
     if tok.chat_template is not None:
         config["chat_template"] = tok.chat_template
-    for name, obj in (("tokenizer.json", to_hf_json(tok)), ("tokenizer_config.json", config)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(out / name)  # never leave a half-written file under the real name
-    return out
+    # both files change together, and other files in the directory (a checkpoint's weights) are kept
+    return atomic_write_files(directory, {"tokenizer.json": json.dumps(to_hf_json(tok), ensure_ascii=False),
+                                          "tokenizer_config.json": json.dumps(config, ensure_ascii=False)})
 
 
 def token_text(value: Any) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
+from tinyllm.atomic import atomic_write_files
 from tinyllm.tokenizer.bpe import split_special
 from tinyllm.tokenizer.bpe_io import read_tokenizer_config, token_text
 from tinyllm.tokenizer.interface import _checkpoint_error
@@ -82,8 +83,6 @@ class CheckpointTokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write tokenizer.json + tokenizer_config.json (loadable by transformers' AutoTokenizer)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
@@ -91,12 +90,9 @@ class CheckpointTokenizer:
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        for name, payload in (("tokenizer.json", self.tokenizer.to_str(pretty=True)),
-                              ("tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(payload + "\n", encoding="utf-8")
-            os.replace(tmp, out / name)  # never leave a half-written file under the real name
-        return out
+        return atomic_write_files(directory, {  # both files change together
+            "tokenizer.json": self.tokenizer.to_str(pretty=True) + "\n",
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"})
 
 
 def from_tokenizer_json(file: Path) -> CheckpointTokenizer:

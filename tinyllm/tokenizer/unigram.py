@@ -60,6 +60,7 @@ from typing import Any, Literal
 import numpy as np
 import regex
 
+from tinyllm.atomic import atomic_write_files
 from tinyllm.tokenizer.bpe import split_special
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
@@ -355,19 +356,15 @@ class UnigramTokenizer:
                                                                                            self.scores)]}}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json + tokenizer_config.json (temp name, then rename); `load` and HF read them."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write tokenizer.json + tokenizer_config.json (together, atomically); `load` and HF read them."""
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": self.unk_token,
                   "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                   "add_bos_token": self.add_bos_token, "clean_up_tokenization_spaces": False}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        for name, obj in (("tokenizer.json", self.to_hf_json()), ("tokenizer_config.json", config)):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp, out / name)  # never leave a half-written file under the real name
-        return out
+        return atomic_write_files(directory, {  # both files change together
+            "tokenizer.json": json.dumps(self.to_hf_json(), ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config, ensure_ascii=False)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UnigramTokenizer:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tinyllm.atomic import atomic_write_files
 from tinyllm.tokenizer.bpe import split_special
 
 # Rust's char::is_whitespace (the Unicode White_Space property), which HF `tokenizers` uses
@@ -438,10 +439,8 @@ class WordPieceTokenizer:
                           "max_input_chars_per_word": self.max_input_chars_per_word, "vocab": self.vocab}}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write vocab.txt, tokenizer.json and tokenizer_config.json (each to a temp name, then renamed);
+        """Write vocab.txt, tokenizer.json and tokenizer_config.json (together, atomically);
         transformers' AutoTokenizer and `WordPieceTokenizer.load` read the directory."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         by_id = sorted(self.vocab.items(), key=lambda x: x[1])
         if [i for _, i in by_id] != list(range(len(by_id))):
             raise ValueError("vocab.txt needs ids 0..n-1 without gaps")
@@ -457,11 +456,7 @@ class WordPieceTokenizer:
         files = {"vocab.txt": "".join(t + "\n" for t, _ in by_id),
                  "tokenizer.json": json.dumps(self.to_hf_json(), ensure_ascii=False),
                  "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
-        for name, payload in files.items():
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(payload, encoding="utf-8")
-            os.replace(tmp, out / name)  # never leave a half-written file under the real name
-        return out
+        return atomic_write_files(directory, files)  # all three change together
 
 
 def _cleanup(s: str) -> str:

@@ -9,24 +9,23 @@
   function of the step), the python / numpy / torch (and CUDA) RNG states and the data iterator's position;
 - `train_config.json`: the resolved TrainConfig.
 
-A checkpoint is assembled in a temporary directory and renamed into place, and only then is the `latest`
-pointer file (which names the directory) replaced — an interrupted save never leaves a half-written
+A checkpoint is assembled in a temporary directory and swapped into place (`tinyllm.atomic`), and only then is
+the `latest` pointer file (which names the directory) replaced — an interrupted save never leaves a half-written
 checkpoint, and `latest` always names a complete one. Optionally only the newest `keep_last` are kept.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from tinyllm.atomic import atomic_dir, atomic_write_text, json_text, remove_dir
 
 STATE = "trainer_state.pt"
 LATEST = "latest"
@@ -89,30 +88,17 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
                     trainer_state: dict[str, Any], config: dict[str, Any], keep_last: int = 0) -> Path:
     """Atomically write `checkpoints/step-XXXXXX` and point `latest` at it; return its path."""
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+    # re-saving a step (e.g. Ctrl-C right after a periodic save) swaps the new directory in whole
+    with atomic_dir(target) as tmp:
         save_model(model, tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), **trainer_state}
         torch.save(state, tmp / STATE)
-        (tmp / "train_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if target.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): swap, then drop
-            old = root / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    pointer_tmp.write_text(target.name + "\n")
-    os.replace(pointer_tmp, root / LATEST)
+        (tmp / "train_config.json").write_text(json_text(config, default=str, ensure_ascii=True))
+    atomic_write_text(root / LATEST, target.name + "\n")
     if keep_last > 0:
         for old_dir in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old_dir, ignore_errors=True)
+            remove_dir(old_dir)  # renamed aside first: a half-deleted checkpoint never looks complete
     return target
 
 

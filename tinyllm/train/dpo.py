@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyllm.atomic import atomic_write_json
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
-from tinyllm.train.reward import PreferenceRunConfig, _write_json, load_preference_data
+from tinyllm.train.reward import PreferenceRunConfig, load_preference_data
 from tinyllm.train.rl_common import (
     PairBatches,
     masked_sum,
@@ -227,7 +228,7 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
     after = dpo_metrics(model, val_ref, pad, cfg.beta) if val_ref else None
     final = save_pretrained(model.cpu(), out / "final")
     copy_tokenizer_files(cfg.tokenizer or cfg.init_from, final, tokenizer)
-    _write_json(out / "dpo_metrics.json", {"before": before, "after": after})
+    atomic_write_json(out / "dpo_metrics.json", {"before": before, "after": after})
     if cfg.progress and after is not None:
         print(f"held-out preference accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f}, "
               f"margin {before['margin']:.3f} → {after['margin']:.3f}", flush=True)

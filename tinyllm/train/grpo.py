@@ -24,7 +24,6 @@ Rollouts: `tinyllm.infer` — the reference generator, or the paged engine with 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinyllm.atomic import atomic_write_json
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.ppo import RLRunConfig, build_rl_prompts, rl_setup
 from tinyllm.train.rl_common import (
@@ -239,10 +239,8 @@ def run_grpo(cfg: GRPOConfig) -> TrainResult:
     after = score()
     final = save_pretrained(policy.cpu(), out / "final")
     copy_tokenizer_files(cfg.tokenizer or cfg.init_from, final, tokenizer)
-    tmp = out / ".grpo_metrics.json.tmp"
-    tmp.write_text(json.dumps({"heldout_mean_reward_before": before, "heldout_mean_reward_after": after,
-                               "rollouts": history}, indent=2) + "\n")
-    tmp.replace(out / "grpo_metrics.json")
+    atomic_write_json(out / "grpo_metrics.json", {"heldout_mean_reward_before": before,
+                                                  "heldout_mean_reward_after": after, "rollouts": history})
     if cfg.progress and after is not None:
         print(f"held-out mean reward {before:.3f} → {after:.3f}", flush=True)
     return result

@@ -46,7 +46,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from tinyllm.atomic import atomic_write_json
+from tinyllm.atomic import atomic_write_json, trim_torn_tail
 from tinyllm.capability import PRECISION_CHOICES, resolve_precision
 from tinyllm.train import checkpoint as ckpt
 from tinyllm.train.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
@@ -332,6 +332,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig) -> TrainResult:
     metrics_path = run.out / "metrics.jsonl"
     if not cfg.resume:
         metrics_path.unlink(missing_ok=True)
+    else:
+        trim_torn_tail(metrics_path)  # a killed run may have left half a record
     model.train()
     losses: list[float] = []
     total_tokens, window_tokens, window_losses = 0, 0, []

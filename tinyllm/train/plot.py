@@ -17,6 +17,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from tinyllm.atomic import atomic_write_bytes
+
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
@@ -93,12 +95,5 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], width
 
 def write_loss_plot(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], Sequence[float]]],
                     width: int = 640, height: int = 400) -> Path:
-    """Write `line_chart(series)` to `path` atomically (temp name, then rename)."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(line_chart(series, width, height))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """Write `line_chart(series)` to `path` atomically."""
+    return atomic_write_bytes(path, line_chart(series, width, height))

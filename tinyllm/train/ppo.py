@@ -27,7 +27,6 @@ Not covered: adaptive KL control (fixed β), PPO-ptx (pre-training loss mixing),
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinyllm.atomic import atomic_dir, atomic_write_json
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.rl_common import (
     PromptCycle,
@@ -134,11 +134,11 @@ class ActorCritic(nn.Module):
         from tinyllm.model.hf import save_pretrained
 
         directory = Path(directory)
-        save_pretrained(self.policy, directory)
         critic = self.critic.state_dict() if self.critic is not None else self.v_head.state_dict()
-        tmp = directory / ".critic.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in critic.items()}, str(tmp))
-        tmp.replace(directory / "critic.safetensors")
+        with atomic_dir(directory, keep_existing=True) as tmp:  # actor and critic change together
+            save_pretrained(self.policy, tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in critic.items()},
+                      str(tmp / "critic.safetensors"))
         return directory
 
     def load_pretrained_weights(self, directory: str | Path) -> None:
@@ -432,10 +432,8 @@ def run_ppo(cfg: PPOConfig) -> TrainResult:
     after = score()
     final = model.save_pretrained(out / "final")
     copy_tokenizer_files(cfg.tokenizer or cfg.init_from, final, tokenizer)
-    tmp = out / ".ppo_metrics.json.tmp"
-    tmp.write_text(json.dumps({"heldout_mean_reward_before": before, "heldout_mean_reward_after": after,
-                               "rollouts": history}, indent=2) + "\n")
-    tmp.replace(out / "ppo_metrics.json")
+    atomic_write_json(out / "ppo_metrics.json", {"heldout_mean_reward_before": before,
+                                                 "heldout_mean_reward_after": after, "rollouts": history})
     if cfg.progress and after is not None:
         print(f"held-out mean reward {before:.3f} → {after:.3f}", flush=True)
     return result

@@ -16,7 +16,7 @@ Not covered: data mixing across several shard directories, curriculum or sequenc
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinyllm.atomic import atomic_copy_files
 from tinyllm.data.text import PackedBatches, TokenShards
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: Any = None) -> None:
+    """Put the tokenizer next to a saved model: copy the source checkpoint's tokenizer files into `dst` (one
+    atomic change of `dst`), or, when `src` is no directory, let `tokenizer` save itself there."""
+    from tinyllm.model.hf import resolve_model_path
+
+    try:
+        src_dir = resolve_model_path(src)
+    except Exception:  # a short name that does not resolve: treat it as a path
+        src_dir = Path(src)
+    if src_dir.is_dir():
+        atomic_copy_files(src_dir, dst, TOKENIZER_FILES)
+    elif tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(dst)
+
+
 MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings")
 
@@ -135,8 +153,5 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
 
     final = save_pretrained(model.cpu(), out / "final")
     if cfg.tokenizer:
-        for name in TOKENIZER_FILES:
-            src = Path(cfg.tokenizer) / name
-            if src.exists():
-                shutil.copy2(src, final / name)
+        copy_tokenizer_files(cfg.tokenizer, final)
     return result

@@ -20,7 +20,6 @@ loop and reports held-out preference accuracy in out_dir/reward_metrics.json.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyllm.atomic import atomic_dir, atomic_write_json, json_text
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.rl_common import PairBatches, last_token_index, pair_eval_batches
 
@@ -67,13 +67,11 @@ class RewardModel(nn.Module):
         from tinyllm.model.hf import save_pretrained
 
         directory = Path(directory)
-        save_pretrained(self.backbone, directory)
-        tmp = directory / f".{HEAD_FILE}.tmp"
-        save_file({"score.weight": self.score.weight.detach().cpu().contiguous()}, str(tmp))
-        tmp.replace(directory / HEAD_FILE)
-        cfg_tmp = directory / ".reward_config.json.tmp"
-        cfg_tmp.write_text(json.dumps({"head": "score", "pooling": "last_non_pad_token"}) + "\n")
-        cfg_tmp.replace(directory / "reward_config.json")
+        with atomic_dir(directory, keep_existing=True) as tmp:  # trunk, head and its config change together
+            save_pretrained(self.backbone, tmp)
+            save_file({"score.weight": self.score.weight.detach().cpu().contiguous()}, str(tmp / HEAD_FILE))
+            head = {"head": "score", "pooling": "last_non_pad_token"}
+            (tmp / "reward_config.json").write_text(json_text(head, indent=None))
         return directory
 
     def load_pretrained_weights(self, directory: str | Path) -> None:
@@ -212,12 +210,6 @@ def load_preference_data(cfg: PreferenceRunConfig) -> tuple[Any, Any, list, list
     return model, tokenizer, train_pairs, val_pairs, pad
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def run_reward(cfg: RewardConfig) -> TrainResult:
     """Train a reward model on preference pairs; save out_dir/final and out_dir/reward_metrics.json."""
     from tinyllm.train.rl_common import copy_tokenizer_files
@@ -237,7 +229,7 @@ def run_reward(cfg: RewardConfig) -> TrainResult:
     after = preference_accuracy(model, val_pairs, pad) if val_pairs else None
     final = model.save_pretrained(out / "final")
     copy_tokenizer_files(cfg.tokenizer or cfg.init_from, final, tokenizer)
-    _write_json(out / "reward_metrics.json", {"before": before, "after": after})
+    atomic_write_json(out / "reward_metrics.json", {"before": before, "after": after})
     if cfg.progress and after is not None:
         print(f"held-out preference accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f}", flush=True)
     return result

@@ -259,23 +259,10 @@ def pair_eval_batches(pairs: Sequence, batch_size: int, pad_id: int) -> list[dic
 
 
 def copy_tokenizer_files(src: str, dst: Any, tokenizer: Any) -> None:
-    """Put the tokenizer next to a saved model (copy the source's files, or let the tokenizer save itself)."""
-    import shutil
-    from pathlib import Path
+    """Put the tokenizer next to a saved model (see `tinyllm.train.pretrain.copy_tokenizer_files`)."""
+    from tinyllm.train.pretrain import copy_tokenizer_files as copy_files
 
-    from tinyllm.model.hf import resolve_model_path
-    from tinyllm.train.pretrain import TOKENIZER_FILES
-
-    try:
-        src_dir = resolve_model_path(src)
-    except Exception:  # a short name that does not resolve: treat it as a path
-        src_dir = Path(src)
-    if src_dir.is_dir():
-        for name in TOKENIZER_FILES:
-            if (src_dir / name).exists():
-                shutil.copy2(src_dir / name, Path(dst) / name)
-    elif hasattr(tokenizer, "save"):
-        tokenizer.save(dst)
+    copy_files(src, dst, tokenizer)
 
 
 # ------------------------------------------------------------------ prompts, rewards, evaluation (PPO, GRPO)

@@ -20,7 +20,6 @@ with `tinyllm.load_model(base, adapter=...)`); the loop's checkpoints are adapte
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from tinyllm.data.formats import Conversation, read_conversations, to_conversati
 from tinyllm.data.sft import SFTExample, pad_collate, tokenize_conversation
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
-from tinyllm.train.pretrain import TOKENIZER_FILES
+from tinyllm.train.pretrain import copy_tokenizer_files
 
 PEFT_METHODS = ("none", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit")
 
@@ -192,7 +191,7 @@ def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -
 
 def run_sft(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `init_from` on the conversations; save out_dir/final with the tokenizer files."""
-    from tinyllm.model.hf import load_model, resolve_model_path, save_pretrained
+    from tinyllm.model.hf import load_model, save_pretrained
     from tinyllm.tokenizer import load_tokenizer
     from tinyllm.utils import seed_everything
 
@@ -231,13 +230,7 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
 
         model = merge_and_unload(adapted)
     final = save_pretrained(model.cpu(), out / "final")
-    src_dir = resolve_model_path(tok_path)
-    if src_dir.is_dir():
-        for name in TOKENIZER_FILES:
-            if (src_dir / name).exists():
-                shutil.copy2(src_dir / name, final / name)
-    else:
-        tokenizer.save(final)
+    copy_tokenizer_files(tok_path, final, tokenizer)
     return result
 
 

@@ -9,11 +9,10 @@ BitFit's added biases have no weight to fold into and are refused.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinyllm.train.pretrain import TOKENIZER_FILES
+from tinyllm.train.pretrain import copy_tokenizer_files
 
 
 @dataclass
@@ -33,7 +32,7 @@ class MergeAdapterConfig:
 def run_merge_adapter(cfg: MergeAdapterConfig) -> Path:
     import torch
 
-    from tinyllm.model.hf import load_model, resolve_model_path, save_pretrained
+    from tinyllm.model.hf import load_model, save_pretrained
     from tinyllm.train.peft.io import AdapterError, load_adapter, read_adapter_config
     from tinyllm.train.peft.lora import merge_and_unload
 
@@ -43,10 +42,6 @@ def run_merge_adapter(cfg: MergeAdapterConfig) -> Path:
     model = load_adapter(load_model(cfg.base), cfg.adapter)
     merged = merge_and_unload(model)
     out = save_pretrained(merged, cfg.out, dtype=getattr(torch, cfg.dtype))
-    src = resolve_model_path(cfg.base)
-    if src.is_dir():
-        for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copy2(src / name, out / name)
+    copy_tokenizer_files(cfg.base, out)
     print(f"merged {cfg.adapter} into {cfg.base} → {out}")
     return out

@@ -13,7 +13,7 @@
 model (the same object for LoRA/adapters/BitFit, a wrapper for soft prompts). `PeftModel(model)` is the view
 the training loop trains: its checkpoints are adapter directories (plus `trainable_state.safetensors`, every
 trainable tensor, so a prefix MLP resumes exactly), and `.module` lets the loop's fused lm_head loss reach
-the CausalLM inside. Files are written to a temporary directory and renamed into place.
+the CausalLM inside. A directory is built beside its target and swapped in as a whole (`tinyllm.atomic`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tinyllm.atomic import atomic_dir, json_text
 from tinyllm.train.peft.adapter import AdapterConfig, apply_adapters
 from tinyllm.train.peft.lora import LoraConfig, apply_lora, load_lora_state_dict, lora_layers, lora_state_dict
 from tinyllm.train.peft.prompt import (
@@ -111,23 +111,17 @@ def adapter_files(model: nn.Module, adapter_name: str = "default",
 
 
 def _write_dir(target: Path, files: dict[str, Any]) -> Path:
-    """files: name → dict of tensors (safetensors) or JSON-able object; written atomically into `target`."""
+    """files: name → dict of tensors (safetensors) or JSON-able object; `target` is replaced as a whole
+    (other files already in it are kept)."""
     from safetensors.torch import save_file
 
-    from tinyllm.model.hf import _atomic_dir
-
-    tmp, commit = _atomic_dir(target)
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:
         for name, obj in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().cpu().contiguous() for k, v in obj.items()}, str(tmp / name),
                           metadata={"format": "pt"})
             else:
-                (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                (tmp / name).write_text(json_text(obj, sort_keys=True, default=str, ensure_ascii=True))
     return target
 
 
@@ -270,16 +264,8 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         cfg, tensors = adapter_files(self.module, base_path=self.base_path)
-        target = Path(directory)
-        # the loop hands an existing temporary directory: write our files into it
-        from safetensors.torch import save_file
-
-        target.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(target / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_named_parameters(self.module)},
-                  str(target / TRAINABLE_NAME), metadata={"format": "pt"})
-        (target / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        trainable = dict(trainable_named_parameters(self.module))
+        _write_dir(Path(directory), {WEIGHTS_NAME: tensors, TRAINABLE_NAME: trainable, CONFIG_NAME: cfg})
 
     def load_pretrained_weights(self, directory: str | os.PathLike) -> None:
         from safetensors.torch import load_file
