@@ -31,6 +31,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from tinyllm.atomic import atomic_open
+
 PREFERENCE_BUILDERS = ("title", "sentiment")
 TITLE_INSTRUCTION = "为下面的新闻写一个标题。"
 SENTIMENT_INSTRUCTION = "判断下面这段新闻的情感倾向（积极、中性或消极）。"
@@ -131,14 +133,12 @@ def load_pairs(spec: str, split: str = "train", seed: int = 0, max_pairs: int = 
 
 
 def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
-    """Write pairs as JSONL (temp file + rename)."""
+    """Write pairs as JSONL, atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for p in pairs:
             f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected},
                                ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 

@@ -8,8 +8,9 @@ input_ids = window[:-1], labels = window[1:] — labels are *already shifted*, s
 with labels[:, t] (tinyllm.train.losses.causal_lm_loss). Hugging Face's `labels=` convention is unshifted.
 
 On disk (`out_dir/`): `train-00000.bin`, `val-00000.bin`, ... (uint16 when the vocabulary fits, else uint32) and
-`index.json` (dtype, vocab size, EOS id, token counts per shard and split). Every file is written under a
-temporary name and renamed into place; `index.json` is written last, so a directory without it is incomplete.
+`index.json` (dtype, vocab size, EOS id, token counts per shard and split). The directory is built beside
+`out_dir` and swapped in whole (`tinyllm.atomic`), so an interrupted write leaves the previous shards readable;
+`index.json` is written last, so a directory without it is incomplete.
 
 The train/val split is by document and deterministic: document i goes to val when ⌊(i+1)·f⌋ > ⌊i·f⌋ for
 val_fraction f, i.e. evenly spaced documents, exactly ⌊n·f⌋ of them, without any random state.
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from tinyllm.atomic import atomic_dir, json_text
 
 INDEX = "index.json"
 SPLITS = ("train", "val")
@@ -50,15 +53,6 @@ def _vocab_size(tokenizer: Any) -> int:
         return len(tokenizer)
     except TypeError:
         raise ValueError("tokenizer has no vocab_size / get_vocab_size() / __len__; pass vocab_size=") from None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _ShardWriter:
@@ -85,7 +79,7 @@ class _ShardWriter:
         if not self.fill:
             return
         name = f"{self.split}-{len(self.files):05d}.bin"
-        _atomic_write_bytes(self.out_dir / name, self.buf[:self.fill].tobytes())
+        (self.out_dir / name).write_bytes(self.buf[:self.fill].tobytes())  # inside the temp directory
         self.files.append(name)
         self.counts.append(self.fill)
         self.fill = 0
@@ -113,36 +107,35 @@ def write_shards(texts: Iterable[str], tokenizer: TextTokenizer, out_dir: str | 
         raise ValueError("tokenizer.eos_token_id is None; documents need an EOS separator")
     vocab = int(vocab_size) if vocab_size is not None else _vocab_size(tokenizer)
     dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)  # the directory is incomplete until the new index lands
-    writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
-    from tqdm.auto import tqdm
+    # the new shards are built beside out_dir and swapped in with their index; other files there are kept
+    with atomic_dir(out_dir, keep_existing=True) as out:
+        writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+        from tqdm.auto import tqdm
 
-    n_docs = {s: 0 for s in SPLITS}
-    n_tokens = 0
-    bar = tqdm(texts, desc="tokenizing", unit="doc", disable=not progress)
-    for i, item in enumerate(bar):
-        text, forced = item if val_texts is not None else (item, None)
-        ids = tokenizer.encode(text)
-        ids = list(getattr(ids, "ids", ids))
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"document {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
-        split = forced or ("val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train")
-        writers[split].add([*ids, eos])
-        n_docs[split] += 1
-        n_tokens += len(ids) + 1
-        if i % 256 == 0:
-            bar.set_postfix(tokens=n_tokens)
-    for w in writers.values():
-        w.flush()
-    index = {
-        "format": "tinyllm-token-shards/1", "dtype": dtype.name, "vocab_size": vocab, "eos_token_id": int(eos),
-        "splits": {s: {"files": w.files, "tokens": w.counts, "total_tokens": int(sum(w.counts)),
-                       "documents": n_docs[s]} for s, w in writers.items()},
-    }
-    _atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+        n_docs = {s: 0 for s in SPLITS}
+        n_tokens = 0
+        bar = tqdm(texts, desc="tokenizing", unit="doc", disable=not progress)
+        for i, item in enumerate(bar):
+            text, forced = item if val_texts is not None else (item, None)
+            ids = tokenizer.encode(text)
+            ids = list(getattr(ids, "ids", ids))
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"document {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+            split = forced or ("val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train")
+            writers[split].add([*ids, eos])
+            n_docs[split] += 1
+            n_tokens += len(ids) + 1
+            if i % 256 == 0:
+                bar.set_postfix(tokens=n_tokens)
+        for w in writers.values():
+            w.flush()
+        index = {
+            "format": "tinyllm-token-shards/1", "dtype": dtype.name, "vocab_size": vocab, "eos_token_id": int(eos),
+            "splits": {s: {"files": w.files, "tokens": w.counts, "total_tokens": int(sum(w.counts)),
+                           "documents": n_docs[s]} for s, w in writers.items()},
+        }
+        (out / INDEX).write_text(json_text(index, ensure_ascii=True), encoding="utf-8")
     return index
 
 

@@ -257,18 +257,16 @@ def _batch_rows(cfg: GenerateConfig, model: torch.nn.Module, tokenizer: Any, pro
 
 def _write_jsonl(rows: list[dict], path: str | None) -> None:
     import json
-    import os
+
+    from tinyllm.atomic import atomic_write_text
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if path is None:
         sys.stdout.write(lines)
         sys.stdout.flush()
         return
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:  # a temp name, then rename: no half-written output
-            f.write(lines)
-        os.replace(tmp, path)
+        atomic_write_text(path, lines)  # no half-written output
     except OSError as e:
         raise _UserError(f"--output-file {path}: {e.strerror or e}") from None
 

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from tinyllm.atomic import atomic_path
+
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -296,16 +298,16 @@ def _build(target: Path) -> None:
     incs = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdir = cpp_extension.library_paths()[0]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    # the compiler writes a temp beside the target, renamed over it only when complete: a half-written
+    # library is never loaded
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_path(target) as tmp_so:
         src = Path(tmp) / "kernels.cpp"
         src.write_text(_SOURCE)
-        tmp_so = Path(tmp) / target.name
         cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *incs, str(src), "-o", str(tmp_so),
                f"-L{libdir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp_so, target)  # atomic: a half-written library is never loaded
 
 
 def load() -> bool:

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinyllm.atomic import atomic_open_or_stdout
+
 
 # ------------------------------------------------------------------ seg
 @dataclass
@@ -87,8 +89,7 @@ def run_seg(cfg: SegConfig) -> int:
     _check_input(cfg.input)
     seg = _load_segmenter(cfg)
     lines = _read_lines(cfg.input, cfg.text)
-    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout  # noqa: SIM115
-    try:
+    with atomic_open_or_stdout(cfg.output) as out:  # a file appears only whole
         it = lines
         if cfg.progress and len(lines) > 1000:
             from tqdm import tqdm
@@ -96,9 +97,6 @@ def run_seg(cfg: SegConfig) -> int:
             it = tqdm(lines, desc="seg", unit="line", file=sys.stderr)
         for line in it:
             out.write(cfg.sep.join(seg.cut(line, mode=cfg.mode, hmm=cfg.hmm)) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0
 
 
@@ -295,13 +293,9 @@ def run_pos(cfg: PosConfig) -> int:
         from tinyllm.nlp.keywords import default_cut, hmm_tagger
 
         tag_text = hmm_tagger(model, (lambda s: s.split()) if cfg.presegmented else default_cut)
-    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout  # noqa: SIM115
-    try:
+    with atomic_open_or_stdout(cfg.output) as out:  # a file appears only whole
         for line in lines:
             out.write(cfg.sep.join(f"{w}/{t}" for w, t in tag_text(line) if w.strip()) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0
 
 

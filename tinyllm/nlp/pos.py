@@ -35,7 +35,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,6 +42,8 @@ from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from tinyllm.atomic import atomic_write_text
 
 FORMAT = "tinyllm-hmm-pos"
 VERSION = 1
@@ -72,16 +73,6 @@ def word_shape(word: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_sentences(sentences: Iterable[Sequence[tuple[str, str]]]) -> list[Sequence[tuple[str, str]]]:
@@ -363,10 +354,10 @@ class HMMTagger:
                 "end_state": self.end_state}
 
     def save(self, path: str | Path) -> Path:
-        """Write counts and parameters as JSON (temp file + rename, so a crash leaves no half file)."""
+        """Write counts and parameters as JSON (atomically, so a crash leaves no half file)."""
         path = Path(path)
         blob = {"format": FORMAT, "version": VERSION, "params": self.params(), "counts": self.counts}
-        _atomic_write_text(path, json.dumps(blob, ensure_ascii=False, separators=(",", ":")))
+        atomic_write_text(path, json.dumps(blob, ensure_ascii=False, separators=(",", ":")))
         return path
 
     @classmethod

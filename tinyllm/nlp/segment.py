@@ -38,12 +38,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyllm.atomic import atomic_open
 from tinyllm.nlp.seg_eval import PRF, read_segmented, segmentation_prf  # noqa: F401 (re-exported)
 from tinyllm.nlp.seg_hmm import HMM, MIN_FLOAT, STATES, _bmes, _package_dir, jieba_hmm  # noqa: F401
 
@@ -655,18 +655,11 @@ class Segmenter:
         return seg
 
     def save(self, path: str | os.PathLike) -> Path:
-        """gzip-compressed JSON, written to a temporary file in the same directory and renamed (atomic)."""
+        """gzip-compressed JSON, written atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
-                gz.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+            gz.write(payload)
         return path
 
     @classmethod

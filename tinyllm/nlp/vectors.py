@@ -13,11 +13,12 @@ Files use the original word2vec C tool's formats, which gensim's `KeyedVectors.l
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from tinyllm.atomic import atomic_open
 
 
 class KeyedVectors:
@@ -95,13 +96,12 @@ class KeyedVectors:
 
     # ------------------------------------------------------------------ files
     def save_word2vec_format(self, path: str | Path, binary: bool = False) -> None:
-        """Write the word2vec text (or binary) format; atomic (temp file, then rename)."""
+        """Write the word2vec text (or binary) format, atomically."""
         path = Path(path)
         for w in self.words:
             if not w or any(ch.isspace() for ch in w):
                 raise ValueError(f"word {w!r} is empty or contains whitespace: the word2vec format cannot hold it")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(path, "wb") as f:
             f.write(f"{len(self.words)} {self.vector_size}\n".encode())
             vecs = self.vectors.astype("<f4")
             for w, v in zip(self.words, vecs):
@@ -109,7 +109,6 @@ class KeyedVectors:
                     f.write(w.encode("utf-8") + b" " + v.tobytes() + b"\n")
                 else:
                     f.write((w + " " + " ".join(f"{x:.9g}" for x in v) + "\n").encode("utf-8"))
-        os.replace(tmp, path)
 
     @classmethod
     def load_word2vec_format(cls, path: str | Path, binary: bool = False) -> KeyedVectors:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyllm.rag.files import atomic_write
+from tinyllm.atomic import atomic_open
 
 VARIANTS = ("okapi", "lucene", "bm25l", "bm25+")
 DEFAULT_DELTA = {"bm25l": 0.5, "bm25+": 1.0}
@@ -341,11 +341,10 @@ class BM25Index:
         meta = json.dumps({"config": self.config(), "ids": self._ids, "vocab": list(self.vocab)},
                           ensure_ascii=False)
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, rows=rows, terms=terms, tfs=tfs, lengths=lengths, meta=np.array(meta))
-
-        return atomic_write(Path(directory) / FILE, write)
+        path = Path(directory) / FILE
+        with atomic_open(path, "wb") as f:
+            np.savez(f, rows=rows, terms=terms, tfs=tfs, lengths=lengths, meta=np.array(meta))
+        return path
 
     @classmethod
     def load(cls, directory: str | os.PathLike,

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyllm.rag.files import atomic_write
+from tinyllm.atomic import atomic_open, atomic_path
 
 BACKENDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 METRICS = ("ip", "l2")
@@ -225,15 +225,14 @@ class DenseIndex:
         if self.backend in ("faiss-ivf", "faiss-hnsw") and len(self._ids):
             faiss_name = f"faiss-{uuid.uuid4().hex[:12]}.index"
             index = self._ensure_faiss()
-            atomic_write(directory / faiss_name, lambda tmp: _faiss().write_index(index, tmp))
+            with atomic_path(directory / faiss_name) as tmp:
+                _faiss().write_index(index, str(tmp))
         meta = json.dumps({"config": self.config(), "ids": self._ids, "next_label": self._next_label,
                            "faiss_file": faiss_name}, ensure_ascii=False)
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, vectors=self._vectors, labels=self._labels, meta=np.array(meta))
-
-        path = atomic_write(directory / FILE, write)
+        path = directory / FILE
+        with atomic_open(path, "wb") as f:
+            np.savez(f, vectors=self._vectors, labels=self._labels, meta=np.array(meta))
         for old in directory.glob("faiss-*.index"):
             if old.name != faiss_name:
                 old.unlink()

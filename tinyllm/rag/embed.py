@@ -47,6 +47,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tinyllm.atomic import atomic_dir, json_text
+
 
 @runtime_checkable
 class TextEmbedder(Protocol):
@@ -210,22 +212,16 @@ def hashed_projection(x: np.ndarray, g: np.ndarray, w: np.ndarray) -> np.ndarray
 
 def save_hashed_projection(path: str | os.PathLike, g: np.ndarray, w: np.ndarray, in_dim: int,
                            ngram_range: Sequence[int] = (1, 2), sublinear: bool = True) -> Path:
-    """Write a `HashedProjectionEmbedder` directory atomically (a temp directory renamed into place)."""
-    import shutil
-
+    """Write a `HashedProjectionEmbedder` directory, replacing any old one as a whole (`tinyllm.atomic`)."""
     g, w = np.asarray(g, dtype=np.float32), np.asarray(w, dtype=np.float32)
     if g.shape != (in_dim,) or w.ndim != 2 or w.shape[0] != in_dim:
         raise ValueError(f"g {g.shape} and W {w.shape} do not fit in_dim={in_dim}")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.savez(tmp / PROJECTION_WEIGHTS, g=g, w=w)
-    (tmp / PROJECTION_CONFIG).write_text(json.dumps(
-        {"in_dim": in_dim, "proj_dim": int(w.shape[1]), "ngram_range": list(ngram_range),
-         "sublinear": bool(sublinear)}, indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.replace(path)
+    with atomic_dir(path) as tmp:
+        np.savez(tmp / PROJECTION_WEIGHTS, g=g, w=w)
+        (tmp / PROJECTION_CONFIG).write_text(json_text(
+            {"in_dim": in_dim, "proj_dim": int(w.shape[1]), "ngram_range": list(ngram_range),
+             "sublinear": bool(sublinear)}, ensure_ascii=True))
     return path
 
 
