@@ -43,7 +43,6 @@ query/document towers, data augmentation (ICT pseudo-queries, random article win
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -56,6 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tinyllm.atomic import atomic_dir, atomic_write_json
 
 PAD = "<|endoftext|>"
 
@@ -369,10 +370,8 @@ def stage_tokenizer(cfg: DenseRetrieverConfig, out: Path) -> Any:
                 break
         tok = train_bpe(texts, cfg.vocab_size, special_tokens=(PAD,), show_progress=cfg.progress,
                         eos_token=PAD, pad_token=PAD)
-        tmp = out / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save(tmp)
-        tmp.replace(tdir)
+        with atomic_dir(tdir) as tmp:
+            tok.save(tmp)
         _log(f"tokenizer: {tok.vocab_size} tokens from {n:,} characters in {time.time() - t0:.0f}s")
     return load_tokenizer(tdir)
 
@@ -440,9 +439,7 @@ def _finish(cfg: DenseRetrieverConfig, out: Path, model_dir: Path, result: Any, 
                "final_loss": result.losses[-1] if result.losses else None, "eval_losses": result.eval_losses,
                "dev": metrics, "model": str(model_dir), "embedder_spec": spec}
     path = out / "retriever.json"
-    tmp_json = path.with_name(".retriever.json.tmp")
-    tmp_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
-    tmp_json.replace(path)
+    atomic_write_json(path, summary, default=str)
     _log(f"trained in {train_seconds:.0f}s; dev recall@10 {metrics['recall@10']:.3f}, MRR {metrics['mrr']:.3f}")
     return summary
 
@@ -514,12 +511,9 @@ def run_transformer(cfg: DenseRetrieverConfig) -> dict[str, Any]:
     result = train(model, task, tcfg)
     train_seconds = time.time() - t_train
     model_dir = out / "model"
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model.cpu(), tmp)
-    tok.save(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.replace(model_dir)
+    with atomic_dir(model_dir) as tmp:  # weights and tokenizer replace the old model together
+        save_pretrained(model.cpu(), tmp)
+        tok.save(tmp)
     return _finish(cfg, out, model_dir, result, train_seconds, t_start, {"type": "bert", "path": str(model_dir)})
 
 

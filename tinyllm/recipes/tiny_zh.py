@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from tinyllm.atomic import atomic_dir, atomic_open, atomic_write_json
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SFT_TASKS = ("title", "sentiment", "translate", "qa")
 
@@ -96,9 +98,7 @@ def _log(msg: str) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, obj, default=str)
 
 
 # ------------------------------------------------------------------ stages
@@ -122,10 +122,8 @@ def stage_tokenizer(cfg: TinyZhConfig, sc: Scale, out: Path) -> Path:
             break
     tok = train_bpe(texts, sc.vocab_size, special_tokens=SPECIALS, show_progress=cfg.progress,
                     eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
-    tmp = out / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp)
-    tmp.replace(tdir)
+    with atomic_dir(tdir) as tmp:
+        tok.save(tmp)
     _log(f"tokenizer: {tok.vocab_size} tokens from {n:,} characters in {time.time() - t0:.0f}s")
     return tdir
 
@@ -157,11 +155,9 @@ def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens
         return out_docs
 
     docs_val, docs_train = take(val, val_chars), take(train, train_chars)
-    tmp = out / ".shards.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    index = write_shards(docs_train, tokenizer, tmp, val_texts=docs_val, progress=cfg.progress)
-    save_document_manifest(tmp, cfg.seed, train_order, docs_train, val_order, docs_val)
-    tmp.replace(sdir)
+    with atomic_dir(sdir) as tmp:
+        index = write_shards(docs_train, tokenizer, tmp, val_texts=docs_val, progress=cfg.progress)
+        save_document_manifest(tmp, cfg.seed, train_order, docs_train, val_order, docs_val)
     sp = index["splits"]
     _log(f"shards: {sp['train']['total_tokens']:,} train / {sp['val']['total_tokens']:,} val tokens "
          f"in {time.time() - t0:.0f}s")
@@ -257,11 +253,9 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
         return final
     data = out / "sft_data.jsonl"
     if not data.exists():
-        tmp = data.with_name(".sft_data.jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(data) as f:
             for r in _sft_records(cfg, sc):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.replace(data)
     batch = sc.batch_size
     if sc.max_steps is not None:
         steps = sc.max_steps
@@ -280,16 +274,15 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
     result = run_sft(scfg)
     if result.interrupted:
         raise KeyboardInterrupt
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(out / "sft" / "final", tmp)
-    _stop_at_end_of_turn(tmp)
-    tmp.replace(final)
+    with atomic_dir(final) as tmp:
+        shutil.copytree(out / "sft" / "final", tmp, dirs_exist_ok=True)
+        _stop_at_end_of_turn(tmp)
     return final
 
 
 def _stop_at_end_of_turn(model_dir: Path) -> None:
-    """A chat model stops at <|im_end|> as well as <|endoftext|>: list both as EOS for generators."""
+    """A chat model stops at <|im_end|> as well as <|endoftext|>: list both as EOS for generators. Each file is
+    replaced atomically, and a second run rewrites the same bytes (the list is set, not appended to)."""
     from tinyllm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -298,7 +291,7 @@ def _stop_at_end_of_turn(model_dir: Path) -> None:
         path = model_dir / name
         data = json.loads(path.read_text())
         data["eos_token_id"] = ids
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, data, sort_keys=True, ensure_ascii=True)
 
 
 def run_recipe(cfg: TinyZhConfig) -> int:

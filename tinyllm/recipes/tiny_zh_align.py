@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinyllm.atomic import atomic_write_json, atomic_write_text
+
 
 @dataclass(frozen=True)
 class AlignScale:
@@ -47,12 +49,6 @@ ALIGN_SCALES = {
 
 def _log(msg: str) -> None:
     print(f"[tiny-zh] {msg}", flush=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def stage_dpo(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> dict[str, Any]:
@@ -89,7 +85,7 @@ def stage_dpo(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> 
     metrics = {"before": dpo_metrics(sft, ref_pairs, pad, 0.1),
                "after": dpo_metrics(load_model(out / "dpo" / "final"), ref_pairs, pad, 0.1),
                "train_pairs": 2 * al.dpo_pairs, "steps": al.dpo_steps, "seconds": time.time() - t0}
-    _write_json(path, metrics)
+    atomic_write_json(path, metrics, default=str)
     b, a = metrics["before"], metrics["after"]
     _log(f"dpo: held-out likelihood preference accuracy {b['logprob_accuracy']:.3f} → {a['logprob_accuracy']:.3f}, "
          f"implicit-reward accuracy {a['accuracy']:.3f}, margin {a['margin']:.3f}")
@@ -119,10 +115,8 @@ def stage_grpo(cfg: Any, sc: Any, out: Path, model_dir: Path) -> dict[str, Any]:
     warm_data = [p for p in single_digit_additions() if p.prompt not in held_prompts]
     random.Random(cfg.seed).shuffle(warm_data)
     data = out / "arith_sft.jsonl"
-    tmp = data.with_name(f".{data.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _arith_records(warm_data)),
-                   encoding="utf-8")
-    tmp.replace(data)
+    atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                    for r in _arith_records(warm_data)))
     warm = out / "arith_sft"
     if not (warm / "final" / "model.safetensors").exists():
         _log(f"grpo: arithmetic SFT warm-up, {al.warmup_steps} steps on {len(warm_data)} problems")
@@ -147,7 +141,7 @@ def stage_grpo(cfg: Any, sc: Any, out: Path, model_dir: Path) -> dict[str, Any]:
                "train_reward_by_rollout": [h["reward"] for h in rl["rollouts"]], "warmup_steps": al.warmup_steps,
                "steps": al.grpo_steps, "group_size": al.group_size, "heldout": al.arith_heldout,
                "train_problems": len(train_p), "seconds": time.time() - t0}
-    _write_json(path, metrics)
+    atomic_write_json(path, metrics, default=str)
     _log(f"grpo: held-out mean reward {metrics['before']:.3f} → {metrics['after']:.3f}")
     return metrics
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tinyllm.atomic import atomic_write_json, atomic_write_text
+
 SAMPLE_PROMPTS = (
     "你好，请介绍一下你自己。",
     "把下面的中文翻译成英文。\n\n我喜欢学习中文。",
@@ -127,9 +129,7 @@ def evaluate(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> d
                                            {"pretrain": out / "pretrain" / "final", "sft": model_dir})
     metrics["heldout_bits"]["seconds"] = time.time() - t1
     metrics["eval_seconds"] = time.time() - t0
-    tmp = path.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, metrics)
     return metrics
 
 
@@ -219,9 +219,7 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
                    indent=2, ensure_ascii=False), "```", "",
     ]
     path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))
     if not math.isfinite(metrics["sft_val_loss"]):
         raise RuntimeError("validation loss is not finite")
     return path
