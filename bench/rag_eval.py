@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tinyllm.atomic import atomic_open, atomic_write_json  # noqa: E402
 from tinyllm.data.corpora import inews  # noqa: E402
 from tinyllm.rag.embed import encode_queries  # noqa: E402
 from tinyllm.rag.index import BM25Index, reciprocal_rank_fusion, weighted_score_fusion  # noqa: E402
@@ -82,10 +83,10 @@ def dense_lists(embedder: Any, queries: list[str], docs: list[str], split: str,
     else:
         d = embedder.encode(docs, batch_size=32, progress=True)
         seconds = time.perf_counter() - t0
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, d)
-            path.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "spec": embedder.spec()}))
+        if path is not None:  # the .json first: a cached .npy always has its .json, and neither is ever torn
+            atomic_write_json(path.with_suffix(".json"), {"seconds": seconds, "spec": embedder.spec()}, indent=None)
+            with atomic_open(path, "wb") as f:
+                np.save(f, d)
     q = encode_queries(embedder, queries, batch_size=64)
     sims = q @ d.T  # [Q, D] cosines
     top = np.argsort(-sims, axis=1, kind="stable")[:, :DEPTH]
@@ -180,11 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gain = metrics["hybrid-rrf"]["recall@10"] - metrics[best_single]["recall@10"]
     print(f"\nhybrid-rrf recall@10 − best single ({best_single}): {100 * gain:+.1f} points")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        atomic_write_json(args.out, result, ensure_ascii=True)
     return result
 
 
