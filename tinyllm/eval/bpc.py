@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.atomic import atomic_write_json
+from tinyllm.model.transformer import CausalLM
 
 CONVENTION = ("per-document scoring from the boundary token; the end of each document is predicted and counted "
               "as one character and one byte")
@@ -147,14 +148,20 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
+def _scored_logits(model: nn.Module, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [n, V] at the `scored` positions of x [b, t]; a CausalLM applies its lm_head only there."""
+    if isinstance(model, CausalLM):
+        return model.lm_head(model(x, hidden_only=True)[scored]).float()
+    return model(x)[scored].float()
+
+
 def lm_bits(model: nn.Module, token_docs: Sequence[Sequence[int]], texts: Sequence[str], boundary_id: int,
-            context: int, stride: int | None = None, batch_tokens: int = 4096,
-            logits_bytes: int = 256 * 2**20) -> BitsScore:
+            context: int, stride: int | None = None, batch_tokens: int = 4096) -> BitsScore:
     """Σ −log2 p over every token of every document and its closing boundary, each document prefixed by
     `boundary_id`, scored in windows of `context` inputs advancing by `stride` (default context // 2).
 
     `token_docs[i]` must be `texts[i]` encoded (see `encode_documents`); `texts` gives the denominators.
-    Windows are sorted by length and batched up to `batch_tokens` inputs (and `logits_bytes` of fp32 logits).
+    `model(ids)` returns logits [b, t, V]. Windows are sorted by length and batched up to `batch_tokens` inputs.
     """
     if len(token_docs) != len(texts) or not texts:
         raise ValueError(f"{len(token_docs)} token documents for {len(texts)} texts (need equal, non-zero)")
@@ -163,29 +170,24 @@ def lm_bits(model: nn.Module, token_docs: Sequence[Sequence[int]], texts: Sequen
         raise ValueError(f"context={context}, stride={stride}: need context >= 1 and 1 <= stride <= context")
     wins = [w for ids in token_docs for w in _windows([boundary_id, *ids, boundary_id], context, stride)]
     wins.sort(key=lambda w: -len(w[0]))
-    p = next(model.parameters())
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count, i = 0.0, 0, 0
-    vocab = None
     while i < len(wins):
         width = len(wins[i][0]) - 1
-        rows = max(1, batch_tokens // width)
-        if vocab is not None:
-            rows = max(1, min(rows, logits_bytes // (4 * width * vocab)))
-        chunk = wins[i : i + rows]
+        chunk = wins[i : i + max(1, batch_tokens // width)]
         i += len(chunk)
         x = torch.zeros((len(chunk), width), dtype=torch.long)
         y = torch.full((len(chunk), width), -100, dtype=torch.long)
         for r, (toks, n_scored) in enumerate(chunk):
             k = len(toks) - 1
             x[r, :k] = torch.tensor(toks[:-1])
-            y[r, k - n_scored : k] = torch.tensor(toks[k + 1 - n_scored :])
-        logits = model(x.to(p.device)).float()  # [b, width, V]
-        vocab = logits.shape[-1]
-        total += float(F.cross_entropy(logits.flatten(0, 1), y.to(p.device).flatten(), ignore_index=-100,
-                                       reduction="sum"))
-        count += int((y != -100).sum())
+            y[r, k - n_scored : k] = torch.tensor(toks[k + 1 - n_scored :])  # logits at t predict token t+1
+        scored = y != -100
+        logits = _scored_logits(model, x.to(device), scored.to(device))  # [n_scored, V]
+        total += float(F.cross_entropy(logits, y[scored].to(device), reduction="sum"))
+        count += int(scored.sum())
     model.train(was_training)
     expected = sum(len(d) + 1 for d in token_docs)
     if count != expected:  # every token and every closing boundary exactly once

@@ -155,4 +155,8 @@ def report_lines(hb: dict[str, Any]) -> list[str]:
                      f"document(s), {kn['train_chars']:,} characters); a character unseen in training "
                      f"({kn['oov_chars']} held-out characters) costs −log2 P(<unk>) plus 2 + 8 bits per UTF-8 "
                      "byte to spell it.")
+        rare = {v["order"]: v["min_count"] for v in hb["ngram"].values() if v["min_count"] > 1}
+        if rare:
+            lines.append("Characters seen fewer than " + ", ".join(f"{m} times ({n}-gram)" for n, m in rare.items())
+                         + " in training count as unseen there (the vocabulary must fit 64-bit n-gram keys).")
     return [*lines, ""]
