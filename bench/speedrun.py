@@ -66,6 +66,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "d192-muon": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
                       optimizer="muon"),
     "v4096-muon": dict(vocab=4096, optimizer="muon"),
+    # round 2: around the round-1 winner (Muon, a narrower model)
+    **{f"m192{k}": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
+                        optimizer="muon", **v) for k, v in {
+        "-wsd": dict(schedule="wsd", min_lr=0.0),
+        "-wsd-s128": dict(schedule="wsd", min_lr=0.0, seq_len=128, batch_size=32),
+        "-L4": dict(num_hidden_layers=4),
+        "-L8": dict(num_hidden_layers=8),
+        "-lr5e-3": dict(lr=5e-3),
+        "-lr1.5e-3": dict(lr=1.5e-3),
+        "-b8": dict(batch_size=8),
+        "-v4096": dict(vocab=4096),
+        "-relu2": dict(hidden_act="relu2"),
+        "-wd0": dict(weight_decay=0.0),
+    }.items()},
+    "m128": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+                 optimizer="muon"),
+    "m160": dict(hidden_size=160, intermediate_size=432, num_attention_heads=5, num_key_value_heads=1,
+                 optimizer="muon"),
+    "m256-L4": dict(num_hidden_layers=4, optimizer="muon"),
+    "m128-L8": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=8, optimizer="muon"),
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
 }

@@ -14,6 +14,7 @@ Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from typing import Any
 import pytest
 import torch
 from hf_helpers import TINY_HF, hf_config, randomize_, save_tiny_hf  # noqa: F401 (re-exported)
+
+# precision="auto" resolves to fp32 in tests on every CPU (the bf16 probe is forced off), so a test's numbers do not
+# depend on whether the machine has native bf16; tests of bf16 ask for it, and test_capability clears this
+os.environ.setdefault("TINYLLM_BF16", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
