@@ -13,11 +13,17 @@ string), `max_tokens` or the model's `max_model_len` ("length"). Stop tokens and
 not in the text. While a request streams, the last len(longest stop string) − 1 characters are held back so
 that a stop string is never half-reported.
 
+Faults: an exception that one request explains (its sampling, its detokenization) ends that request alone with
+finish_reason "error"; any other (scheduler, block copies, the batched forward) raises `EngineStepError` with
+the ids of the batch it hit, and `recover` fails those, audits the scheduler and block pool against the live
+requests and rebuilds them (`reset`) if the fault left them inconsistent. A server keeps serving after either.
+
 Not covered: beam search, best_of, LoRA per request, multi-device workers, async serving (see serve/).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Sequence as Seq
@@ -29,8 +35,8 @@ import torch
 from tinyllm.infer.paged import BlockManager, PagedKVCache
 from tinyllm.infer.runner import ModelRunner, Sampled
 from tinyllm.infer.sampling_params import SamplingParams
-from tinyllm.infer.scheduler import Scheduler
-from tinyllm.infer.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from tinyllm.infer.scheduler import Scheduler, SchedulerOutput
+from tinyllm.infer.sequence import CompletionOutput, Request, RequestOutput, SeqStatus, Sequence
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # upper bound of the default pool (bytes)
 
@@ -39,6 +45,15 @@ def _ids(value: Any) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+class EngineStepError(RuntimeError):
+    """A step failed in a way no single request explains; `request_ids` are the requests of its batch (every
+    request when the fault came before the batch was known) and `cause` the original exception."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.request_ids, self.cause = request_ids, cause
 
 
 class LLMEngine:
@@ -80,6 +95,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._seq_ids = itertools.count()
         self._pending: list[RequestOutput] = []
+        self._sched: SchedulerOutput | None = None  # the batch of the step in progress (which requests a fault hits)
         self.num_steps = 0
 
     # -------------------------------------------------------------- requests
@@ -142,6 +158,61 @@ class LLMEngine:
                 seq.finish_reason = "abort"
         self._pending.append(self._output(req))
 
+    def fail(self, request_id: str, error: str) -> None:
+        """End a request because of a fault: as `abort`, but finish_reason "error" and `RequestOutput.error`."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        req.error = error
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "error"
+        self._pending.append(self._output(req))
+
+    def recover(self, request_ids: Seq[str], error: str) -> list[str]:
+        """After a failed step: fail `request_ids` (the batch), then audit the scheduler and the block pool
+        against the requests left; if they disagree, `reset`. Returns every request id that was failed."""
+        failed = [rid for rid in request_ids if rid in self.requests]
+        for rid in failed:
+            self.fail(rid, error)
+        self.block_manager.pending_copies.clear()  # copies for the failed batch's blocks, now freed
+        if self._consistent():
+            return failed
+        return failed + self.reset(f"{error} (engine state reset)")
+
+    def reset(self, error: str) -> list[str]:
+        """Fail every request and rebuild the scheduler's queues and the block pool from scratch (the prefix
+        cache is dropped): the way back from a fault that left the engine's bookkeeping unknown. Touches no
+        sequence bookkeeping that could itself be broken. Returns the ids failed."""
+        ids = list(self.requests)
+        for req in self.requests.values():
+            req.error = error
+            for seq in req.seqs:
+                if not seq.finished:
+                    seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
+                seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
+            with contextlib.suppress(Exception):  # the caller learns of the failure from the returned ids
+                self._pending.append(self._output(req))
+        self.requests.clear()
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
+        self.block_manager.reset()
+        return ids
+
+    def _consistent(self) -> bool:
+        """Do the scheduler's queues and the pool's reference counts match the live requests' sequences?"""
+        bm, sched = self.block_manager, self.scheduler
+        live = [s for r in self.requests.values() for s in r.seqs if not s.finished]
+        queued = list(sched.waiting) + list(sched.running)
+        if sorted(id(s) for s in queued) != sorted(id(s) for s in live):
+            return False
+        held = [0] * bm.num_blocks
+        for s in live:
+            for b in s.block_table:
+                held[b] += 1
+        return held == bm.refcount and set(bm.free) == {b for b, n in enumerate(held) if n == 0}
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending)
 
@@ -154,10 +225,26 @@ class LLMEngine:
 
     # -------------------------------------------------------------- one iteration
     def step(self) -> list[RequestOutput]:
+        """One iteration. A fault that one request explains (its sampling, its detokenization) ends only that
+        request (finish_reason "error", `RequestOutput.error`); any other fault raises `EngineStepError` naming
+        the requests of the failed batch, with the engine left for `recover` (no output is lost)."""
         outputs, self._pending = self._pending, []
-        sched = self.scheduler.schedule()
+        self._sched = None
+        try:
+            self._step(outputs)
+        except Exception as e:
+            self._pending[:0] = outputs
+            ids = list(self.requests) if self._sched is None else list(
+                dict.fromkeys(s.request.request_id for s in self._sched.seqs))
+            raise EngineStepError(ids, e) from e
+        outputs += self._pending  # the requests that failed in this step
+        self._pending = []
+        return outputs
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
+        sched = self._sched = self.scheduler.schedule()
         if not sched:
-            return outputs
+            return
         self.num_steps += 1
         bm = self.block_manager
         self.cache.copy_blocks(bm.pending_copies)
@@ -182,14 +269,45 @@ class LLMEngine:
             seqs.extend(family)
             rows.extend([row] * len(family))
         touched: dict[str, Request] = {}
-        for seq, smp in zip(seqs, self.runner.sample(seqs, rows, logits), strict=True):
-            self._append(seq, smp)
-            touched[seq.request.request_id] = seq.request
+        failed: dict[str, BaseException] = {}
+        for seq, smp in zip(seqs, self._sample(seqs, rows, logits), strict=True):
+            rid = seq.request.request_id
+            try:
+                if isinstance(smp, BaseException):
+                    raise smp
+                if rid not in failed:
+                    self._append(seq, smp)
+                    touched[rid] = seq.request
+            except Exception as e:  # this request's own fault (e.g. its tokens do not detokenize)
+                failed.setdefault(rid, e)
+        for rid, e in failed.items():
+            touched.pop(rid, None)
+            self.fail(rid, f"request {rid!r} failed: {type(e).__name__}: {e}")
         for req in touched.values():
-            outputs.append(self._output(req))
+            try:
+                outputs.append(self._output(req))
+            except Exception as e:
+                self.fail(req.request_id, f"request {req.request_id!r} failed: {type(e).__name__}: {e}")
+                continue
             if req.finished:
                 self.requests.pop(req.request_id, None)
-        return outputs
+
+    def _sample(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor) -> list[Sampled | BaseException]:
+        """Batched sampling; if it raises, each sequence is sampled alone (seeded generators rewound first) so
+        that only the sequences whose own sampling fails get their exception instead of a token."""
+        gens = [(s.generator, s.generator.get_state()) for s in seqs if s.generator is not None]
+        try:
+            return list(self.runner.sample(seqs, rows, logits))
+        except Exception:
+            for gen, state in gens:
+                gen.set_state(state)
+        out: list[Sampled | BaseException] = []
+        for seq, row in zip(seqs, rows, strict=True):
+            try:
+                out.append(self.runner.sample([seq], [row], logits)[0])
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _append(self, seq: Sequence, smp: Sampled) -> None:
         p = seq.request.params
@@ -236,7 +354,7 @@ class LLMEngine:
                 list(seq.logprobs) if seq.logprobs is not None else None, seq.finish_reason, seq.stop_reason,
                 delta, ids[seq.emitted_tokens:]))
             seq.emitted_tokens = len(ids)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.error)
 
 
 class LLM:

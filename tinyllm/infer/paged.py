@@ -65,6 +65,14 @@ class BlockManager:
         self.prefix_hit_tokens = 0
         self.cow_copies = 0
 
+    def reset(self) -> None:
+        """Every block free, nothing cached, no copy pending: the pool as built (after a fault left it unknown)."""
+        self.refcount = [0] * self.num_blocks
+        self.free = OrderedDict((b, None) for b in range(self.num_blocks))
+        self.hash_of.clear()
+        self.cached.clear()
+        self.pending_copies.clear()
+
     # -------------------------------------------------------------- block level
     @property
     def num_free_blocks(self) -> int:

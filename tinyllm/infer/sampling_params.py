@@ -1,6 +1,7 @@
 """Per-request decoding parameters of the engine (notes ch.06.1 "LLM推理常见参数", ch.06.4 vLLM `SamplingParams`).
 
-The fields and their meaning follow vLLM's `SamplingParams`: temperature 0 means greedy decoding; top_k ≤ 0
+The fields and their meaning follow vLLM's `SamplingParams`: temperature 0 means greedy decoding (as in vLLM, so
+does any temperature below 1e-5, which would overflow the logits into inf/NaN); top_k ≤ 0
 (vLLM writes −1) and top_p = 1 disable those filters; repetition_penalty is CTRL's (applied to prompt and
 output tokens, as transformers does); presence/frequency penalties are OpenAI's additive ones over the output
 tokens only: z_i ← z_i − presence·[c_i > 0] − frequency·c_i with c_i the count of token i in the output.
@@ -16,10 +17,13 @@ Not covered: best_of, beam search in the engine, guided decoding, bad_words, log
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tinyllm.infer.sampling import LogitsProcessor, build_processors
 from tinyllm.utils import require_int
+
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is argmax (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -47,6 +51,9 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= -1 (-1 or 0 disables it)")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
+        for name in ("temperature", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be finite")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
@@ -57,8 +64,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name}={v!r} must be in [-2, 2]")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed <= 2**64 - self.n):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [-2**63, 2**64 - n] or None")
         if self.logprobs is not None:
             require_int("logprobs", self.logprobs, 0)
         if isinstance(self.stop, str):
@@ -72,7 +80,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

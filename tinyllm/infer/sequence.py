@@ -8,8 +8,9 @@ computed, then forked into n that share the prompt's KV blocks). A sequence's to
 
 Outputs mirror vLLM: `RequestOutput(request_id, prompt, prompt_token_ids, outputs, finished)` with one
 `CompletionOutput(index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason)` per
-sample; finish_reason is "stop" (EOS, a stop token or a stop string), "length" or "abort". The delta fields
-carry what the last step added, for streaming.
+sample; finish_reason is "stop" (EOS, a stop token or a stop string), "length", "abort", or "error" when an
+engine fault ended the request (`RequestOutput.error` says why). The delta fields carry what the last step
+added, for streaming.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Request:
     forked: bool = False  # n > 1: the prompt's sequence has been split into n samples
     chains: tuple[list[Any], list[Any]] = ((), ())  # (penalties, warpers) of `SamplingParams.processors`
     plain_greedy: bool = False  # argmax of the raw logits: no processor at all
+    error: str | None = None  # why the engine failed it (finish_reason "error")
 
     def __post_init__(self) -> None:
         self.chains = self.params.processors()
@@ -109,3 +111,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    error: str | None = None  # set when an engine fault ended the request (its outputs say "error")
