@@ -11,7 +11,9 @@ OpenAI-compatible server"; the OpenAI REST API).
   otherwise, compared in constant time) and counts requests per endpoint and status for `/metrics`; it is
   plain ASGI (not `BaseHTTPMiddleware`) so a client's disconnect still reaches a streaming response, whose
   cancellation aborts the request and frees its KV blocks.
-- Every error is OpenAI-shaped (`errors.py`): malformed JSON and schema violations are 400s naming the field.
+- Every error is OpenAI-shaped (`errors.py`): malformed JSON and schema violations are 400s naming the field;
+  a request that an engine fault ended is a 500 (`engine_error`; a stream gets an error event and `[DONE]`),
+  and a dead or stalled engine loop makes requests 503 (`engine_unavailable`) and `/health` 503 with the reason.
 
 Not covered: TLS, CORS, multiple models per server, LoRA adapters per request, rate limits per key.
 """
@@ -34,12 +36,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllm.infer.engine import LLMEngine
 from tinyllm.serve import protocol as P
+from tinyllm.serve.async_engine import EngineError
 from tinyllm.serve.completions import chat_completion, completion
 from tinyllm.serve.embeddings import Embedder
 from tinyllm.serve.errors import APIError, error_response
 from tinyllm.serve.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
+# documented in the OpenAPI schema: every failure is an OpenAI error object (never FastAPI's 422 body)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": P.ErrorResponse, "description": "invalid request, missing key, unknown route, queue full"},
+    "5XX": {"model": P.ErrorResponse, "description": "engine fault (500) or engine unavailable (503)"}}
+STREAMING = {**ERRORS, 200: {"description": "a JSON body, or Server-Sent Events when stream=true",
+                             "content": {"text/event-stream": {"schema": {  # one SSE event
+                                 "type": "object", "properties": {"data": {"type": "string"}}}}}}}
 
 
 class _GuardMiddleware:
@@ -85,9 +95,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(engine: LLMEngine, *, model_name: str = "tinyllm", api_key: str | None = None, max_queue: int = 256,
-               embedder: Embedder | None = None) -> FastAPI:
-    """The server's FastAPI app; the engine loop runs while the app's lifespan is open."""
-    st = ServerState(engine, model_name, api_key, max_queue, embedder)
+               embedder: Embedder | None = None, stall_timeout: float = 300.0) -> FastAPI:
+    """The server's FastAPI app; the engine loop runs while the app's lifespan is open. A step that runs longer
+    than `stall_timeout` seconds marks the engine stalled (/health 503, waiting requests fail)."""
+    st = ServerState(engine, model_name, api_key, max_queue, embedder, stall_timeout=stall_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,35 +126,43 @@ def create_app(engine: LLMEngine, *, model_name: str = "tinyllm", api_key: str |
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        if exc.unavailable:
+            return error_response(503, str(exc), None, "engine_unavailable")
+        return error_response(500, str(exc), None, "engine_error")
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine loop is dead or stalled (the reason in error)"}})
     async def health() -> JSONResponse:
-        ok = st.loop.running
-        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+        problem = st.loop.health()
+        if problem is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(st.metrics.render(st.loop.gauges), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models() -> P.ModelList:
         cards = [P.ModelCard(id=st.model_name, max_model_len=st.max_model_len)]
         if embedder is not None and embedder.name != st.model_name:
             cards.append(P.ModelCard(id=embedder.name, max_model_len=embedder.max_len))
         return P.ModelList(data=cards)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAMING)
     async def chat(req: P.ChatCompletionRequest) -> Any:
         return await chat_completion(st, req)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMING)
     async def completions(req: P.CompletionRequest) -> Any:
         return await completion(st, req)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(req: P.EmbeddingRequest) -> P.EmbeddingResponse:
         st.check_model(req.model, embedding=True)
         emb = embedder or own_embedder

@@ -6,7 +6,8 @@ plus prompt token ids (chat: the model's chat template; completions: each prompt
 admitted into the running batch, and is answered either whole (a JSON body) or as Server-Sent Events: one
 `data: {chunk}` per engine step that produced text, a last chunk with `finish_reason`, an optional usage chunk
 (`stream_options.include_usage`) and `data: [DONE]`. Log-probabilities are those of the raw model distribution
-(`logprobs` / `top_logprobs`); `echo` with `logprobs` scores the prompt with one extra forward.
+(`logprobs` / `top_logprobs`); `echo` with `logprobs` scores the prompt with one extra forward. A fault after a
+stream has begun arrives as one `data: {"error": {...}}` event followed by `data: [DONE]`.
 
 max_tokens defaults: chat → whatever the context window leaves; completions → 16 (OpenAI's legacy default).
 Not covered: `best_of`, `suffix`, `logit_bias`, streaming of partial tool-call arguments.
@@ -26,16 +27,19 @@ from fastapi.responses import StreamingResponse
 from tinyllm.infer.sampling_params import SamplingParams
 from tinyllm.infer.sequence import CompletionOutput, RequestOutput
 from tinyllm.serve import protocol as P
-from tinyllm.serve.async_engine import RequestStream
+from tinyllm.serve.async_engine import EngineError, RequestStream
 from tinyllm.serve.chat_format import ChatFormatError, parse_tool_calls, render_chat
 from tinyllm.serve.errors import APIError
 from tinyllm.serve.state import ServerState
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_N = 128  # samples per request, OpenAI's documented limit
 
 
 def sampling_params(st: ServerState, req: P._Sampling, max_tokens: int | None, prompt_lens: list[int],
                     param: str, logprobs: int | None, default_max: int | None = None) -> SamplingParams:
+    if isinstance(req.n, int) and req.n > MAX_N:
+        raise APIError(400, f"n={req.n} must be at most {MAX_N}", "n", "invalid_value")
     for n in prompt_lens:
         st.check_context(n, max_tokens, param)
     if max_tokens is None:
@@ -55,6 +59,16 @@ def sampling_params(st: ServerState, req: P._Sampling, max_tokens: int | None, p
 def sse(payload: P.BaseModel | str) -> str:
     data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
     return f"data: {data}\n\n"
+
+
+def _error_event(error: Exception) -> str:
+    """The in-band error of a stream whose 200 has gone out: the OpenAI error object as one SSE event."""
+    if isinstance(error, EngineError):
+        code = "engine_unavailable" if error.unavailable else "engine_error"
+    else:
+        code = "internal_error"
+    return sse(json.dumps({"error": {"message": str(error) or type(error).__name__, "type": "server_error",
+                                     "param": None, "code": code}}))
 
 
 def _stream_response(body: AsyncIterator[str]) -> StreamingResponse:
@@ -201,8 +215,9 @@ async def _chat_events(st: ServerState, req: P.ChatCompletionRequest, cid: str, 
             yield sse(P.ChatCompletionChunk(id=cid, model=st.model_name, choices=[],
                                             usage=_usage(prompt_tokens, final)))
         yield sse("[DONE]")
-    except (RuntimeError, ValueError) as e:  # engine failure or shutdown: tell the client in-band
-        yield sse(json.dumps({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}))
+    except Exception as e:  # engine fault or shutdown after the 200 went out: tell the client in-band
+        yield _error_event(e)
+        yield sse("[DONE]")
     finally:
         stream.abort()
         st.release(1)
@@ -224,7 +239,14 @@ def _prompts(st: ServerState, prompt: str | list[str] | list[int] | list[list[in
             ids = tok.encode(p, allowed_special="all", add_special_tokens=True)
             out.append((p, ids))
         else:
-            out.append((tok.decode(p), list(p)))
+            vocab = st.engine.model.config.vocab_size
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt[{i}] holds token ids outside [0, {vocab}): {bad[:5]}", "prompt")
+            try:
+                out.append((tok.decode(p), list(p)))
+            except ValueError as e:  # an id the tokenizer does not know
+                raise APIError(400, f"prompt[{i}]: {e}", "prompt") from None
         if not out[-1][1]:
             raise APIError(400, f"prompt[{i}] encodes to no tokens", "prompt")
     return out
@@ -321,8 +343,9 @@ async def _completion_events(st: ServerState, req: P.CompletionRequest, cid: str
             usage = _usage(sum(len(ids) for _, ids in prompts), [o for f in finals.values() for o in f])
             yield sse(P.Completion(id=cid, model=st.model_name, choices=[], usage=usage))
         yield sse("[DONE]")
-    except (RuntimeError, ValueError) as e:
-        yield sse(json.dumps({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}))
+    except Exception as e:
+        yield _error_event(e)
+        yield sse("[DONE]")
     finally:
         for t in tasks:
             t.cancel()

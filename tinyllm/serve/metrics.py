@@ -50,6 +50,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.aborted = 0
+        self.faults = 0  # failed engine steps plus requests the engine ended with an error
         self.ttft = Histogram()
         self.itl = Histogram()
         self.e2e = Histogram()
@@ -62,6 +63,10 @@ class Metrics:
         with self.lock:
             self.prompt_tokens += prompt
             self.generation_tokens += generated
+
+    def count_fault(self) -> None:
+        with self.lock:
+            self.faults += 1
 
     def observe(self, histogram: str, value: float) -> None:
         with self.lock:
@@ -76,7 +81,8 @@ class Metrics:
             for name, value, text in (
                     ("prompt_tokens_total", self.prompt_tokens, "prompt tokens admitted"),
                     ("generation_tokens_total", self.generation_tokens, "tokens generated"),
-                    ("requests_aborted_total", self.aborted, "requests aborted (client gone, shutdown)")):
+                    ("requests_aborted_total", self.aborted, "requests aborted (client gone, shutdown)"),
+                    ("engine_faults_total", self.faults, "failed engine steps and requests failed by the engine")):
                 lines += [f"# HELP {p}_{name} {text}", f"# TYPE {p}_{name} counter", f"{p}_{name} {value}"]
             for name, h, text in (("time_to_first_token_seconds", self.ttft, "time to first token"),
                                   ("inter_token_latency_seconds", self.itl, "time between streamed tokens"),

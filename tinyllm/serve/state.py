@@ -24,6 +24,7 @@ class ServerState:
     max_queue: int = 256
     embedder: Embedder | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    stall_timeout: float = 300.0  # seconds one engine step may take before the loop counts as stalled
     loop: AsyncEngine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -31,7 +32,7 @@ class ServerState:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
         if self.engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer")
-        self.loop = AsyncEngine(self.engine, self.metrics)
+        self.loop = AsyncEngine(self.engine, self.metrics, stall_timeout=self.stall_timeout)
 
     @property
     def tokenizer(self) -> Any:
