@@ -271,3 +271,19 @@ def test_sdpa_single_query_gqa_fast_path_equals_eager(hkv: int) -> None:
     k, v = torch.randn(3, hkv, 29, 16), torch.randn(3, hkv, 29, 16)
     ref = eager_attention(q, k, v, None, None, True, 0.25)
     torch.testing.assert_close(sdpa_attention(q, k, v, None, None, True, 0.25), ref, atol=1e-5, rtol=0)
+
+
+def test_gqa_decode_fold_takes_a_non_contiguous_kernel_output(monkeypatch) -> None:
+    """Regression: CUDA's SDPA kernels may return [B, H, T, D] as a transposed view of a [B, T, H, D] buffer;
+    the one-query GQA fold then failed with "view size is not compatible" (found by tests/test_gpu.py)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 8, generator=g)  # one decode query, 4 heads over 2 K/V heads
+    k, v = torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    want = sdpa_attention(q, k, v, None, None, False, 0.25)
+    real = F.scaled_dot_product_attention
+
+    def cuda_layout(*args, **kwargs):  # the same values in the memory layout CUDA kernels hand back
+        return real(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout)
+    assert torch.equal(sdpa_attention(q, k, v, None, None, False, 0.25), want)  # same values, other strides

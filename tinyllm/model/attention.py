@@ -148,7 +148,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         # one decode query per head: fold each K/V group's query heads into the query axis
         # [B, H, 1, D] → [B, Hkv, n_rep, D], so K/V are read once per group instead of copied n_rep times
         out = F.scaled_dot_product_attention(q.view(b, k.shape[1], n_rep, d), k, v, scale=scale)
-        return out.view(b, h, 1, d)
+        return out.reshape(b, h, 1, d)  # CUDA kernels may hand back a non-contiguous layout: no view
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if bias is None and mask is None:
         causal = is_causal and q.shape[2] > 1
