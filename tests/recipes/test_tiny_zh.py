@@ -127,3 +127,54 @@ def test_config_validation() -> None:
     assert TinyZhConfig(quick=True).scale == "quick"
     with pytest.raises(ValueError, match="scale='huge'"):
         TinyZhConfig(scale="huge")
+
+
+def test_plan_reports_device_precision_and_sft_replay(run_dir) -> None:
+    plan = json.loads((run_dir / "pretrain_plan.json").read_text())
+    assert plan["device"] == "cpu" and plan["precision"] in ("fp32", "bf16") and "CPU" in plan["device_name"]
+    report = (run_dir / "report.md").read_text()
+    assert "trained end to end on a CPU" in report and plan["device_name"] in report
+    sft_cfg = json.loads((run_dir / "sft" / "sft_config.json").read_text())
+    assert sft_cfg["replay_fraction"] == 0.5 and sft_cfg["num_replay_examples"] > 0
+
+
+class _Tok:
+    vocab_size, eos_token_id = 400, 0
+
+
+def _fake_probe(times: dict):
+    def measure(model, batch_size, seq_len, vocab, precision, repeats=3, optimizer="adamw"):
+        return times[(precision, batch_size)]
+    return measure
+
+
+def test_plan_replans_precision_then_batch_when_the_budget_is_too_short(monkeypatch) -> None:
+    """Regression: on an AVX2-only CPU bf16 ran ~88 s/step and the recipe planned 20 useless steps."""
+    import dataclasses
+
+    from tinyllm.recipes import tiny_zh
+
+    sc = dataclasses.replace(tiny_zh.SCALES["test"], max_steps=None, pretrain_seconds=100.0, min_steps=50,
+                             batch_size=16)
+    cfg = TinyZhConfig(scale="test", device="cpu", precision="auto")
+    import tinyllm.capability as cap
+
+    monkeypatch.setattr(cap, "resolve_precision", lambda p, d: "bf16")
+    # bf16 is slow everywhere, fp32 at batch 16 fits: fp32 wins, and the reason says why
+    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+        {("bf16", 16): 50.0, ("bf16", 8): 25.0, ("bf16", 4): 12.0, ("fp32", 16): 1.0}))
+    plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
+    assert (plan["precision"], plan["batch_size"], plan["max_steps"]) == ("fp32", 16, 100)
+    assert "allows only 2 steps" in plan["reason"] and [p["batch_size"] for p in plan["probes"]] == [16, 8, 4, 16]
+    # nothing fits: the most tokens wins and the plan warns
+    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+        {("bf16", 16): 50.0, ("bf16", 8): 25.0, ("bf16", 4): 20.0, ("fp32", 16): 10.0, ("fp32", 8): 5.0,
+         ("fp32", 4): 4.0}))
+    plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
+    assert plan["precision"] == "fp32" and plan["batch_size"] == 16 and "undertrained" in plan["reason"]
+    # an explicit precision is kept; the epoch cap bounds the steps
+    cfg32 = TinyZhConfig(scale="test", device="cpu", precision="fp32")
+    monkeypatch.setattr(cap, "resolve_precision", lambda p, d: p)
+    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe({("fp32", 16): 0.1}))
+    plan = tiny_zh.plan_pretrain(cfg32, sc, _Tok(), corpus_tokens=16 * 32 * 300)
+    assert plan["max_steps"] == int(sc.max_epochs * 300) and "capped" in plan["reason"]

@@ -93,3 +93,31 @@ def test_builtin_data_and_bad_config() -> None:
         SFTConfig(data="x.jsonl")
     with pytest.raises(ValueError, match="max_length=1"):
         SFTConfig(init_from="m", data="x.jsonl", max_length=1)
+
+
+def test_replay_mixes_pretraining_windows_all_learned(base_dir, tmp_path) -> None:
+    from tinyllm.data.text import TokenShards, write_token_shards
+    from tinyllm.train.sft import replay_examples
+
+    d, tok = base_dir
+    docs = [[(7 * i + j) % 50 + 1 for j in range(40)] for i in range(20)]
+    write_token_shards(docs, tmp_path / "shards", vocab_size=64, eos_token_id=0)
+    shards = TokenShards(tmp_path / "shards", "train")
+    a = replay_examples(tmp_path / "shards", 6, 16, seed=3)
+    assert len(a) == 6 and all(len(e.ids) == 16 and e.labels == e.ids and e.num_trained == 16 for e in a)
+    assert [e.ids for e in a] == [e.ids for e in replay_examples(tmp_path / "shards", 6, 16, seed=3)]
+    flat = [int(t) for t in shards.read(0, len(shards))]
+    assert all(any(flat[i:i + 16] == e.ids for i in range(len(flat) - 15)) for e in a)  # real windows
+    with pytest.raises(ValueError, match="fewer than one window"):
+        replay_examples(tmp_path / "shards", 1, 10_000, seed=0)
+    data = tmp_path / "data.jsonl"
+    _write_data(data)
+    cfg = SFTConfig(init_from=str(d), data=str(data), out_dir=str(tmp_path / "run"), max_steps=2,
+                    batch_size=4, eval_interval=0, eval_steps=0, save_interval=0, val_fraction=0.0,
+                    progress=False, device="cpu", replay_data=str(tmp_path / "shards"), replay_fraction=0.5,
+                    max_length=64)
+    run_sft(cfg)
+    resolved = json.loads((tmp_path / "run" / "sft_config.json").read_text())
+    assert resolved["num_replay_examples"] == 24 and resolved["num_train_examples"] == 48
+    with pytest.raises(ValueError, match="replay_fraction=0.5 needs --replay-data"):
+        SFTConfig(init_from="m", data="x.jsonl", replay_fraction=0.5)

@@ -55,18 +55,36 @@ class Scale:
     eval_sentiment: int
     eval_titles: int
     max_steps: int | None = None  # fixed step counts (test scale) instead of time budgets
+    # pretraining recipe (bench/speedrun.py; BENCHMARKS.md "main job" ablation): Muon on hidden matrices,
+    # warmup-stable-decay to 0, a narrow 4-layer model that sees more tokens in the budget
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    schedule: str = "wsd"
+    optimizer: str = "muon"
+    sft_lr: float = 3e-4
+    replay_fraction: float = 0.5  # share of SFT examples that are pretraining windows (keeps the LM)
+    min_steps: int = 150  # fewer useful pretraining steps than this: re-plan (precision, batch)
+    sources: tuple[str, ...] = ("inews", "peoples_daily")
+    max_epochs: float = 2.0  # cap on passes over the pretraining text
+    compile: bool = False
 
 
 SCALES: dict[str, Scale] = {
-    "default": Scale(3_000_000, 8192, dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                                           num_attention_heads=8, num_key_value_heads=4),
-                     256, 16, 330.0, 120.0, 6000, 400, 100),
-    "quick": Scale(600_000, 4096, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                                       num_attention_heads=6, num_key_value_heads=2),
-                   128, 16, 45.0, 25.0, 1500, 150, 30),
+    "default": Scale(3_000_000, 8192, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                                           num_attention_heads=6, num_key_value_heads=2),
+                     256, 16, 330.0, 90.0, 6000, 400, 100),
+    "quick": Scale(600_000, 4096, dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2),
+                   128, 16, 45.0, 20.0, 1500, 150, 30, min_steps=60),
     "test": Scale(40_000, 400, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2),
                   32, 4, 0.0, 0.0, 40, 12, 4, max_steps=6),
+    # CUDA: tens of millions of parameters over every offline Chinese corpus, bf16, GPU-sized batches
+    "gpu": Scale(6_000_000, 16384, dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                        num_attention_heads=8, num_key_value_heads=4),
+                 512, 64, 240.0, 60.0, 20000, 1000, 300, lr=2e-3, min_steps=200,
+                 sources=("inews", "peoples_daily", "hsk", "chatterbot", "poetry"), max_epochs=4.0,
+                 compile=True),
 }
 
 
@@ -74,10 +92,13 @@ SCALES: dict[str, Scale] = {
 class TinyZhConfig:
     out: str = field(default="runs/tiny-zh", metadata={"help": "output directory"})
     quick: bool = field(default=False, metadata={"help": "about 2 minutes instead of about 10"})
-    scale: str = field(default="", metadata={"help": "default, quick or test (overrides --quick)",
+    scale: str = field(default="", metadata={"help": "default (CPU, ~10 min), quick (~2-3 min), gpu (chosen on CUDA: "
+                                                     "a ~30M model over all offline Chinese text) or test",
                                              "choices": ["", *SCALES]})
     seed: int = field(default=0, metadata={"help": "seed for data order and initial weights"})
-    precision: str = field(default="bf16", metadata={"help": "training precision", "choices": ["fp32", "bf16"]})
+    precision: str = field(default="auto", metadata={"help": "training precision; auto: bf16 on CUDA and on CPUs "
+                                                             "where bf16 matmul measures faster than fp32",
+                                                     "choices": ["auto", "fp32", "bf16"]})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     fresh: bool = field(default=False, metadata={"help": "delete previous outputs and start over"})
     dpo: bool = field(default=False, metadata={"help": "also run DPO on inews preference pairs and report held-out "
@@ -88,7 +109,10 @@ class TinyZhConfig:
 
     def __post_init__(self) -> None:
         if not self.scale:
-            self.scale = "quick" if self.quick else "default"
+            from tinyllm.utils import pick_device
+
+            on_cuda = pick_device(self.device).type == "cuda"
+            self.scale = "quick" if self.quick else "gpu" if on_cuda else "default"
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r} is not one of {sorted(SCALES)}")
 
@@ -129,15 +153,14 @@ def stage_tokenizer(cfg: TinyZhConfig, sc: Scale, out: Path) -> Path:
 
 
 def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens_needed: int) -> Path:
-    from tinyllm.data.corpora import pretrain_texts
     from tinyllm.data.text import write_shards
-    from tinyllm.recipes.tiny_zh_bpc import save_document_manifest, shuffled_order
+    from tinyllm.recipes.tiny_zh_bpc import corpus_documents, save_document_manifest, shuffled_order
 
     sdir = out / "shards"
     if (sdir / "index.json").exists():
         return sdir
     t0 = time.time()
-    train, val = pretrain_texts("train"), pretrain_texts("val")
+    train, val = corpus_documents("train", sc.sources), corpus_documents("val", sc.sources)
     rng = random.Random(cfg.seed)
     # the same order rng.shuffle(train), rng.shuffle(val) gives, kept as indices for the document manifest
     train_order, val_order = shuffled_order(len(train), rng), shuffled_order(len(val), rng)
@@ -157,74 +180,140 @@ def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens
     docs_val, docs_train = take(val, val_chars), take(train, train_chars)
     with atomic_dir(sdir) as tmp:
         index = write_shards(docs_train, tokenizer, tmp, val_texts=docs_val, progress=cfg.progress)
-        save_document_manifest(tmp, cfg.seed, train_order, docs_train, val_order, docs_val)
+        save_document_manifest(tmp, cfg.seed, train_order, docs_train, val_order, docs_val, sources=sc.sources)
     sp = index["splits"]
     _log(f"shards: {sp['train']['total_tokens']:,} train / {sp['val']['total_tokens']:,} val tokens "
          f"in {time.time() - t0:.0f}s")
     return sdir
 
 
-def _pretrain_config(cfg: TinyZhConfig, sc: Scale, out: Path, shards: Path, max_steps: int) -> Any:
+def _pretrain_config(cfg: TinyZhConfig, sc: Scale, out: Path, shards: Path, plan: dict[str, Any]) -> Any:
     from tinyllm.train.pretrain import PretrainConfig
 
+    max_steps = plan["max_steps"]
     return PretrainConfig(
         data_dir=str(shards), out_dir=str(out / "pretrain"), tokenizer=str(out / "tokenizer"), seq_len=sc.seq_len,
         model_preset="tiny", max_position_embeddings=max(512, sc.seq_len), tie_word_embeddings=True, **sc.model,
-        max_steps=max_steps, batch_size=sc.batch_size, lr=3e-3, min_lr=3e-4,
-        warmup_steps=max(1, min(50, max_steps // 10)), weight_decay=0.1, precision=cfg.precision,
+        max_steps=max_steps, batch_size=plan["batch_size"], lr=sc.lr, min_lr=sc.min_lr, schedule=sc.schedule,
+        optimizer=sc.optimizer, warmup_steps=max(1, min(50, max_steps // 10)), weight_decay=0.1,
+        precision=plan["precision"], compile=sc.compile and plan["device"] == "cuda",
         eval_interval=max(1, max_steps // 4), eval_steps=8, log_interval=max(1, max_steps // 50),
-        save_interval=max(1, max_steps // 3), keep_last=1, seed=cfg.seed, device=cfg.device,
+        save_interval=max(1, max_steps // 3), keep_last=1, seed=cfg.seed, device=plan["device"],
         progress=cfg.progress)
 
 
 def measure_step_seconds(model: torch.nn.Module, batch_size: int, seq_len: int, vocab: int,
-                         precision: str, repeats: int = 3) -> float:
-    """Seconds per forward+backward of one batch (fastest of `repeats` after a warm-up: the minimum is the
-    estimate least disturbed by other work on the machine), weights untouched."""
+                         precision: str, repeats: int = 3, optimizer: str = "adamw") -> float:
+    """Seconds per training step of one batch: forward, backward and the optimizer update (fastest of `repeats`
+    after a warm-up: the minimum is the estimate least disturbed by other work on the machine). The probe model
+    is trained by it; pass a throw-away copy."""
     from tinyllm.train.losses import model_lm_loss
+    from tinyllm.train.optim import build_optimizer
 
-    x = torch.randint(0, vocab, (batch_size, seq_len))
+    dev = next(model.parameters()).device
+    opt = build_optimizer(list(model.named_parameters()), 1e-4, 0.1, kind=optimizer)
+    x = torch.randint(0, vocab, (batch_size, seq_len), device=dev)
     times = []
     model.train()
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model_lm_loss(model, x, x)
         loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         if i:
             times.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    # the optimizer step and data loading add roughly 15% on these sizes
-    return min(times) * 1.15
+    # data loading, logging and evaluation add roughly 10% on these sizes
+    return min(times) * 1.1
+
+
+def plan_pretrain(cfg: TinyZhConfig, sc: Scale, tokenizer: Any, corpus_tokens: int | None = None) -> dict[str, Any]:
+    """How many steps of which precision and batch fit the scale's time budget on this machine, measured.
+
+    The resolved precision (`auto`: bf16 only where measured faster) and the scale's batch come first; if the
+    budget then allows fewer than `sc.min_steps` steps, the other precision and halved batches are measured too
+    and the first candidate that reaches `min_steps` wins (else the one with the most tokens), and the plan
+    says why. Steps are capped at `sc.max_epochs` passes over the corpus when its size is known."""
+    from tinyllm.capability import describe, resolve_precision
+    from tinyllm.model.hf import build_model
+    from tinyllm.utils import pick_device, seed_everything
+
+    device = pick_device(cfg.device)
+    first = resolve_precision(cfg.precision, device)
+    base = {"device": device.type, "device_name": describe(device), "precision": first,
+            "batch_size": sc.batch_size}
+    if sc.max_steps is not None:
+        return {**base, "max_steps": sc.max_steps, "measured_step_seconds": 0.0, "tokens_per_second": None,
+                "tokens": sc.max_steps * sc.batch_size * sc.seq_len, "reason": "fixed steps (test scale)"}
+    precisions = [first] + ([p for p in ("bf16", "fp32") if p != first] if cfg.precision == "auto" else [])
+    batches = [b for b in (sc.batch_size, sc.batch_size // 2, sc.batch_size // 4) if b >= 4]
+    probe_cfg = _pretrain_config(cfg, sc, Path("."), Path("."), {**base, "max_steps": 1})
+    tried: list[dict[str, Any]] = []
+    for precision in precisions:
+        for batch in batches:
+            seed_everything(cfg.seed)
+            model = build_model(probe_cfg.model_config(tokenizer.vocab_size, tokenizer.eos_token_id)).to(device)
+            step_s = measure_step_seconds(model, batch, sc.seq_len, tokenizer.vocab_size, precision,
+                                          optimizer=sc.optimizer)
+            steps = int(sc.pretrain_seconds / step_s)
+            tried.append({"precision": precision, "batch_size": batch, "step_s": step_s, "steps": steps})
+            _log(f"probe: {precision} batch {batch}: {step_s:.3f} s/step → {steps} steps in "
+                 f"{sc.pretrain_seconds:.0f} s")
+            if steps >= sc.min_steps:
+                break
+        if tried[-1]["steps"] >= sc.min_steps:
+            break
+    good = [t for t in tried if t["steps"] >= sc.min_steps]
+    pick = good[0] if good else max(tried, key=lambda t: t["steps"] * t["batch_size"])
+    if pick is tried[0]:
+        reason = f"{pick['steps']} steps fit the {sc.pretrain_seconds:.0f} s budget"
+    elif good:
+        reason = (f"{tried[0]['precision']} at batch {tried[0]['batch_size']} allows only {tried[0]['steps']} steps "
+                  f"(< {sc.min_steps}); {pick['precision']} at batch {pick['batch_size']} allows {pick['steps']}")
+    else:
+        reason = (f"no candidate reaches {sc.min_steps} steps in {sc.pretrain_seconds:.0f} s; the fastest "
+                  f"({pick['precision']}, batch {pick['batch_size']}) gives {pick['steps']}: the model will be "
+                  "undertrained (try --scale quick, or a GPU)")
+        _log(f"warning: {reason}")
+    steps = max(20, pick["steps"])
+    window = pick["batch_size"] * sc.seq_len
+    if corpus_tokens:
+        cap = max(20, int(sc.max_epochs * corpus_tokens / window))
+        if cap < steps:
+            reason += f"; capped at {sc.max_epochs:g} epochs of the corpus ({cap} steps)"
+            steps = cap
+    return {**base, "precision": pick["precision"], "batch_size": pick["batch_size"], "max_steps": steps,
+            "measured_step_seconds": pick["step_s"], "tokens_per_second": window / pick["step_s"],
+            "tokens": steps * window, "reason": reason, "probes": tried}
+
+
+def _corpus_tokens_estimate(sc: Scale) -> int:
+    """Training tokens the scale's corpus holds, from its characters (~1.45 characters per token for these
+    tokenizers on Chinese news); caps the steps at `max_epochs` passes."""
+    from tinyllm.recipes.tiny_zh_bpc import corpus_documents
+
+    return int(sum(len(d) for d in corpus_documents("train", sc.sources)) / 1.45)
 
 
 def stage_pretrain(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any) -> dict[str, Any]:
-    from tinyllm.model.hf import build_model
     from tinyllm.train.pretrain import run_pretrain
-    from tinyllm.utils import seed_everything
 
     done = out / "pretrain" / "final" / "model.safetensors"
     state_path = out / "pretrain_plan.json"
     if state_path.exists():
         plan = json.loads(state_path.read_text())
     else:
-        if sc.max_steps is not None:
-            steps = sc.max_steps
-            step_s = 0.0
-        else:
-            probe = _pretrain_config(cfg, sc, out, out, 1)
-            seed_everything(cfg.seed)
-            model = build_model(probe.model_config(tokenizer.vocab_size, tokenizer.eos_token_id))
-            step_s = measure_step_seconds(model, sc.batch_size, sc.seq_len, tokenizer.vocab_size, cfg.precision)
-            steps = max(20, int(sc.pretrain_seconds / step_s))
-        plan = {"max_steps": steps, "measured_step_seconds": step_s,
-                "tokens": steps * sc.batch_size * sc.seq_len}
+        plan = plan_pretrain(cfg, sc, tokenizer, corpus_tokens=_corpus_tokens_estimate(sc))
         _write_json(state_path, plan)
+        _log(f"plan: {plan['device_name']}, {plan['precision']}, batch {plan['batch_size']}: {plan['reason']}")
     shards = stage_shards(cfg, sc, out, tokenizer, plan["tokens"])
     if not done.exists():
-        _log(f"pretrain: {plan['max_steps']} steps × {sc.batch_size}×{sc.seq_len} tokens "
-             f"(~{plan['measured_step_seconds']:.2f}s/step measured)")
-        pcfg = _pretrain_config(cfg, sc, out, shards, plan["max_steps"])
+        _log(f"pretrain: {plan['max_steps']} steps × {plan['batch_size']}×{sc.seq_len} tokens "
+             f"(~{plan['measured_step_seconds']:.3f}s/step measured)")
+        pcfg = _pretrain_config(cfg, sc, out, shards, plan)
         pcfg.resume = (out / "pretrain" / "checkpoints" / "latest").exists()
         result = run_pretrain(pcfg)
         if result.interrupted:
@@ -256,20 +345,23 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
         with atomic_open(data) as f:
             for r in _sft_records(cfg, sc):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    batch = sc.batch_size
+    batch = plan.get("batch_size", sc.batch_size)
     if sc.max_steps is not None:
         steps = sc.max_steps
     else:
-        # SFT rows are ~1/2 of a pretraining window on average
-        step_s = plan["measured_step_seconds"] * 0.6
+        # conversation rows are ~1/2 of a pretraining window on average, replay rows a whole one
+        step_s = plan["measured_step_seconds"] * (0.5 + 0.5 * sc.replay_fraction) * batch / plan["batch_size"]
         steps = max(20, int(sc.sft_seconds / max(step_s, 1e-3)))
-    _log(f"sft: {steps} steps on {len(SFT_TASKS)} derived tasks")
+    _log(f"sft: {steps} steps on {len(SFT_TASKS)} derived tasks, {sc.replay_fraction:.0%} of the rows "
+         "pretraining text (replay)")
     scfg = SFTConfig(init_from=str(out / "pretrain" / "final"), data=str(data), tokenizer=str(out / "tokenizer"),
                      out_dir=str(out / "sft"), max_length=sc.seq_len, max_steps=steps, batch_size=batch,
-                     lr=1e-3, min_lr=1e-4, warmup_steps=max(1, steps // 20), precision=cfg.precision,
+                     lr=sc.sft_lr, min_lr=sc.sft_lr / 10, warmup_steps=max(1, steps // 20),
+                     precision=plan.get("precision", cfg.precision), replay_data=str(out / "shards"),
+                     replay_fraction=sc.replay_fraction,
                      eval_interval=max(1, steps // 2), eval_steps=4, log_interval=max(1, steps // 30),
                      save_interval=max(1, steps // 2), keep_last=1, val_fraction=0.02, seed=cfg.seed,
-                     device=cfg.device, progress=cfg.progress)
+                     device=plan.get("device", cfg.device), progress=cfg.progress)
     scfg.resume = (out / "sft" / "checkpoints" / "latest").exists()
     result = run_sft(scfg)
     if result.interrupted:

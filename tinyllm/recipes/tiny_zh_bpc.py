@@ -26,7 +26,18 @@ from typing import Any
 from tinyllm.atomic import atomic_write_json
 
 MANIFEST = "documents.json"
-BPC_CHARS = {"default": 200_000, "quick": 50_000, "test": 3_000}  # held-out characters per scale
+BPC_CHARS = {"default": 200_000, "quick": 50_000, "test": 3_000, "gpu": 200_000}  # held-out chars per scale
+DEFAULT_SOURCES = ("inews", "peoples_daily")
+
+
+def corpus_documents(split: str, sources: Sequence[str] = DEFAULT_SOURCES) -> list[str]:
+    """The recipe's pretraining pool: `pretrain_texts(split)` over `sources` (the default pair: inews and
+    People's Daily)."""
+    from tinyllm.data.corpora import pretrain_texts
+
+    if tuple(sources) == DEFAULT_SOURCES:
+        return pretrain_texts(split)
+    return pretrain_texts(split, sources=tuple(sources))  # type: ignore[call-arg]
 NGRAM_ORDERS = (3, 5)
 
 
@@ -38,13 +49,15 @@ def shuffled_order(n: int, rng: random.Random) -> list[int]:
 
 
 def save_document_manifest(shard_dir: Path, seed: int, train_order: Sequence[int], docs_train: Sequence[str],
-                           val_order: Sequence[int], docs_val: Sequence[str]) -> None:
+                           val_order: Sequence[int], docs_val: Sequence[str],
+                           sources: Sequence[str] = DEFAULT_SOURCES) -> None:
     """Write `documents.json`: `docs_train` must be pretrain_texts("train")[i] for the first len(docs_train)
     indices of `train_order`, and `docs_val` likewise for `val_order` (kept whole: the held-out pool)."""
     from tinyllm.eval.bpc import text_units, texts_sha256
 
     manifest = {
         "format": "tinyllm-document-manifest/1", "source": "tinyllm.data.corpora.pretrain_texts", "seed": seed,
+        "sources": list(sources),
         "train": {"indices": list(train_order[: len(docs_train)]), "documents": len(docs_train),
                   "chars": text_units(docs_train)[0], "sha256": texts_sha256(docs_train)},
         "val": {"order": list(val_order), "documents": len(docs_val), "chars": text_units(docs_val)[0],
@@ -93,7 +106,6 @@ def heldout_bits(out: Path, scale: str, context: int, tokenizer: Any,
                  models: dict[str, Path]) -> dict[str, Any]:
     """Bits per character / byte of each model in `models` and of the Kneser–Ney baselines on one held-out
     text; the returned dict is what metrics.json stores under "heldout_bits"."""
-    from tinyllm.data.corpora import pretrain_texts
     from tinyllm.eval.bpc import (
         CONVENTION,
         encode_documents,
@@ -107,9 +119,11 @@ def heldout_bits(out: Path, scale: str, context: int, tokenizer: Any,
 
     manifest = load_document_manifest(out / "shards")
     norm = getattr(tokenizer, "normalization", None)
-    train_pool = pretrain_texts("train")
+    sources = manifest.get("sources", DEFAULT_SOURCES)
+    train_pool = corpus_documents("train", sources)
     train = normalize_texts(training_documents(manifest, train_pool), norm)
-    held = normalize_texts(heldout_documents(manifest, pretrain_texts("val"), train_pool, BPC_CHARS[scale]), norm)
+    held = normalize_texts(heldout_documents(manifest, corpus_documents("val", sources), train_pool,
+                                             BPC_CHARS[scale]), norm)
     chars, nbytes = text_units(held)
     token_docs = encode_documents(tokenizer, held)
     stride = max(1, context // 2)

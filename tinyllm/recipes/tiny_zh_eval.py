@@ -178,15 +178,20 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
     def fmt(x: Any, spec: str = ".3f") -> str:
         return "–" if x is None else format(x, spec) if isinstance(x, int | float) else str(x)
 
+    where = "a GPU" if plan.get("device") == "cuda" else "a CPU"
+    tps = plan.get("tokens_per_second")
     lines = [
-        "# tiny-zh: a tiny Chinese LLM trained end to end on a CPU", "",
-        f"Scale `{cfg.scale}`, precision {cfg.precision}, seed {cfg.seed}. Stage times: "
+        f"# tiny-zh: a tiny Chinese LLM trained end to end on {where}", "",
+        f"Scale `{cfg.scale}` on {plan.get('device_name', plan.get('device', '?'))}, precision "
+        f"{plan.get('precision', cfg.precision)} (asked: {cfg.precision}), batch {plan.get('batch_size', '?')}, "
+        f"seed {cfg.seed}. Measured before training: {fmt(tps, ',.0f')} tokens/s → {plan.get('max_steps')} "
+        f"pretraining steps ({plan.get('reason', '')}). Stage times: "
         + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ".", "",
         "## Model", "",
         f"LLaMA-style decoder, {fmt(n_params, ',')} parameters: hidden {model_cfg['hidden_size']}, "
         f"{model_cfg['num_hidden_layers']} layers, {model_cfg['num_attention_heads']} heads / "
         f"{model_cfg['num_key_value_heads']} KV heads, FFN {model_cfg['intermediate_size']}, vocab "
-        f"{model_cfg['vocab_size']} (byte-level BPE trained here), tied embeddings. Checkpoint: `model/` "
+        f"{model_cfg['vocab_size']} (byte-level BPE trained here), tied embeddings, {model_cfg.get('hidden_act')} MLP; {sc.optimizer} optimizer, {sc.schedule} schedule. Checkpoint: `model/` "
         "(Hugging Face format; loads in transformers).", "",
         "## Training", "",
         "| stage | steps | tokens | tokens/s (median) | MFU (median) | final train loss |",

@@ -45,6 +45,10 @@ class SFTConfig(TrainConfig):
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer path (default: init_from)"})
     max_length: int = field(default=512, metadata={"help": "truncate each conversation to this many tokens"})
     max_examples: int = field(default=0, metadata={"help": "use at most this many examples per task (0: all)"})
+    replay_data: str = field(default="", metadata={"help": "token shards of pretraining text to mix in (replay), "
+                                                          "so fine-tuning keeps the language model"})
+    replay_fraction: float = field(default=0.0, metadata={"help": "fraction of training examples that are replay "
+                                                                  "windows of max_length tokens (all learned)"})
     val_fraction: float = field(default=0.02, metadata={"help": "held-out fraction for eval loss"})
     peft: str = field(default="none", metadata={"help": "parameter-efficient method (none: full fine-tuning)",
                                                  "choices": list(PEFT_METHODS)})
@@ -82,6 +86,10 @@ class SFTConfig(TrainConfig):
             raise ValueError(f"max_length={self.max_length} must be >= 2")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0 <= self.replay_fraction < 1:
+            raise ValueError(f"replay_fraction={self.replay_fraction} must be in [0, 1)")
+        if self.replay_fraction > 0 and not self.replay_data:
+            raise ValueError(f"replay_fraction={self.replay_fraction} needs --replay-data (a token shards directory)")
 
 
 def load_conversations(spec: str, max_examples: int = 0, seed: int = 0) -> list[Conversation]:
@@ -183,6 +191,23 @@ def build_examples(convs: Sequence[Conversation], tokenizer: Any, template: str 
     return [e for e in out if e.num_trained > 0 and len(e.ids) >= 2]
 
 
+def replay_examples(shards_dir: str | Path, count: int, length: int, seed: int) -> list[SFTExample]:
+    """`count` windows of `length` pretraining tokens at seeded random offsets, every token learned (replay: a
+    share of plain language modelling during fine-tuning, against forgetting; cf. continual-pretraining replay)."""
+    from tinyllm.data.text import TokenShards
+
+    shards = TokenShards(shards_dir, "train")
+    if len(shards) <= length:
+        raise ValueError(f"replay_data={str(shards_dir)!r} holds {len(shards)} tokens, fewer than one window "
+                         f"of max_length={length}")
+    starts = np.random.default_rng(seed).integers(0, len(shards) - length, size=count)
+    out = []
+    for s in starts:
+        ids = [int(t) for t in shards.read(int(s), length)]
+        out.append(SFTExample(ids=ids, labels=list(ids)))
+    return out
+
+
 def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list, list]:
     order = np.random.default_rng(seed).permutation(len(examples))
     n_val = int(len(examples) * val_fraction)
@@ -211,10 +236,15 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     convs = load_conversations(cfg.data, cfg.max_examples, cfg.seed)
     examples = build_examples(convs, tokenizer, getattr(tokenizer, "chat_template", None), cfg.max_length)
     train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    n_replay = 0
+    if cfg.replay_fraction > 0:
+        n_replay = round(len(train_ex) * cfg.replay_fraction / (1 - cfg.replay_fraction))
+        train_ex = train_ex + replay_examples(cfg.replay_data, n_replay, cfg.max_length, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     task = SFTTask(train_ex, val_ex, cfg.batch_size, pad_id, cfg.seed)
     out = Path(cfg.out_dir)
     write_run_config(cfg, out, "sft_config.json", num_train_examples=len(train_ex), num_val_examples=len(val_ex),
+                     num_replay_examples=n_replay,
                      trained_tokens_per_epoch=sum(e.num_trained for e in train_ex))
     result = train(model, task, TrainConfig(**cfg.train_fields()))
     if result.interrupted:
