@@ -99,7 +99,7 @@ def test_replay_mixes_pretraining_windows_all_learned(base_dir, tmp_path) -> Non
     from tinyllm.data.text import TokenShards, write_token_shards
     from tinyllm.train.sft import replay_examples
 
-    d, tok = base_dir
+    d, _ = base_dir
     docs = [[(7 * i + j) % 50 + 1 for j in range(40)] for i in range(20)]
     write_token_shards(docs, tmp_path / "shards", vocab_size=64, eos_token_id=0)
     shards = TokenShards(tmp_path / "shards", "train")
@@ -119,5 +119,5 @@ def test_replay_mixes_pretraining_windows_all_learned(base_dir, tmp_path) -> Non
     run_sft(cfg)
     resolved = json.loads((tmp_path / "run" / "sft_config.json").read_text())
     assert resolved["num_replay_examples"] == 24 and resolved["num_train_examples"] == 48
-    with pytest.raises(ValueError, match="replay_fraction=0.5 needs --replay-data"):
+    with pytest.raises(ValueError, match=r"replay_fraction=0\.5 needs --replay-data"):
         SFTConfig(init_from="m", data="x.jsonl", replay_fraction=0.5)
