@@ -127,6 +127,11 @@ def test_config_validation() -> None:
     assert TinyZhConfig(quick=True).scale == "quick"
     with pytest.raises(ValueError, match="scale='huge'"):
         TinyZhConfig(scale="huge")
+    assert TinyZhConfig(device="cpu").scale == "default"  # gpu only where CUDA is the device
+    sc = TinyZhConfig(scale="gpu", pretrain_seconds=90, device="cpu").scale_settings()
+    assert sc.pretrain_seconds == 90 and sc.sft_seconds == 60 and sc.batch_size == 64
+    with pytest.raises(ValueError, match="sft_seconds=-1"):
+        TinyZhConfig(sft_seconds=-1)
 
 
 def test_plan_reports_device_precision_and_sft_replay(run_dir) -> None:

@@ -96,6 +96,8 @@ class TinyZhConfig:
                                                      "a ~30M model over all offline Chinese text) or test",
                                              "choices": ["", *SCALES]})
     seed: int = field(default=0, metadata={"help": "seed for data order and initial weights"})
+    pretrain_seconds: float = field(default=0.0, metadata={"help": "pretraining wall-clock budget (0: the scale's)"})
+    sft_seconds: float = field(default=0.0, metadata={"help": "SFT wall-clock budget (0: the scale's)"})
     precision: str = field(default="auto", metadata={"help": "training precision; auto: bf16 on CUDA and on CPUs "
                                                              "where bf16 matmul measures faster than fp32",
                                                      "choices": ["auto", "fp32", "bf16"]})
@@ -115,6 +117,15 @@ class TinyZhConfig:
             self.scale = "quick" if self.quick else "gpu" if on_cuda else "default"
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r} is not one of {sorted(SCALES)}")
+        for name in ("pretrain_seconds", "sft_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0 (0: the scale's budget)")
+
+    def scale_settings(self) -> Scale:
+        """The scale with this run's budget overrides applied."""
+        sc = SCALES[self.scale]
+        return dataclasses.replace(sc, pretrain_seconds=self.pretrain_seconds or sc.pretrain_seconds,
+                                   sft_seconds=self.sft_seconds or sc.sft_seconds)
 
 
 def _log(msg: str) -> None:
@@ -390,7 +401,7 @@ def run_recipe(cfg: TinyZhConfig) -> int:
     from tinyllm.recipes.tiny_zh_eval import evaluate, write_report
     from tinyllm.tokenizer import load_tokenizer
 
-    sc = SCALES[cfg.scale]
+    sc = cfg.scale_settings()
     out = Path(cfg.out)
     if cfg.fresh and out.exists():
         shutil.rmtree(out)

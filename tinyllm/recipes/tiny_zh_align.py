@@ -45,6 +45,7 @@ ALIGN_SCALES = {
     "quick": AlignScale(300, 40, 50, 80, 20, 100, 20, 8),
     "test": AlignScale(8, 2, 4, 8, 4, 2, 2, 2),
 }
+ALIGN_SCALES["gpu"] = ALIGN_SCALES["default"]
 
 
 def _log(msg: str) -> None:
