@@ -92,10 +92,13 @@ def test_uniform_model_costs_log2_vocab_per_token() -> None:
             self.w = nn.Parameter(torch.zeros(1))
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            self.grad_enabled = torch.is_grad_enabled()
             return torch.zeros(*ids.shape, 257) + self.w
 
     docs = encode_documents(ByteTokenizer(), TEXTS)
-    got = lm_bits(Uniform(), docs, TEXTS, BOUNDARY, context=4)
+    model = Uniform()
+    got = lm_bits(model, docs, TEXTS, BOUNDARY, context=4)
+    assert model.grad_enabled is False  # scoring builds no autograd graph
     n = sum(len(d) + 1 for d in docs)
     assert got.bits == pytest.approx(n * math.log2(257))
     # the byte-level model predicts every byte and each boundary: bits/byte is exactly log2(257)

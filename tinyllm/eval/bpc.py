@@ -147,7 +147,6 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return docs
 
 
-@torch.no_grad()
 def _scored_logits(model: nn.Module, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """fp32 logits [n, V] at the `scored` positions of x [b, t]; a CausalLM applies its lm_head only there."""
     if isinstance(model, CausalLM):
@@ -155,6 +154,7 @@ def _scored_logits(model: nn.Module, x: torch.Tensor, scored: torch.Tensor) -> t
     return model(x)[scored].float()
 
 
+@torch.no_grad()
 def lm_bits(model: nn.Module, token_docs: Sequence[Sequence[int]], texts: Sequence[str], boundary_id: int,
             context: int, stride: int | None = None, batch_tokens: int = 4096) -> BitsScore:
     """Σ −log2 p over every token of every document and its closing boundary, each document prefixed by
