@@ -70,11 +70,12 @@ def test_heldout_bits_per_char_beside_kneser_ney(run_dir) -> None:
 
 
 def test_ngram_baseline_uses_the_shards_text_and_its_cache(run_dir) -> None:
-    from tinyllm.data.corpora import pretrain_texts
     from tinyllm.eval.bpc import texts_sha256
     from tinyllm.recipes.tiny_zh import SCALES
     from tinyllm.recipes.tiny_zh_bpc import (
         BPC_CHARS,
+        DEFAULT_SOURCES,
+        corpus_documents,
         heldout_bits,
         heldout_documents,
         load_document_manifest,
@@ -84,14 +85,15 @@ def test_ngram_baseline_uses_the_shards_text_and_its_cache(run_dir) -> None:
 
     hb = json.loads((run_dir / "metrics.json").read_text())["heldout_bits"]
     manifest = load_document_manifest(run_dir / "shards")
-    train_pool = pretrain_texts("train")
+    sources = manifest.get("sources", DEFAULT_SOURCES)
+    train_pool = corpus_documents("train", sources)
     train = training_documents(manifest, train_pool)
     tok = load_tokenizer(run_dir / "tokenizer")
     index = json.loads((run_dir / "shards" / "index.json").read_text())
     # the manifest names exactly the documents tokenized into the training shards
     assert sum(len(tok.encode(d)) + 1 for d in train) == index["splits"]["train"]["total_tokens"]
     assert hb["ngram"]["kn5"]["train_sha256"] == texts_sha256(train)
-    held = heldout_documents(manifest, pretrain_texts("val"), train_pool, BPC_CHARS["test"])
+    held = heldout_documents(manifest, corpus_documents("val", sources), train_pool, BPC_CHARS["test"])
     assert texts_sha256(held) == hb["heldout"]["sha256"] and not set(held) & set(train_pool)
     again = heldout_bits(run_dir, "test", SCALES["test"].seq_len, tok,
                          {"pretrain": run_dir / "pretrain" / "final", "sft": run_dir / "model"})
