@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from tinyllm.atomic import atomic_dir, atomic_open, atomic_write_json
+from tinyllm.data.corpora import DEFAULT_SOURCES
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SFT_TASKS = ("title", "sentiment", "translate", "qa")
@@ -64,7 +65,7 @@ class Scale:
     sft_lr: float = 3e-4
     replay_fraction: float = 0.5  # share of SFT examples that are pretraining windows (keeps the LM)
     min_steps: int = 150  # fewer useful pretraining steps than this: re-plan (precision, batch)
-    sources: tuple[str, ...] = ("inews", "peoples_daily")
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     max_epochs: float = 2.0  # cap on passes over the pretraining text
     compile: bool = False
 
@@ -80,10 +81,10 @@ SCALES: dict[str, Scale] = {
                                     num_attention_heads=4, num_key_value_heads=2),
                   32, 4, 0.0, 0.0, 40, 12, 4, max_steps=6),
     # CUDA: tens of millions of parameters over every offline Chinese corpus, bf16, GPU-sized batches
-    "gpu": Scale(6_000_000, 16384, dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+    "gpu": Scale(3_000_000, 16384, dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                         num_attention_heads=8, num_key_value_heads=4),
                  512, 64, 240.0, 60.0, 20000, 1000, 300, lr=2e-3, min_steps=200,
-                 sources=("inews", "peoples_daily", "hsk", "chatterbot", "poetry"), max_epochs=4.0,
+                 sources=("inews", "peoples_daily", "hsk", "chatterbot", "poetry"), max_epochs=6.0,
                  compile=True),
 }
 
@@ -402,6 +403,13 @@ def run_recipe(cfg: TinyZhConfig) -> int:
     from tinyllm.tokenizer import load_tokenizer
 
     sc = cfg.scale_settings()
+    if sc.sources != DEFAULT_SOURCES:
+        from tinyllm.data.corpora import missing_sources
+
+        missing = missing_sources(sc.sources)
+        for name, why in missing.items():
+            _log(f"corpus {name!r} skipped: {why}")
+        sc = dataclasses.replace(sc, sources=tuple(s for s in sc.sources if s not in missing))
     out = Path(cfg.out)
     if cfg.fresh and out.exists():
         shutil.rmtree(out)

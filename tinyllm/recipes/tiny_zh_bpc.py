@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from tinyllm.atomic import atomic_write_json
+from tinyllm.data.corpora import DEFAULT_SOURCES
 
 MANIFEST = "documents.json"
 BPC_CHARS = {"default": 200_000, "quick": 50_000, "test": 3_000, "gpu": 200_000}  # held-out chars per scale
-DEFAULT_SOURCES = ("inews", "peoples_daily")
 
 
 def corpus_documents(split: str, sources: Sequence[str] = DEFAULT_SOURCES) -> list[str]:
@@ -35,9 +35,7 @@ def corpus_documents(split: str, sources: Sequence[str] = DEFAULT_SOURCES) -> li
     People's Daily)."""
     from tinyllm.data.corpora import pretrain_texts
 
-    if tuple(sources) == DEFAULT_SOURCES:
-        return pretrain_texts(split)
-    return pretrain_texts(split, sources=tuple(sources))  # type: ignore[call-arg]
+    return pretrain_texts(split, sources=tuple(sources))
 NGRAM_ORDERS = (3, 5)
 
 
