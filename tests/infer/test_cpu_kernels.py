@@ -23,7 +23,17 @@ from tinyllm.model.hf import build_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=cpu_kernels.supported_isas())
+def _isas_under_test() -> tuple[str, ...]:
+    """Every build the CPU runs, from the one `TINYLLM_NATIVE_ISA` asks for down (a run imitating an AVX2-only
+    machine tests avx2 and portable)."""
+    try:
+        top, _ = cpu_kernels.resolve_isa()
+    except ValueError:  # a bad value is the subject of its own test below
+        return cpu_kernels.supported_isas()
+    return cpu_kernels.ISAS[cpu_kernels.ISAS.index(top):]
+
+
+@pytest.fixture(scope="module", params=_isas_under_test())
 def isa(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each build the CPU runs, made the active path for the tests that take it (built once, cached on disk)."""
     saved = dict(cpu_kernels._state)
