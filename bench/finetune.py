@@ -18,7 +18,7 @@ Prints one JSON line of machine ceilings, then ratio lines (ours / peer, lower i
 `finetune_lora_step_s`, `finetune_lora_train_mem_mb`, `finetune_qlora_vs_lora_peak_rss_mb`, `qlora_base_weights`.
 
     python bench/finetune.py [--batch 4] [--seq 256] [--repeats 3] [--targets q_proj k_proj v_proj o_proj]
-                             [--precision fp32|bf16] [--threads 0]
+                             [--precision auto|fp32|bf16] [--threads 0]
 """
 
 from __future__ import annotations
@@ -226,10 +226,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per side (median), taken in turns")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 only where this CPU measures it faster than fp32 (tinyllm.capability)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from tinyllm.capability import resolve_precision
+
+    args.precision = resolve_precision(args.precision, "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

@@ -308,7 +308,8 @@ class DenseRetrieverConfig:
     max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: 100 dssm, 150 transformer)"})
     lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: 3e-4 dssm, 1e-3 transformer)"})
     warmup_steps: int = field(default=-1, metadata={"help": "linear warm-up steps (-1: 10 dssm, 15 transformer)"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 autocast", "choices": ["fp32", "bf16"]})
+    precision: str = field(default="auto", metadata={"help": "fp32, bf16 autocast, or auto (bf16 only where "
+                                                             "measured faster)", "choices": ["auto", "fp32", "bf16"]})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     limit: int = field(default=0, metadata={"help": "use only the first N train pairs (0: all; tests)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initial weights"})
