@@ -110,5 +110,7 @@ def describe(device: torch.device | str = "cpu") -> str:
     dev = torch.device(device) if isinstance(device, str) else device
     if dev.type == "cuda":
         return f"CUDA {torch.cuda.get_device_name(dev)}"
-    return (f"CPU {cpu_model()} ({cpu_isa()}, {torch.get_num_threads()} threads, "
+    torch_isa = torch.backends.cpu.get_cpu_capability().lower()
+    isa = cpu_isa() if torch_isa.startswith(cpu_isa()) else f"{cpu_isa()} CPU, torch on {torch_isa}"
+    return (f"CPU {cpu_model()} ({isa}, {torch.get_num_threads()} threads, "
             f"bf16 matmul {bf16_matmul_speedup():.2f}× fp32)")
