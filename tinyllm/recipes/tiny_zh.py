@@ -164,6 +164,17 @@ def stage_tokenizer(cfg: TinyZhConfig, sc: Scale, out: Path) -> Path:
     return tdir
 
 
+def take_documents(docs: list[str], chars: int) -> list[str]:
+    """Whole documents from the front of `docs` until at least `chars` characters (or all of them)."""
+    out_docs, n = [], 0
+    for d in docs:
+        out_docs.append(d)
+        n += len(d)
+        if n >= chars:
+            break
+    return out_docs
+
+
 def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens_needed: int) -> Path:
     from tinyllm.data.text import write_shards
     from tinyllm.recipes.tiny_zh_bpc import corpus_documents, save_document_manifest, shuffled_order
@@ -179,17 +190,7 @@ def stage_shards(cfg: TinyZhConfig, sc: Scale, out: Path, tokenizer: Any, tokens
     train, val = [train[i] for i in train_order], [val[i] for i in val_order]
     # ~1.4 characters per token for this tokenizer on Chinese news; keep 20% headroom
     train_chars, val_chars = int(tokens_needed * 1.4 * 1.2), max(20_000, int(tokens_needed * 0.05))
-
-    def take(docs: list[str], chars: int) -> list[str]:
-        out_docs, n = [], 0
-        for d in docs:
-            out_docs.append(d)
-            n += len(d)
-            if n >= chars:
-                break
-        return out_docs
-
-    docs_val, docs_train = take(val, val_chars), take(train, train_chars)
+    docs_val, docs_train = take_documents(val, val_chars), take_documents(train, train_chars)
     with atomic_dir(sdir) as tmp:
         index = write_shards(docs_train, tokenizer, tmp, val_texts=docs_val, progress=cfg.progress)
         save_document_manifest(tmp, cfg.seed, train_order, docs_train, val_order, docs_val, sources=sc.sources)
