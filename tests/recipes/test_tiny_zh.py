@@ -142,7 +142,7 @@ def test_plan_reports_device_precision_and_sft_replay(run_dir) -> None:
     report = (run_dir / "report.md").read_text()
     assert "trained end to end on a CPU" in report and plan["device_name"] in report
     sft_cfg = json.loads((run_dir / "sft" / "sft_config.json").read_text())
-    assert sft_cfg["replay_fraction"] == 0.5 and sft_cfg["num_replay_examples"] > 0
+    assert sft_cfg["replay_fraction"] == 0.25 and sft_cfg["num_replay_examples"] > 0
 
 
 class _Tok:

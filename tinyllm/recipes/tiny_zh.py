@@ -62,8 +62,8 @@ class Scale:
     min_lr: float = 0.0
     schedule: str = "wsd"
     optimizer: str = "muon"
-    sft_lr: float = 3e-4
-    replay_fraction: float = 0.5  # share of SFT examples that are pretraining windows (keeps the LM)
+    sft_lr: float = 1e-3
+    replay_fraction: float = 0.25  # share of SFT examples that are pretraining windows (keeps the LM)
     min_steps: int = 150  # fewer useful pretraining steps than this: re-plan (precision, batch)
     sources: tuple[str, ...] = DEFAULT_SOURCES
     max_epochs: float = 2.0  # cap on passes over the pretraining text
@@ -73,7 +73,7 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "default": Scale(3_000_000, 8192, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                                            num_attention_heads=6, num_key_value_heads=2),
-                     256, 16, 330.0, 90.0, 6000, 400, 100),
+                     256, 16, 330.0, 120.0, 6000, 400, 100),
     "quick": Scale(600_000, 4096, dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2),
                    128, 16, 45.0, 20.0, 1500, 150, 30, min_steps=60),
