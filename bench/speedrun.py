@@ -168,7 +168,8 @@ def probe(out: Path, names: list[str], seconds: float, precision: str) -> None:
         cfg = variant(name)
         torch.manual_seed(0)
         model = build(cfg, cfg["vocab"], 0)
-        step_s = measure_step_seconds(model, cfg["batch_size"], cfg["seq_len"], cfg["vocab"], prec, repeats=5)
+        step_s = measure_step_seconds(model, cfg["batch_size"], cfg["seq_len"], cfg["vocab"], prec, repeats=5,
+                                      optimizer=cfg["optimizer"])
         tokens = int(seconds / step_s) * cfg["batch_size"] * cfg["seq_len"]
         print(json.dumps({"variant": name, "step_s": round(step_s, 4), "tokens": tokens, "precision": prec,
                           "params": sum(p.numel() for p in model.parameters()), "cpu": describe("cpu")}),
