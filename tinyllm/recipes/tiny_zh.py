@@ -41,6 +41,7 @@ from tinyllm.data.corpora import DEFAULT_SOURCES
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SFT_TASKS = ("title", "sentiment", "translate", "qa")
+TRANSLATE_TO_CHINESE = "把下面的英文翻译成中文。"
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,10 @@ def _sft_records(cfg: TinyZhConfig, sc: Scale) -> list[dict[str, str]]:
     recs: list[dict[str, str]] = []
     for task in SFT_TASKS:
         rows = sft_examples(task, "train", max_chars=120)
+        if task == "translate":
+            # English → Chinese only: a few-million-parameter model cannot learn to write English, and
+            # English-output rows taught it to drift into English in every reply
+            rows = [r for r in rows if r["instruction"] == TRANSLATE_TO_CHINESE]
         rng.shuffle(rows)
         recs += rows[: sc.sft_per_task]
     rng.shuffle(recs)

@@ -16,7 +16,7 @@ from tinyllm.atomic import atomic_write_json, atomic_write_text
 
 SAMPLE_PROMPTS = (
     "你好，请介绍一下你自己。",
-    "把下面的中文翻译成英文。\n\n我喜欢学习中文。",
+    "把下面的英文翻译成中文。\n\nI like learning Chinese.",
     "判断下面这段新闻的情感倾向（积极、中性或消极）。\n\n今天市场大涨，投资者信心十足，多家企业公布了亮眼的业绩。",
 )
 
