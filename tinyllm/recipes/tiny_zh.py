@@ -347,7 +347,9 @@ def _sft_records(cfg: TinyZhConfig, sc: Scale) -> list[dict[str, str]]:
             # English-output rows taught it to drift into English in every reply
             rows = [r for r in rows if r["instruction"] == TRANSLATE_TO_CHINESE]
         rng.shuffle(rows)
-        recs += rows[: sc.sft_per_task]
+        # sentiment answers are three tokens against ~20 for a title: two copies keep them from being drowned
+        # (same pretrained model, same budget: 61.5 % -> 65.5 % sentiment, bits/char after SFT unchanged)
+        recs += rows[: sc.sft_per_task] * (2 if task == "sentiment" else 1)
     rng.shuffle(recs)
     return recs
 
