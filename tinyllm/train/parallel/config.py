@@ -1,0 +1,80 @@
+"""ParallelConfig: which data-parallel strategy and which model-parallel degrees a run uses (notes ch.04).
+
+The world of N ranks is a grid dp × tp × pp × cp × ep = N (any axis of size 1 is absent). `parallel` picks how
+the data-parallel axis treats parameters, gradients and optimizer state:
+
+    none        one process, nothing distributed (the default; also what N = 1 means)
+    dp          torch DDP: full replica per rank, gradients all-reduced
+    zero1/2/3   our ZeRO: optimizer state / + gradients / + parameters sharded over the dp ranks
+    fsdp        torch FSDP2 (fully_shard), the ZeRO-3 of torch
+    deepspeed   DeepSpeed ZeRO (stage `zero_stage`) through a generated config
+
+`tp`, `pp`, `cp`, `ep` are consumed by the model-parallel wrappers (tensor.py, pipeline.py, context.py,
+expert.py); `sp` turns on sequence parallel inside the tensor-parallel group, so it needs tp > 1.
+`dp = 0` means "whatever is left": N / (tp·pp·cp·ep), which must divide exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinyllm.utils import require_int
+
+STRATEGIES = ("none", "dp", "zero1", "zero2", "zero3", "fsdp", "deepspeed")
+ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+@dataclass
+class ParallelConfig:
+    parallel: str = "none"
+    dp: int = 0
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+    cp: int = 1
+    ep: int = 1
+    zero_stage: int = 2  # DeepSpeed only; our ZeRO takes the stage from the strategy name
+    bucket_mb: float = 25.0  # gradient all-reduce / reduce-scatter bucket size (DDP's default)
+    timeout_s: float = 120.0  # every collective; a dead peer fails the run within this
+
+    def __post_init__(self) -> None:
+        if self.parallel not in STRATEGIES:
+            raise ValueError(f"parallel={self.parallel!r} is not one of {list(STRATEGIES)}")
+        require_int("dp", self.dp, 0)
+        for name in ("tp", "pp", "cp", "ep"):
+            require_int(name, getattr(self, name), 1)
+        if not isinstance(self.sp, bool):
+            raise ValueError(f"sp={self.sp!r} must be true or false")
+        if self.sp and self.tp == 1:
+            raise ValueError("sp=True needs tp > 1: sequence parallel splits activations over the tensor-parallel "
+                             "group")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"bucket_mb={self.bucket_mb!r} must be > 0")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s!r} must be > 0")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp * self.ep
+
+    @property
+    def enabled(self) -> bool:
+        return self.parallel != "none" or self.model_parallel > 1
+
+    def degrees(self, world_size: int) -> dict[str, int]:
+        """{"dp", "tp", "pp", "cp", "ep"} for this world, dp inferred when 0; a clear error when they do not fit."""
+        require_int("world_size", world_size, 1)
+        mp_ = self.model_parallel
+        dp = self.dp or (world_size // mp_ if world_size % mp_ == 0 else 0)
+        if dp * mp_ != world_size:
+            raise ValueError(
+                f"parallel degrees do not fill the world: dp={self.dp or '(auto)'} × tp={self.tp} × pp={self.pp} "
+                f"× cp={self.cp} × ep={self.ep} = {max(dp, 1) * mp_ if self.dp else f'? × {mp_}'}, but WORLD_SIZE="
+                f"{world_size} (the product must equal the number of ranks; "
+                f"torchrun --nproc_per_node sets it)")
+        if self.parallel == "none" and world_size > 1 and dp > 1:
+            raise ValueError(f"WORLD_SIZE={world_size} with parallel='none' would train {dp} identical copies; "
+                             "pick --parallel dp|zero1|zero2|zero3|fsdp|deepspeed")
+        return {"dp": dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep}
