@@ -11,7 +11,9 @@ causal attention never sees it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,3 +55,72 @@ def sequence_nll(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.T
                                        reduction="sum"))
         count += int((y != ignore_index).sum())
     return total, count
+
+
+# ------------------------------------------------------------------ the task harness (lm-eval semantics)
+
+def _mc_metrics(lls: list[float], choices: list[str], gold: int) -> dict[str, float]:
+    """acc: argmax of Σ log p; acc_norm: argmax of Σ log p / len(choice in characters) (lm-eval)."""
+    norm = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+    return {"acc": float(max(range(len(lls)), key=lls.__getitem__) == gold),
+            "acc_norm": float(max(range(len(norm)), key=norm.__getitem__) == gold)}
+
+
+def evaluate_task(lm: Any, task: Any, num_fewshot: int = 0, limit: int | None = None, batch_size: int = 16,
+                  seed: int = 1234, progress: bool = False) -> dict[str, Any]:
+    """Score one `tasks.Task` with an `lm.LM`; returns {"metrics": {...}, "samples": [...]} where each sample
+    keeps the document's requests' raw results (log-likelihoods, generations)."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    from tinyllm.eval.metrics import rouge_l
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 or None")
+    docs = task.docs[:limit] if limit else task.docs
+    if not docs:
+        raise ValueError(f"task {task.name}: no documents")
+    contexts = task.contexts(num_fewshot, docs, seed=seed) if task.output_type != "loglikelihood_rolling" else []
+    chunk = max(batch_size, 1) * 4
+    bar = tqdm(total=len(docs), desc=task.name, disable=not progress)
+    samples: list[dict[str, Any]] = []
+    for s in range(0, len(docs), chunk):
+        part = docs[s: s + chunk]
+        if task.output_type == "multiple_choice":
+            reqs, owner = [], []
+            for j, (doc, ctx) in enumerate(zip(part, contexts[s: s + chunk])):
+                for c in task.doc_to_choice(doc):
+                    reqs.append((ctx, task.target_delimiter + c))
+                    owner.append(j)
+            res = lm.loglikelihood(reqs, batch_size)
+            for j, doc in enumerate(part):
+                mine = [r for r, o in zip(res, owner) if o == j]
+                lls, choices = [r[0] for r in mine], task.doc_to_choice(doc)
+                samples.append({"loglikelihoods": lls, "is_greedy": [r[1] for r in mine], "target": task.doc_to_target(doc),
+                                **_mc_metrics(lls, choices, task.doc_to_target(doc))})
+        elif task.output_type == "loglikelihood_rolling":
+            texts = [str(task.doc_to_target(d)) for d in part]
+            for text, ll in zip(texts, lm.loglikelihood_rolling(texts, batch_size)):
+                samples.append({"loglikelihood": ll, "words": len(re.split(r"\s+", text)),
+                                "bytes": len(text.encode("utf-8"))})
+        else:
+            reqs = [(ctx, dict(task.generation_kwargs)) for ctx in contexts[s: s + chunk]]
+            for doc, text in zip(part, lm.generate_until(reqs, batch_size)):
+                pred = task.extract(text) if task.extract else text.strip()
+                gold = str(task.doc_to_target(doc)).strip()
+                score = rouge_l(pred, gold, "char").fmeasure if task.metric == "rouge_l" else float(pred == gold)
+                samples.append({"generation": text, "prediction": pred, "target": gold, task.metric: score})
+        bar.update(len(part))
+    bar.close()
+    n = len(samples)
+    if task.output_type == "multiple_choice":
+        metrics = {m: sum(x[m] for x in samples) / n for m in ("acc", "acc_norm")}
+    elif task.output_type == "loglikelihood_rolling":
+        ll = sum(x["loglikelihood"] for x in samples)
+        words, nbytes = sum(x["words"] for x in samples), sum(x["bytes"] for x in samples)
+        metrics = {"word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes),
+                   "bits_per_byte": -ll / nbytes / math.log(2)}
+    else:
+        metrics = {task.metric: sum(x[task.metric] for x in samples) / n}
+    return {"metrics": metrics, "n": n, "num_fewshot": num_fewshot, "samples": samples}
