@@ -6,7 +6,7 @@ PIP := $(BIN)/pip install -c constraints.txt
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-avx2 lint install install-dev bench clean
+.PHONY: demo test test-avx2 lint install install-dev bench docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,8 +49,12 @@ test-avx2: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
+# The documentation site into site/; --strict turns every warning (broken link, missing page) into a failure.
+docs: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 OMP_NUM_THREADS=2 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/forward.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
