@@ -20,8 +20,9 @@ LR, WD, BETAS, CLIP = 3e-2, 0.1, (0.9, 0.95), 0.5
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **over) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = preset("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, **over)
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    cfg = preset("tiny", **{**sizes, **over})  # any size may be overridden (model-parallel tests vary heads)
     return build_model(cfg).to(dtype)
 
 
