@@ -18,6 +18,13 @@ finish_reason "error"; any other (scheduler, block copies, the batched forward) 
 the ids of the batch it hit, and `recover` fails those, audits the scheduler and block pool against the live
 requests and rebuilds them (`reset`) if the fault left them inconsistent. A server keeps serving after either.
 
+Speculative decoding (`speculative=`, a `drafters.SpeculativeConfig`): before the forward every decoding
+sequence gets up to k draft tokens (prompt lookup or a draft model) in the KV slots the scheduler reserved;
+the forward feeds pending token + draft for each, `speculative.verify_draft` keeps the accepted prefix plus
+one target token, and the sequence's length and block table are rolled back past the rejected slots. Greedy
+output is token-identical to plain decoding, sampled output has the same distribution; `stats` reports the
+draft tokens proposed and accepted.
+
 Not covered: beam search, best_of, LoRA per request, multi-device workers, async serving (see serve/).
 """
 
@@ -32,11 +39,13 @@ from typing import Any
 
 import torch
 
+from tinyllm.infer.drafters import SpeculativeConfig, build_drafter
 from tinyllm.infer.paged import BlockManager, PagedKVCache
 from tinyllm.infer.runner import ModelRunner, Sampled
 from tinyllm.infer.sampling_params import SamplingParams
 from tinyllm.infer.scheduler import Scheduler, SchedulerOutput
 from tinyllm.infer.sequence import CompletionOutput, Request, RequestOutput, SeqStatus, Sequence
+from tinyllm.infer.speculative import SpecStats, verify_draft
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # upper bound of the default pool (bytes)
 
@@ -64,13 +73,15 @@ class LLMEngine:
     fused: run LLaMA-family models through `fused.FusedForward` (the model's forward is the reference).
     native: decode attention through the native CPU kernel (`cpu_kernels`, built on first use; the torch
     path is the reference and the fallback when it cannot be built).
+    speculative: a `SpeculativeConfig` (or a dict of its fields, or "ngram"/"draft"); None decodes plainly.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, attention: str = "paged",
-                 max_model_len: int | None = None, fused: bool = True, native: bool = True) -> None:
+                 max_model_len: int | None = None, fused: bool = True, native: bool = True,
+                 speculative: SpeculativeConfig | dict[str, Any] | str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -86,6 +97,11 @@ class LLMEngine:
         self.cache.use_native(native and attention == "paged")
         self.block_manager = BlockManager(self.cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)
+        self.speculative = SpeculativeConfig.of(speculative)
+        # the draft is built before the target's runner fuses its weights (a self-draft copies the target)
+        self.drafter = None if self.speculative is None else build_drafter(
+            self.speculative, model, self.cache, native and attention == "paged")
+        self.spec_stats = SpecStats()
         self.runner = ModelRunner(model, self.cache, attention, fused)
         self.device = next(model.parameters()).device
         self.eos_ids = set(_ids(getattr(cfg, "eos_token_id", None)))
@@ -217,11 +233,20 @@ class LLMEngine:
         return bool(self.requests) or bool(self._pending)
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         bm = self.block_manager
-        return {"steps": self.num_steps, "preemptions": self.scheduler.num_preemptions,
-                "prefix_hit_tokens": bm.prefix_hit_tokens, "cow_copies": bm.cow_copies,
-                "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks}
+        out: dict[str, float] = {
+            "steps": self.num_steps, "preemptions": self.scheduler.num_preemptions,
+            "prefix_hit_tokens": bm.prefix_hit_tokens, "cow_copies": bm.cow_copies,
+            "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks}
+        if self.drafter is not None:
+            st = self.spec_stats
+            # target_forwards counts verifications (one per speculating sequence per step)
+            out.update(spec_proposed=st.proposed, spec_accepted=st.accepted, spec_verifications=st.target_forwards,
+                       spec_draft_forwards=st.draft_forwards, spec_emitted=st.emitted,
+                       spec_acceptance_rate=st.acceptance_rate,
+                       spec_tokens_per_verification=st.tokens_per_target_forward)
+        return out
 
     # -------------------------------------------------------------- one iteration
     def step(self) -> list[RequestOutput]:
@@ -241,21 +266,58 @@ class LLMEngine:
         self._pending = []
         return outputs
 
+    def _lookahead(self, seq: Sequence) -> int:
+        """Draft tokens this sequence may verify next step: k, less near max_tokens / max_model_len (a step
+        emits up to k + 1 tokens), 0 unless it is decoding."""
+        if seq.num_tokens - seq.num_computed != 1:
+            return 0
+        p = seq.request.params
+        k = self.speculative.num_speculative_tokens if p.num_speculative_tokens is None else p.num_speculative_tokens
+        room = min(p.max_tokens - (seq.num_tokens - seq.num_prompt_tokens), self.max_model_len - seq.num_tokens)
+        return max(0, min(k, room - 1))
+
+    def _propose(self, sched: SchedulerOutput) -> None:
+        """Fill the reserved lookahead slots with draft tokens; feed 1 + len(draft) tokens per speculating
+        sequence (a drafter may propose fewer than reserved; the spare slots are rolled back after the step)."""
+        spec = [i for i, seq in enumerate(sched.seqs) if seq.lookahead > 0]
+        if not spec:
+            return
+        self.spec_stats.draft_forwards += self.drafter.propose([sched.seqs[i] for i in spec])
+        for i in spec:
+            seq = sched.seqs[i]
+            seq.draft = seq.draft[:seq.lookahead]
+            sched.num_new[i] = 1 + len(seq.draft)
+
     def _step(self, outputs: list[RequestOutput]) -> None:
+        if self.drafter is not None:
+            for seq in self.scheduler.running:
+                seq.draft, seq.draft_probs = [], None
+                seq.lookahead = self._lookahead(seq)
         sched = self._sched = self.scheduler.schedule()
         if not sched:
             return
         self.num_steps += 1
         bm = self.block_manager
         self.cache.copy_blocks(bm.pending_copies)
+        if self.drafter is not None:
+            self.drafter.copy_blocks(bm.pending_copies)
+            self._propose(sched)
         bm.pending_copies.clear()
         wanted, logits = self.runner.forward(sched.seqs, sched.num_new)
         for seq, n in zip(sched.seqs, sched.num_new, strict=True):
-            seq.num_computed += n
+            # a speculating sequence has computed its pending token; its draft counts once accepted
+            seq.num_computed += 1 if seq.draft else n
             bm.commit_full_blocks(seq)
         seqs: list[Sequence] = []
         rows: list[int] = []
-        for row, seq in enumerate(wanted):
+        verifying: list[tuple[Sequence, torch.Tensor]] = []
+        row = 0
+        for seq in wanted:
+            if seq.draft:
+                verifying.append((seq, logits[row:row + 1 + len(seq.draft)]))
+                row += 1 + len(seq.draft)
+                continue
+            row += 1
             req = seq.request
             family = [seq]
             if req.params.n > 1 and not req.forked:  # prompt done: fork n samples sharing its blocks
@@ -267,9 +329,16 @@ class LLMEngine:
                     self.scheduler.add_running(child)
                     family.append(child)
             seqs.extend(family)
-            rows.extend([row] * len(family))
+            rows.extend([row - 1] * len(family))
         touched: dict[str, Request] = {}
         failed: dict[str, BaseException] = {}
+        for seq, block in verifying:
+            rid = seq.request.request_id
+            try:
+                self._verify(seq, block)
+                touched[rid] = seq.request
+            except Exception as e:  # this request's own fault (its processors, its detokenization)
+                failed.setdefault(rid, e)
         for seq, smp in zip(seqs, self._sample(seqs, rows, logits), strict=True):
             rid = seq.request.request_id
             try:
@@ -308,6 +377,42 @@ class LLMEngine:
             except Exception as e:
                 out.append(e)
         return out
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Accept/reject `seq.draft` with the target's logits [1 + k, V], append the emitted tokens (stopping
+        at a stop condition), roll the KV back past the rejected draft slots."""
+        k = len(seq.draft)
+        emitted = verify_draft(seq, logits)
+        st = self.spec_stats
+        st.proposed += k
+        st.accepted += len(emitted) - 1
+        st.target_forwards += 1
+        st.emitted += len(emitted)
+        seq.draft, seq.draft_probs, seq.lookahead = [], None, 0
+        logp = torch.log_softmax(logits, dim=-1) if seq.logprobs is not None else None
+        for i, tok in enumerate(emitted):
+            smp = Sampled(tok)
+            if logp is not None:
+                kk = seq.request.params.logprobs
+                smp.logprob = float(logp[i, tok])
+                top = {}
+                if kk:
+                    vals, idx = torch.topk(logp[i], min(kk, logp.shape[-1]))
+                    top = dict(zip(idx.tolist(), vals.tolist(), strict=True))
+                top[tok] = smp.logprob
+                smp.top = top
+            self._append(seq, smp)
+            if seq.finished:
+                return  # its blocks are freed already
+            if i < len(emitted) - 1:
+                seq.num_computed += 1  # an accepted draft token: its K/V were written by this forward
+        bm = self.block_manager
+        keep = -(-seq.num_computed // bm.block_size)
+        for b in seq.block_table[keep:]:  # the rejected drafts' fresh blocks
+            bm.decref(b)
+        del seq.block_table[keep:]
+        bm.commit_full_blocks(seq)
+        seq.draft_computed = min(seq.draft_computed, seq.num_computed)
 
     def _append(self, seq: Sequence, smp: Sampled) -> None:
         p = seq.request.params
@@ -362,7 +467,8 @@ class LLM:
 
     model: a model object, or anything `tinyllm.load_model` accepts (HF directory, GGUF file, short name);
     then the tokenizer comes from the same path. quantization "int8" or "int4" (group_size 32/64/128)
-    applies `quant.quantize_model` (weight-only, in place, lm_head kept) before the engine is built.
+    applies `quant.quantize_model` (weight-only, in place, lm_head kept) before the engine is built;
+    "gguf" (model a .gguf path) runs the file's Q4_0/Q4_1/Q8_0 blocks as stored (`ggml_linear`).
     Other keyword arguments go to `LLMEngine`.
     """
 
@@ -372,6 +478,7 @@ class LLM:
         from tinyllm.model.hf import load_model, resolve_model_path
         from tinyllm.tokenizer import load_tokenizer
 
+        source = model if not isinstance(model, (str, os.PathLike)) else resolve_model_path(model)
         if isinstance(model, (str, os.PathLike)):
             path = resolve_model_path(model)
             if tokenizer is None and not (Path(path).is_dir() and not (Path(path) / "tokenizer.json").exists()):
@@ -381,7 +488,14 @@ class LLM:
             model = model.to(device=device, dtype=dtype)
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
-        if quantization is not None:
+        if quantization == "gguf":
+            from tinyllm.infer.ggml_linear import use_gguf_blocks
+
+            if not (isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".gguf"):
+                raise ValueError(f"quantization='gguf' needs the model as a .gguf path, got "
+                                 f"{source if isinstance(source, (str, os.PathLike)) else type(source).__name__!r}")
+            model = use_gguf_blocks(model, source)
+        elif quantization is not None:
             from tinyllm.infer.quant import quantize_model
 
             # lm_head stays full precision (it is usually tied to the embeddings)

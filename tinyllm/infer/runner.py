@@ -61,7 +61,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, seqs: Seq[Sequence], num_new: Seq[int]) -> tuple[list[Sequence], torch.Tensor]:
-        """(sequences that get a next token, their logits [S, V] in fp32)."""
+        """(sequences that get a next token, their logits [S, V] in fp32); a sequence with draft tokens gets
+        1 + len(draft) consecutive rows (its pending token, then each draft token)."""
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)  # stable: decodes first
         ids: list[int] = []
         positions: list[int] = []
@@ -71,13 +72,14 @@ class ModelRunner:
         for i in order:
             seq, n = seqs[i], num_new[i]
             s = seq.num_computed
-            ids.extend(seq.token_ids[s:s + n])
+            ids.extend((seq.token_ids + seq.draft if seq.draft else seq.token_ids)[s:s + n])
             positions.extend(range(s, s + n))
             tables.append(seq.block_table)
             starts.append(s)
             lengths.append(n)
-            if s + n == seq.num_tokens:
-                rows.append(len(ids) - 1)
+            if s + n == seq.num_scheduled_tokens:
+                # a speculating sequence wants the logits of its pending token and of every draft token
+                rows.extend(range(len(ids) - 1 - len(seq.draft), len(ids)))
                 wanted.append(seq)
         meta = build_paged_meta(tables, starts, lengths, self.cache.block_size, self.mode, self.window, self.device)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)

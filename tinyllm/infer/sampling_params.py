@@ -12,6 +12,9 @@ share the batch; with n > 1, sample i draws from a generator seeded with seed + 
 `logprobs=k` returns, for every generated token, the log-probabilities under the *raw* model distribution
 (log_softmax of the logits before any processing) of the chosen token and the k most likely tokens.
 
+`num_speculative_tokens` caps the draft tokens verified per step for this request when the engine speculates
+(0 turns speculation off for it; None uses the engine's `SpeculativeConfig`).
+
 Not covered: best_of, beam search in the engine, guided decoding, bad_words, logit_bias, min_tokens.
 """
 
@@ -43,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = None  # draft tokens per step for this request; None: the engine's k
 
     def __post_init__(self) -> None:
         require_int("n", self.n, 1)
@@ -69,6 +73,8 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed!r} must be an integer in [-2**63, 2**64 - n] or None")
         if self.logprobs is not None:
             require_int("logprobs", self.logprobs, 0)
+        if self.num_speculative_tokens is not None:
+            require_int("num_speculative_tokens", self.num_speculative_tokens, 0)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -14,7 +14,9 @@ sequence cap (`max_num_seqs`):
    step, so freed blocks go to the sequences that were already running.
 
 A finished sequence leaves the batch at once and its slot goes to the next request: that is continuous
-batching. Not covered: priorities, swapping to host memory, a waiting-time fairness policy.
+batching. With speculative decoding a decoding sequence asks for `lookahead` extra slots (its draft tokens,
+verified in the same forward); they are the first thing given up when the budget or the pool runs short.
+Not covered: priorities, swapping to host memory, a waiting-time fairness policy.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
+        seq.lookahead, seq.draft_computed = 0, 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -85,11 +88,18 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            pending = seq.num_tokens - seq.num_computed
+            # speculative decoding: a decoding sequence also reserves slots for the draft tokens it will verify
+            look = seq.lookahead if pending == 1 else 0
+            n = min(pending + look, budget)
             if n <= 0 or len(out.seqs) >= self.max_num_seqs:
+                seq.lookahead = 0
                 kept.append(seq)  # no budget left this step: it keeps its blocks and waits a step
                 continue
             while not self.bm.allocate_slots(seq, n):
+                if n > pending:  # drop the speculation before preempting anyone
+                    n = min(pending, budget)
+                    continue
                 victim = queue.pop() if queue else seq  # the youngest running sequence makes room
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -97,6 +107,7 @@ class Scheduler:
                     break
             if seq.status is SeqStatus.WAITING:
                 break  # it preempted itself: nothing younger is left to schedule
+            seq.lookahead = max(n - pending, 0)
             kept.append(seq)
             out.seqs.append(seq)
             out.num_new.append(n)

@@ -50,10 +50,21 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # speculative decoding (`speculative.py`): the drafter's proposal for this step, fed after the pending token
+    # and verified by the target in the same forward; never part of token_ids until accepted
+    lookahead: int = 0  # KV slots the scheduler reserves this step for draft tokens
+    draft: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [len(draft), V] the draft's distribution (None: deterministic)
+    draft_computed: int = 0  # tokens whose K/V the draft model holds (a draft-model drafter's own pool)
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens a forward may feed: token_ids plus the draft under verification."""
+        return len(self.token_ids) + len(self.draft)
 
     @property
     def output_ids(self) -> list[int]:

@@ -23,8 +23,14 @@ Both caches are rolled back after a rejection with `cache.crop(n)`. `truncated_d
 self-speculative draft from the target's first N layers (shared embeddings, final norm and head; in the
 spirit of LayerSkip / draft-and-verify with early exit, without the fine-tuning those papers add).
 
-Not covered: tree attention / multiple candidate sequences (SpecInfer, Medusa heads), batched speculation,
-repetition penalties (they make p depend on the rejected tokens), prompt-lookup drafts.
+Two users of the one rule: `speculative_generate`, a batch-1 loop over contiguous caches, and the engine
+(`engine.py`, drafters in `drafters.py`), where every decoding sequence of a batch feeds its pending token
+plus its draft through the paged forward and `verify_draft` applies the rule with the request's own
+processors. There penalties are fine: row i of the target is processed with the context the token at i
+would really have (the prompt, the output and the draft tokens before i), so each row is the distribution
+plain decoding would use if the draft so far is accepted, and everything after a rejection is thrown away.
+
+Not covered: tree attention / multiple candidate sequences (SpecInfer, Medusa heads).
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ import torch
 from torch import nn
 
 from tinyllm.infer.kv_cache import ContiguousKVCache
+from tinyllm.infer.runner import presence_frequency
 from tinyllm.infer.sampling import apply_processors, build_processors, make_generator
+from tinyllm.infer.sequence import Sequence
 
 
 @dataclass
@@ -93,6 +101,49 @@ def verify(draft_tokens: torch.Tensor, q_probs: torch.Tensor, p_probs: torch.Ten
         residual = p_probs[n]
     fix = torch.multinomial(residual / residual.sum(), 1, generator=generator)
     return torch.cat([draft_tokens[:n], fix])
+
+
+# ------------------------------------------------------------------ the engine's side
+def process_row(seq: Sequence, scores: torch.Tensor, context: list[int]) -> torch.Tensor:
+    """The request's processors on one row of raw logits [1, V] whose next token follows `context` (token ids
+    so far, draft tokens included): the scores plain decoding samples from (greedy: takes the argmax of)."""
+    req = seq.request
+    if req.plain_greedy:
+        return scores
+    p = req.params
+    penalties, warpers = req.chains
+    ids = torch.tensor([context], dtype=torch.long, device=scores.device) if penalties or warpers else None
+    if penalties:
+        scores = apply_processors(penalties, ids, scores)
+    if p.has_penalties:
+        scores = presence_frequency(scores, context[seq.num_prompt_tokens:], p.presence_penalty,
+                                    p.frequency_penalty)
+    if not p.greedy and warpers:
+        scores = apply_processors(warpers, ids, scores)
+    return scores
+
+
+def verify_draft(seq: Sequence, logits: torch.Tensor) -> list[int]:
+    """Verify `seq.draft` (k tokens) against the target's raw logits [k+1, V] at the pending token and at each
+    draft token: the emitted tokens, the accepted draft prefix plus one token of the target's own. Greedy
+    requests take `verify_greedy`; sampled ones `verify` with the draft's probabilities (`seq.draft_probs`,
+    or one-hot rows for a deterministic drafter such as prompt lookup) and the sequence's generator."""
+    draft = seq.draft
+    k = len(draft)
+    if logits.shape[0] != k + 1:
+        raise ValueError(f"verify_draft: {k} draft tokens need {k + 1} logit rows, got {logits.shape[0]}")
+    tokens = torch.tensor(draft, dtype=torch.long, device=logits.device)
+    if seq.request.plain_greedy:
+        return verify_greedy(tokens, logits).tolist()
+    ctx = seq.token_ids
+    scores = torch.cat([process_row(seq, logits[i:i + 1], ctx + draft[:i]) for i in range(k + 1)])
+    if seq.request.params.greedy:
+        return verify_greedy(tokens, scores).tolist()
+    p = scores.float().softmax(dim=-1)
+    q = seq.draft_probs
+    if q is None:  # a deterministic draft: q is one-hot, so x is kept with probability p(x)
+        q = torch.nn.functional.one_hot(tokens, p.shape[-1]).to(p.dtype)
+    return verify(tokens, q, p, seq.generator).tolist()
 
 
 # ------------------------------------------------------------------ the decoding loop
