@@ -10,6 +10,10 @@ With a tokenizer (the served model's), prompts go as token ids split exactly as 
 rolling windows): the same numbers as scoring the model in process. Without one, prompts go as text and
 the continuation is the tokens whose `text_offset` falls at or after the context's end; rolling
 log-likelihood is then one echo of the whole text (no windows: texts must fit the endpoint's context).
+Offsets count decoded characters, and a byte-level token holding part of a UTF-8 character decodes to
+U+FFFD, so text mode is exact only where tokens are whole characters: give the tokenizer for Chinese.
+In token mode the endpoint receives (context + continuation) cut to `max_length + 1` tokens and generates
+one more: set `max_length` at most the served context window minus 2.
 Generation: `/v1/completions` with `stop` and `max_tokens`, temperature 0 unless asked.
 """
 
