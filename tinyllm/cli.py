@@ -50,6 +50,7 @@ COMMANDS: dict[str, str] = {
     "rag search": "tinyllm.rag.cli:SearchConfig:run_search",
     "rag ask": "tinyllm.rag.cli:AskConfig:run_ask",
     "eval": "tinyllm.eval.cli:EvalConfig:run_eval",
+    "ask": "tinyllm.rag.docs_ask:DocsAskConfig:run_docs_ask",
 }
 
 _HELP = {
@@ -79,6 +80,7 @@ _HELP = {
     "rag index": "chunk, embed and index files (txt, md, html, jsonl, pdf) into a store directory",
     "rag search": "search a store with BM25, dense or hybrid retrieval",
     "rag ask": "answer a question from a store with numbered citations, using a local model or an OpenAI-compatible endpoint",
+    "ask": "ask the documentation: answers from the chapter pages and the notes map, citing page#section",
     "eval": "score a model or an OpenAI-compatible endpoint on benchmark tasks (MMLU, C-Eval/CMMLU files, Chinese corpora tasks) with lm-evaluation-harness semantics",
 }
 
@@ -123,6 +125,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         origin = typing.get_origin(tp)
+        if f.metadata.get("positional"):  # `tinyllm ask "问题"`: also accepted as the flag
+            parser.add_argument(f"{f.name}_positional", metavar=f.name.upper(), nargs="?", type=tp,
+                                default=argparse.SUPPRESS, help=help_text)
         if tp is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, **kwargs)
         elif origin is list:
@@ -152,6 +157,8 @@ def build_config(cls: type, args: argparse.Namespace) -> Any:
         if unknown:
             raise ValueError(f"--config {path}: unknown field(s) {unknown}")
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "debug", "_command")})
+    for key in [k for k in values if k.endswith("_positional")]:
+        values[key.removesuffix("_positional")] = values.pop(key)
     try:
         return cls(**values)
     except TypeError as e:  # a TOML value of the wrong type reaching a comparison in __post_init__
