@@ -32,13 +32,20 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def global_batches(steps: int, accum: int, global_bs: int, seed: int = 1) -> list[list[tuple]]:
+def global_batches(steps: int, accum: int, global_bs: int, seed: int = 1,
+                   learnable: bool = False) -> list[list[tuple]]:
+    """Random token rows, or (learnable) arithmetic progressions mod VOCAB a model learns within 20 steps."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
         micro = []
         for _ in range(accum):
-            ids = torch.randint(0, VOCAB, (global_bs, SEQ + 1), generator=g)
+            if learnable:
+                start = torch.randint(0, VOCAB, (global_bs, 1), generator=g)
+                stride = torch.randint(1, 4, (global_bs, 1), generator=g)
+                ids = (start + stride * torch.arange(SEQ + 1)) % VOCAB
+            else:
+                ids = torch.randint(0, VOCAB, (global_bs, SEQ + 1), generator=g)
             micro.append((ids[:, :-1], ids[:, 1:]))
         out.append(micro)
     return out

@@ -142,11 +142,11 @@ class ZeRO:
     @staticmethod
     def _units(module: nn.Module) -> dict[int, object]:
         """Stage 3: parameter id → its decoder layer (the unit); parameters outside any layer belong to root."""
-        layers = _decoder_layers(module)
+        layers = decoder_layers(module)
         return {id(p): layer for layer in layers for p in layer.parameters()}
 
     def _install_unit_hooks(self, module: nn.Module) -> None:
-        for layer in _decoder_layers(module):
+        for layer in decoder_layers(module):
             buckets = [b for b in self.buckets if b.unit is layer]
             layer.register_forward_pre_hook(lambda m, a, bs=buckets: self._gather_all(bs))
             layer.register_forward_hook(lambda m, a, out, bs=buckets: self._after_forward(bs, out))
@@ -288,7 +288,7 @@ def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
-def _decoder_layers(module: nn.Module) -> list[nn.Module]:
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks: the children of its first nn.ModuleList named `layers` (HF naming)."""
     for name, m in module.named_modules():
         if name.split(".")[-1] == "layers" and isinstance(m, nn.ModuleList):
