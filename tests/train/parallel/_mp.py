@@ -40,6 +40,18 @@ def train(model: torch.nn.Module, loss_fn: Callable, rows: Callable = lambda x, 
     return {"losses": losses, "grads0": grads0, "params": params}
 
 
+def exact_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross entropy in the logits' dtype (float64 here); the fused training loss takes its softmax in fp32."""
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def reference64(accum: int = ACCUM, gbs: int = GBS, **model_over) -> dict:
+    """The single-process run of `train` on the global batch with float64-exact cross entropy."""
+    from _ref import tiny_model
+
+    return train(tiny_model(seed=0, **model_over), exact_loss, accum=accum, gbs=gbs)
+
+
 def all_reduce_mean_grads(model: torch.nn.Module, group) -> None:
     """Plain data parallel over `group`: average every gradient (tied weights once)."""
     import torch.distributed as dist

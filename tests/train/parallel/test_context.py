@@ -1,0 +1,72 @@
+"""Context parallel (ring attention) on 2 gloo ranks: the attention op equals full attention (values and
+Q/K/V gradients, causal and not, GQA), and a context-parallel CausalLM trains like the single process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _mp import reference64, train
+from _ref import assert_close_dicts, tiny_model
+from _spawn import run_ranks
+
+from tinyllm.model.attention import repeat_kv
+from tinyllm.train.parallel import context as cp
+
+
+def _full(q, k, v, causal):
+    n = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), is_causal=causal)
+
+
+def _ring_vs_full(rank: int, world: int) -> list:
+    out = []
+    for causal in (True, False):
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(2, h, 12, 8, dtype=torch.float64, generator=g).requires_grad_() for h in (4, 2, 2))
+        dout = torch.randn(2, 4, 12, 8, dtype=torch.float64, generator=g)
+        ref = _full(q, k, v, causal)
+        ref.backward(dout)
+        n = 12 // world
+        sl = slice(rank * n, (rank + 1) * n)
+        ql, kl, vl = (t.detach()[:, :, sl].clone().requires_grad_() for t in (q, k, v))
+        got = cp.ring_attention(ql, kl, vl, None, causal=causal)
+        got.backward(dout[:, :, sl])
+        out.append([(got.detach(), ref.detach()[:, :, sl])] + [(a.grad, b.grad[:, :, sl])
+                                                               for a, b in ((ql, q), (kl, k), (vl, v))])
+    return out
+
+
+@pytest.mark.parametrize("world", [2])
+def test_ring_attention_equals_full_attention(world):
+    for per_rank in run_ranks(_ring_vs_full, world):
+        for pairs in per_rank:
+            for got, want in pairs:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _cp_train(rank: int, world: int) -> dict:
+    model = cp.context_parallel(tiny_model(seed=0), None)
+
+    def reduce_loss(v: float) -> float:
+        t = torch.tensor([v], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.item()
+
+    result = train(model, lambda m, x, y: cp.cp_lm_loss(m, x, y, None, fused=False),
+                   sync=lambda m: cp.all_reduce_grads(m, None), reduce_loss=reduce_loss)
+    try:
+        cp.context_parallel(tiny_model(sliding_window=4), None)
+    except ValueError as e:
+        result["error"] = str(e)
+    return result
+
+
+def test_context_parallel_model_equals_single_process():
+    ref = reference64()
+    for out in run_ranks(_cp_train, 2):
+        torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
+                                   torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
+        assert_close_dicts(out["grads0"], ref["grads0"])
+        assert_close_dicts(out["params"], ref["params"])
+        assert "sliding_window=4" in out["error"]

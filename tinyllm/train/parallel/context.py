@@ -1,0 +1,196 @@
+"""Context parallel: ring attention (notes ch.04 序列/上下文并行; Liu et al. 2023, "Ring Attention with Blockwise
+Transformers"; the online softmax of Milakov & Gimelshein 2018 / FlashAttention).
+
+A sequence too long for one device is cut into cp contiguous chunks, rank r holding tokens [r·T/cp, (r+1)·T/cp)
+for *every* layer — embeddings, MLPs and norms are per token and need nothing. Only attention mixes tokens:
+each rank keeps its queries and passes its K/V chunk around a ring. At step s rank r holds the K/V of chunk
+(r − s) mod cp, attends its queries to it, and merges the partial result with the online-softmax rule
+
+    m' = max(m, rowmax S)          ℓ' = ℓ·e^{m−m'} + Σ e^{S−m'}          O' = O·e^{m−m'} + e^{S−m'}·V
+
+so after cp steps O/ℓ is exactly softmax(QKᵀ)V over the whole sequence, without any rank ever holding all
+keys. Causal masking: chunks from later ranks are skipped entirely, the rank's own chunk uses the triangular
+mask, earlier chunks are read in full. The sends of step s+1 overlap the compute of step s (isend/irecv).
+
+Backward runs the same ring again with the saved log-sum-exp L = m + log ℓ: P = e^{S−L}, dV += Pᵀ·dO,
+dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ += dS·K·scale, dK += dSᵀ·Q·scale; the dK/dV accumulators travel with
+their K/V chunk and arrive home after the last hop.
+
+    ring_attention(q, k, v, group, scale, causal)   the attention op on local chunks ([B, H, T/cp, D])
+    context_parallel(model, group)                  makes every attention layer of a CausalLM a ring
+    cp_lm_loss(model, input_ids, labels, group)     this rank's share of the global mean loss on its chunk
+    all_reduce_grads(model, group)                  sums the shares' gradients (call after backward)
+
+Not covered: load-balanced (zig-zag) chunk order — with plain contiguous chunks the last rank does cp times
+the attention work of the first under a causal mask; padding masks, sliding windows and ALiBi in the ring;
+Ulysses-style all-to-all head/sequence exchange.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tinyllm.model.attention import repeat_kv
+from tinyllm.train.parallel.dist import collective_guard
+from tinyllm.train.parallel.sequence import split_sequence
+
+
+def _ring_start(t: torch.Tensor, group) -> tuple[torch.Tensor, list]:
+    """Post: send `t` to the next rank of the ring, receive the previous rank's into a new buffer."""
+    world, r = dist.get_world_size(group), dist.get_rank(group)
+    nxt, prv = (r + 1) % world, (r - 1) % world
+    if group is not None:
+        nxt, prv = dist.get_global_rank(group, nxt), dist.get_global_rank(group, prv)
+    buf = torch.empty_like(t)
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group), dist.P2POp(dist.irecv, buf, prv, group)]
+    with collective_guard("ring attention K/V pass"):
+        return buf, dist.batch_isend_irecv(ops)
+
+
+def _ring_finish(pending: tuple[torch.Tensor, list]) -> torch.Tensor:
+    buf, works = pending
+    with collective_guard("ring attention K/V pass"):
+        for w in works:
+            w.wait()
+    return buf
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, diagonal: bool) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    if diagonal:  # the rank's own chunk: query i reads keys j ≤ i
+        t = s.shape[-1]
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, scale: float, causal: bool):  # type: ignore[override]
+        world, r = dist.get_world_size(group), dist.get_rank(group)
+        acc_t = torch.promote_types(q.dtype, torch.float32)
+        n_rep = q.shape[1] // k.shape[1]
+        qf = q.to(acc_t)
+        m = torch.full((*q.shape[:3], 1), float("-inf"), dtype=acc_t, device=q.device)
+        ell = torch.zeros_like(m)
+        acc = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc_t, device=q.device)
+        kv = torch.stack([k, v])  # [2, B, Hkv, T, D] travels as one message
+        for step in range(world):
+            src = (r - step) % world
+            pending = _ring_start(kv, group) if step < world - 1 else None  # travels while we compute
+            if not causal or src <= r:
+                kb, vb = repeat_kv(kv[0], n_rep).to(acc_t), repeat_kv(kv[1], n_rep).to(acc_t)
+                s = _scores(qf, kb, scale, causal and src == r)
+                m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+                p = torch.exp(s - m_new)
+                corr = torch.exp(m - m_new)
+                ell = ell * corr + p.sum(-1, keepdim=True)
+                acc = acc * corr + torch.matmul(p, vb)
+                m = m_new
+            if pending is not None:
+                kv = _ring_finish(pending)
+        out = acc / ell
+        lse = m + ell.log()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.causal = group, scale, causal
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale, causal = ctx.group, ctx.scale, ctx.causal
+        world, r = dist.get_world_size(group), dist.get_rank(group)
+        acc_t = out.dtype
+        n_rep = q.shape[1] // k.shape[1]
+        b, hkv, t, d = k.shape
+        qf, do = q.to(acc_t), dout.to(acc_t)
+        delta = (do * out).sum(-1, keepdim=True)  # rowsum(dO ⊙ O) [B, H, T, 1]
+        dq = torch.zeros_like(qf)
+        # [k, v, dk, dv] of the chunk this rank currently holds; the gradients ride along with their chunk
+        pack = torch.stack([k.to(acc_t), v.to(acc_t), torch.zeros_like(k, dtype=acc_t),
+                            torch.zeros_like(v, dtype=acc_t)])
+        for step in range(world):
+            src = (r - step) % world
+            if not causal or src <= r:
+                kb, vb = repeat_kv(pack[0], n_rep), repeat_kv(pack[1], n_rep)
+                p = torch.exp(_scores(qf, kb, scale, causal and src == r) - lse)  # [B, H, Tq, Tk]
+                dv = torch.matmul(p.transpose(-1, -2), do)
+                ds = p * (torch.matmul(do, vb.transpose(-1, -2)) - delta)
+                dq += torch.matmul(ds, kb) * scale
+                dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+                # query heads of one K/V group add into that K/V head
+                pack[2] += dk.view(b, hkv, n_rep, t, d).sum(2)
+                pack[3] += dv.view(b, hkv, n_rep, t, d).sum(2)
+            pack = _ring_finish(_ring_start(pack, group))  # after `world` hops every chunk (and its gradient) is home
+        return dq.to(q.dtype), pack[2].to(k.dtype), pack[3].to(v.dtype), None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None,
+                   scale: float | None = None, causal: bool = True) -> torch.Tensor:
+    """softmax(QKᵀ·scale)V over the whole ring, given this rank's chunks q [B, H, T, D], k/v [B, Hkv, T, D]."""
+    if q.shape[2] != k.shape[2] or k.shape != v.shape or q.shape[1] % k.shape[1]:
+        raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+                         "[B, H, T, D], [B, Hkv, T, D] with equal local T and H a multiple of Hkv")
+    return _RingAttention.apply(q, k, v, group, scale if scale is not None else q.shape[-1] ** -0.5, causal)
+
+
+def _ring_attend(group):
+    def attend(q, k, v, mask, bias, is_causal, scale):  # the model's attention-backend signature
+        if mask is not None or bias is not None:
+            raise ValueError("context parallel attends plain causal (or full) attention only: no padding mask, "
+                             "sliding window or ALiBi bias")
+        return ring_attention(q, k, v, group, scale, is_causal)
+
+    return attend
+
+
+def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Make every attention layer of a tinyllm CausalLM attend through the ring over `group` (in place)."""
+    cfg = model.config
+    if cfg.sliding_window is not None or cfg.position_type == "alibi":
+        raise ValueError(f"context_parallel: sliding_window={cfg.sliding_window!r}, position_type="
+                         f"{cfg.position_type!r} — the ring supports plain causal attention with rope/learned/"
+                         "sinusoidal/no positions")
+    for layer in model.model.layers:
+        layer.self_attn.attend = _ring_attend(group)
+    model.cp_group = group
+    return model
+
+
+def cp_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None,
+               ignore_index: int = -100, fused: bool = True) -> torch.Tensor:
+    """Run this rank's chunk of the (full, replicated) batch at its global positions; return its share of the
+    global mean loss, so that the shares summed over the group — values and gradients — are the full loss.
+
+    fused: the training loss of train.losses (lm_head fused, softmax in fp32); False: plain cross entropy on
+    the chunk's logits in the model's dtype."""
+    from tinyllm.train.losses import linear_cross_entropy
+
+    world, r = dist.get_world_size(group), dist.get_rank(group)
+    b, t = input_ids.shape
+    x, y = split_sequence(input_ids, group), split_sequence(labels, group)
+    n = t // world
+    pos = torch.arange(r * n, (r + 1) * n, device=input_ids.device).expand(b, n)
+    h = model(x, positions=pos, hidden_only=True)
+    if fused:
+        loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y.reshape(-1), ignore_index)
+    else:
+        loss = F.cross_entropy(model.lm_head(h).flatten(0, 1), y.reshape(-1), ignore_index=ignore_index)
+    count = torch.tensor([float((y != ignore_index).sum())], dtype=torch.float64)
+    mine = count.clone()
+    with collective_guard("context-parallel token count"):
+        dist.all_reduce(count, group=group)
+    return loss * (mine / count.clamp(min=1)).item()
+
+
+def all_reduce_grads(model: nn.Module, group: dist.ProcessGroup | None, average: bool = False) -> None:
+    """Sum (or average) every gradient over `group` (tied weights once)."""
+    n = dist.get_world_size(group)
+    with collective_guard("gradient all-reduce"):
+        for p in dict.fromkeys(model.parameters()):
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+                if average:
+                    p.grad /= n
