@@ -30,8 +30,10 @@ from tinyllm.rag.bm25 import BM25Index
 from tinyllm.rag.store import Hit
 
 FORMAT = "tinyllm-docs-store/1"
+NAVIGATION_PAGES = ("index.md", "ask.md", "api.md")
 _HEADING = re.compile(r"^(#{1,3})\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
+_ASKING = re.compile(r"是什么|什么是|为什么|什么|怎么样|怎么|如何|多少|哪些|有没有|吗|呢|？|\?")
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,31 @@ def split_sections(page: str, markdown: str) -> list[Section]:
         chunks.append((slug, text, [line]))
     out = []
     for anchor, heading, body in chunks:
-        text = "\n".join(body).strip()
-        if not text:
-            continue
         label = title if not heading or heading == title else f"{title} › {heading}"
-        out.append(Section(page, anchor, label, text))
+        for part in _questions(body):
+            text = "\n".join(part).strip()
+            if not text:
+                continue
+            q = _QUESTION.match(part[0]) if part else None
+            out.append(Section(page, anchor, f"{label} › {q.group(1).strip()}" if q else label, text))
     return out
+
+
+_QUESTION = re.compile(r"^\*\*(Q\d+\..*?)\*\*")
+
+
+def _questions(body: list[str]) -> list[list[str]]:
+    """A section cut before each `**Qn. …**` paragraph: every interview question is its own retrievable unit
+    (cited with its section's anchor), so a long question list does not drown the one question asked."""
+    parts: list[list[str]] = [[]]
+    in_code = False
+    for line in body:
+        if _FENCE.match(line):
+            in_code = not in_code
+        if not in_code and _QUESTION.match(line) and any(x.strip() for x in parts[-1]):
+            parts.append([])
+        parts[-1].append(line)
+    return parts
 
 
 class DocsStore:
@@ -104,13 +125,15 @@ class DocsStore:
         self.index.add(list(self.by_id), [f"{s.title}\n{s.text}" for s in self.sections])
 
     @classmethod
-    def build(cls, paths: Iterable[str | Path]) -> DocsStore:
-        """Index Markdown files and directories of them (not recursive; `hooks/`, `data/` have no pages)."""
+    def build(cls, paths: Iterable[str | Path], skip: Sequence[str] = NAVIGATION_PAGES) -> DocsStore:
+        """Index Markdown files and directories of them (not recursive; `hooks/`, `data/` have no pages).
+        Directory pages named in `skip` are left out: the site's index, this tool's page and the API page quote
+        questions and list pages, and would outrank the sections that answer."""
         sections: list[Section] = []
         for p in map(Path, paths):
             if not p.exists():
                 raise ValueError(f"{p}: no such file or directory")
-            files = sorted(p.glob("*.md")) if p.is_dir() else [p]
+            files = [f for f in sorted(p.glob("*.md")) if f.name not in skip] if p.is_dir() else [p]
             for f in files:
                 try:
                     sections += split_sections(f.name, f.read_text(encoding="utf-8"))
@@ -136,8 +159,10 @@ class DocsStore:
     def search(self, question: str, k: int = 5, mode: str = "bm25") -> list[Hit]:
         if mode not in ("bm25", "hybrid"):
             raise ValueError(f"mode={mode!r}: the docs store searches with bm25 only")
+        # question words carry no topic, and their bigrams (什么, 么是) would match every other question
+        query = _ASKING.sub(" ", question).strip() or question
         hits = []
-        for sid, score in self.index.search(question, k=k):
+        for sid, score in self.index.search(query, k=k):
             s = self.by_id[sid]
             hits.append(Hit(doc_id=s.page, chunk_id=s.source, text=s.text, start=0, end=len(s.text), score=score,
                             source=s.source, metadata={"title": s.title}))
