@@ -44,6 +44,23 @@ SFT_TASKS = ("title", "sentiment", "translate", "qa")
 TRANSLATE_TO_CHINESE = "把下面的英文翻译成中文。"
 
 
+def user_text(rec: dict[str, str]) -> str:
+    """The user turn of one derived SFT record, the instruction *after* its input ("下面" becomes "上面").
+
+    Title and sentiment rows read the same inews articles and differ only in the instruction; placed before a
+    120-character article, the instruction was too far back for a model of a few million parameters to attend to,
+    and it answered title prompts with sentiment labels. Next to the answer it is the last thing read."""
+    if not rec.get("input"):
+        return rec["instruction"]
+    return f"{rec['input']}\n\n{rec['instruction'].replace('下面', '上面')}"
+
+
+def chat_record(rec: dict[str, str]) -> dict[str, Any]:
+    """An alpaca record as the OpenAI-messages record the SFT stage trains on (`user_text` order)."""
+    return {"messages": [{"role": "user", "content": user_text(rec)},
+                         {"role": "assistant", "content": rec["output"]}]}
+
+
 @dataclass(frozen=True)
 class Scale:
     tokenizer_chars: int
@@ -364,7 +381,7 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
     if not data.exists():
         with atomic_open(data) as f:
             for r in _sft_records(cfg, sc):
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(json.dumps(chat_record(r), ensure_ascii=False) + "\n")
     batch = plan.get("batch_size", sc.batch_size)
     if sc.max_steps is not None:
         steps = sc.max_steps

@@ -16,8 +16,8 @@ from tinyllm.atomic import atomic_write_json, atomic_write_text
 
 SAMPLE_PROMPTS = (
     "你好，请介绍一下你自己。",
-    "把下面的英文翻译成中文。\n\nI like learning Chinese.",
-    "判断下面这段新闻的情感倾向（积极、中性或消极）。\n\n今天市场大涨，投资者信心十足，多家企业公布了亮眼的业绩。",
+    "I like learning Chinese.\n\n把上面的英文翻译成中文。",
+    "今天市场大涨，投资者信心十足，多家企业公布了亮眼的业绩。\n\n判断上面这段新闻的情感倾向（积极、中性或消极）。",
 )
 
 
@@ -32,7 +32,9 @@ def _encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def _user_text(rec: dict[str, str]) -> str:
-    return f"{rec['instruction']}\n\n{rec['input']}" if rec.get("input") else rec["instruction"]
+    from tinyllm.recipes.tiny_zh import user_text
+
+    return user_text(rec)
 
 
 def lead_title(article: str, max_chars: int) -> str:
