@@ -29,7 +29,7 @@ install-dev: $(DEV_STAMP)
 # The main job: train a tiny Chinese LLM end to end (~10 minutes on 2 cores; DEMO_ARGS=--quick for ~2).
 demo: $(STAMP)
 	$(BIN)/tinyllm recipe tiny-zh --out runs/tiny-zh $(DEMO_ARGS)
-	$(BIN)/tinyllm generate --model runs/tiny-zh/model --chat --prompt "为下面的新闻写一个标题。今天股市大涨，多家企业公布了亮眼的业绩。" --max-new-tokens 32 \
+	$(BIN)/tinyllm generate --model runs/tiny-zh/model --chat --prompt "$$(printf '今天股市大涨，多家企业公布了亮眼的业绩。\n\n为上面的新闻写一个标题。')" --max-new-tokens 32 \
 		--temperature 0.7 --top-p 0.9 --repetition-penalty 1.1 --seed 0
 
 test: $(DEV_STAMP)
