@@ -95,10 +95,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(engine: LLMEngine, *, model_name: str = "tinyllm", api_key: str | None = None, max_queue: int = 256,
-               embedder: Embedder | None = None, stall_timeout: float = 300.0) -> FastAPI:
+               embedder: Embedder | None = None, stall_timeout: float = 300.0,
+               tool_prompt: str = "template") -> FastAPI:
     """The server's FastAPI app; the engine loop runs while the app's lifespan is open. A step that runs longer
     than `stall_timeout` seconds marks the engine stalled (/health 503, waiting requests fail)."""
-    st = ServerState(engine, model_name, api_key, max_queue, embedder, stall_timeout=stall_timeout)
+    st = ServerState(engine, model_name, api_key, max_queue, embedder, stall_timeout=stall_timeout,
+                     tool_prompt=tool_prompt)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

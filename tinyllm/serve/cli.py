@@ -32,6 +32,9 @@ class ServeConfig:
     num_blocks: int | None = field(default=None, metadata={"help": "KV-cache blocks (default: sized to fit)"})
     graceful_shutdown_s: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on SIGTERM"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+    tool_prompt: str = field(default="template", metadata={
+        "help": "tools for a chat template that cannot render them: refuse (template) or write them into the "
+                "system message, Hermes style (hermes)", "choices": ["template", "hermes"]})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,7 +81,7 @@ def build_app(cfg: ServeConfig):
     name = cfg.served_model_name or Path(resolve_model_path(cfg.model)).name
     embedder = Embedder.from_pretrained(cfg.embedding_model) if cfg.embedding_model else None
     return create_app(llm.engine, model_name=name, api_key=cfg.api_key, max_queue=cfg.max_queue,
-                      embedder=embedder)
+                      embedder=embedder, tool_prompt=cfg.tool_prompt)
 
 
 def run_serve(cfg: ServeConfig) -> int:

@@ -10,6 +10,8 @@ admitted into the running batch, and is answered either whole (a JSON body) or a
 stream has begun arrives as one `data: {"error": {...}}` event followed by `data: [DONE]`.
 
 max_tokens defaults: chat → whatever the context window leaves; completions → 16 (OpenAI's legacy default).
+Tool calls (`tool_calls.py`): a tools request parses the reply into OpenAI `tool_calls`; streamed, content
+arrives as it is decided and each call as one delta when its block closes.
 Not covered: `best_of`, `suffix`, `logit_bias`, streaming of partial tool-call arguments.
 """
 
@@ -28,9 +30,10 @@ from tinyllm.infer.sampling_params import SamplingParams
 from tinyllm.infer.sequence import CompletionOutput, RequestOutput
 from tinyllm.serve import protocol as P
 from tinyllm.serve.async_engine import EngineError, RequestStream
-from tinyllm.serve.chat_format import ChatFormatError, parse_tool_calls, render_chat
+from tinyllm.serve.chat_format import ChatFormatError, RenderedChat, parse_tool_calls, render_chat_tools
 from tinyllm.serve.errors import APIError
 from tinyllm.serve.state import ServerState
+from tinyllm.serve.tool_calls import ToolCallStreamer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MAX_N = 128  # samples per request, OpenAI's documented limit
@@ -149,11 +152,12 @@ def _usage(prompt_tokens: int, outputs: list[CompletionOutput]) -> P.Usage:
 # ---------------------------------------------------------------- chat
 async def chat_completion(st: ServerState, req: P.ChatCompletionRequest) -> Any:
     st.check_model(req.model)
-    tools_active = bool(req.tools) and req.tool_choice != "none"
     try:
-        _, ids = render_chat(st.tokenizer, [m.model_dump() for m in req.messages], req.tools, req.tool_choice)
+        rendered = render_chat_tools(st.tokenizer, [m.model_dump() for m in req.messages], req.tools,
+                                     req.tool_choice, st.tool_prompt)
     except ChatFormatError as e:
         raise APIError(400, str(e), e.param) from None
+    ids = rendered.ids
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
         raise APIError(400, f"top_logprobs={req.top_logprobs} must be in [0, 20]", "top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None
@@ -164,7 +168,7 @@ async def chat_completion(st: ServerState, req: P.ChatCompletionRequest) -> Any:
     tokens = _Tokens(st.tokenizer)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream_response(_chat_events(st, req, cid, stream, len(ids), tools_active, tokens, include_usage))
+        return _stream_response(_chat_events(st, req, cid, stream, len(ids), rendered, tokens, include_usage))
     try:
         final = await _final(stream)
     finally:
@@ -172,7 +176,7 @@ async def chat_completion(st: ServerState, req: P.ChatCompletionRequest) -> Any:
         st.release(1)
     choices = []
     for o in final.outputs:
-        content, calls = (parse_tool_calls(o.text) if tools_active else (o.text, []))
+        content, calls = _reply(o.text, rendered, req.parallel_tool_calls)
         choices.append(P.ChatChoice(
             index=o.index, finish_reason="tool_calls" if calls else o.finish_reason,
             message=P.AssistantMessage(content=content, tool_calls=[P.ToolCall(**c) for c in calls] or None),
@@ -180,8 +184,19 @@ async def chat_completion(st: ServerState, req: P.ChatCompletionRequest) -> Any:
     return P.ChatCompletion(id=cid, model=st.model_name, choices=choices, usage=_usage(len(ids), final.outputs))
 
 
+def _reply(text: str, rendered: RenderedChat, parallel: bool | None) -> tuple[str | None, list[dict[str, Any]]]:
+    if not rendered.tools_active:
+        return text, []
+    content, calls = parse_tool_calls(rendered.prefill + text, rendered.fmt)
+    if rendered.only:
+        calls = [c for c in calls if c["function"]["name"] == rendered.only]
+    if not calls and rendered.prefill:
+        content = text  # the forced call did not parse: give back what the model wrote
+    return content, calls[:1] if parallel is False else calls
+
+
 async def _chat_events(st: ServerState, req: P.ChatCompletionRequest, cid: str, stream: RequestStream,
-                       prompt_tokens: int, tools_active: bool, tokens: _Tokens,
+                       prompt_tokens: int, rendered: RenderedChat, tokens: _Tokens,
                        include_usage: bool) -> AsyncIterator[str]:
     k = (req.top_logprobs or 0) if req.logprobs else None
 
@@ -191,6 +206,22 @@ async def _chat_events(st: ServerState, req: P.ChatCompletionRequest, cid: str, 
 
     done: set[int] = set()
     final: list[CompletionOutput] = []
+    streamers = [ToolCallStreamer(rendered.fmt) for _ in range(req.n)] if rendered.tools_active else []
+    for s in streamers:
+        s.feed(rendered.prefill)  # opens the forced call; yields nothing yet
+
+    def tool_deltas(i: int, events: list[tuple[str, Any]]) -> list[P.Delta]:
+        # content as it is decided; each call whole, as soon as its block closes (one index per call)
+        out = []
+        for kind, value in events:
+            if kind == "content" and value:
+                out.append(P.Delta(content=value))
+            elif kind == "call" and rendered.only and value["function"]["name"] != rendered.only:
+                streamers[i].calls -= 1  # a call of a tool the request did not allow
+            elif kind == "call" and not (req.parallel_tool_calls is False and streamers[i].calls > 1):
+                out.append(P.Delta(tool_calls=[{"index": streamers[i].calls - 1, **value}]))
+        return out
+
     try:
         for i in range(req.n):
             yield chunk(i, P.Delta(role="assistant", content=""))
@@ -199,17 +230,19 @@ async def _chat_events(st: ServerState, req: P.ChatCompletionRequest, cid: str, 
             for o in out.outputs:
                 if o.index in done:
                     continue
-                if not tools_active and (o.delta_text or (k is not None and o.delta_token_ids)):
+                if streamers:
+                    for delta in tool_deltas(o.index, streamers[o.index].feed(o.delta_text)):
+                        yield chunk(o.index, delta)
+                elif o.delta_text or (k is not None and o.delta_token_ids):
                     lp = chat_logprobs(tokens, o.delta_token_ids, _new_logprobs(o), k) if k is not None else None
                     yield chunk(o.index, P.Delta(content=o.delta_text), None, lp)
                 if o.finish_reason is not None:
                     done.add(o.index)
                     finish = o.finish_reason
-                    if tools_active:
-                        content, calls = parse_tool_calls(o.text)
-                        calls = [{"index": j, **c} for j, c in enumerate(calls)]
-                        finish = "tool_calls" if calls else finish
-                        yield chunk(o.index, P.Delta(content=content, tool_calls=calls or None))
+                    if streamers:
+                        for delta in tool_deltas(o.index, streamers[o.index].finish()):
+                            yield chunk(o.index, delta)
+                        finish = "tool_calls" if streamers[o.index].calls else finish
                     yield chunk(o.index, P.Delta(), finish)
         if include_usage:
             yield sse(P.ChatCompletionChunk(id=cid, model=st.model_name, choices=[],

@@ -8,7 +8,7 @@ stream), `Completion`, `EmbeddingResponse`, `ModelList` and `ErrorResponse` ({"e
 code}}).
 
 Not covered: audio/image content parts, `response_format` (JSON mode), `logit_bias`, `best_of`, `suffix`,
-`parallel_tool_calls=False` enforcement, the Responses and Assistants APIs.
+the Responses and Assistants APIs.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):

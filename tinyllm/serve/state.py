@@ -25,11 +25,14 @@ class ServerState:
     embedder: Embedder | None = None
     metrics: Metrics = field(default_factory=Metrics)
     stall_timeout: float = 300.0  # seconds one engine step may take before the loop counts as stalled
+    tool_prompt: str = "template"  # "hermes": show tools in the system message when the template cannot
     loop: AsyncEngine = field(init=False)
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
+        if self.tool_prompt not in ("template", "hermes"):
+            raise ValueError(f"tool_prompt={self.tool_prompt!r} must be 'template' or 'hermes'")
         if self.engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer")
         self.loop = AsyncEngine(self.engine, self.metrics, stall_timeout=self.stall_timeout)
