@@ -1,0 +1,206 @@
+"""Speculative decoding inside the engine (notes ch.06.3.k; Leviathan et al. 2023): greedy output token-exact
+with plain decoding over a batch of mixed prompts (prompt lookup and draft-model drafters, prefix caching on
+and off, a pool small enough to preempt, gather attention), every block returned; stop conditions,
+penalties and logprobs as in plain decoding; sampled output distributed as the target's (chi-square on a
+tiny vocabulary, for a one-hot draft and for a different draft model); prompt lookup ≡ its plain-loop twin;
+config errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tinyllm.infer.drafters import SpeculativeConfig, prompt_lookup, prompt_lookup_reference
+from tinyllm.infer.engine import LLM
+from tinyllm.infer.generate import generate
+from tinyllm.infer.sampling_params import SamplingParams
+from tinyllm.model.config import ModelConfig
+from tinyllm.model.hf import build_model
+
+V = 97
+N_NEW = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(seed: int = 0, vocab: int = V, layers: int = 2, hidden: int = 48) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
+                      initializer_range=0.2)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    """Mixed lengths; every other prompt repeats a short phrase, so prompt lookup has something to find."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(16):
+        n = int(torch.randint(2, 60, (1,), generator=g))
+        if i % 2:
+            phrase = torch.randint(0, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+            out.append((phrase * n)[:n])
+        else:
+            out.append(torch.randint(0, V, (n,), generator=g).tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts) -> list[list[int]]:
+    return [generate(model, torch.tensor([p]), max_new_tokens=N_NEW, eos_token_id=[])[0, len(p):].tolist()
+            for p in prompts]
+
+
+NGRAM = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
+# a draft model that agrees with the target often but not always: the target with int8 weights, 1 layer
+DRAFT = dict(method="draft", num_speculative_tokens=3, draft_quantization="int8", draft_num_layers=1)
+
+
+@pytest.mark.parametrize("spec", [NGRAM, DRAFT], ids=["ngram", "draft"])
+@pytest.mark.parametrize("kw", [
+    dict(),  # roomy pool, prefix caching on
+    dict(enable_prefix_caching=False),
+    dict(num_blocks=12),  # preemption by recompute, speculation dropped first when blocks run short
+    dict(attention="gather", block_size=4),
+], ids=["prefix", "no-prefix", "preempt", "gather"])
+def test_greedy_equals_plain_decoding(model, prompts, reference, spec, kw) -> None:
+    llm = LLM(model, max_num_batched_tokens=64, speculative=spec, **kw)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    st = llm.engine.stats
+    assert st["free_blocks"] == st["num_blocks"]  # rejected slots and finished sequences gave every block back
+    assert st["spec_proposed"] > 0 and 0 < st["spec_accepted"] <= st["spec_proposed"]
+    assert st["spec_emitted"] == st["spec_accepted"] + st["spec_verifications"]
+    assert st["spec_acceptance_rate"] == st["spec_accepted"] / st["spec_proposed"]
+    if "num_blocks" in kw:
+        assert st["preemptions"] > 0
+
+
+def test_prefix_cache_hits_after_speculation(model, prompts) -> None:
+    """Blocks named while speculating hold the right K/V: a second pass over the same prompts reuses them
+    and still decodes the same tokens."""
+    llm = LLM(model, speculative=NGRAM)
+    first = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    longer = [p + out for p, out in zip(prompts, first, strict=True)]
+    again = llm.generate(longer, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.stats["prefix_hit_tokens"] > 0
+    plain = LLM(model, enable_prefix_caching=False).generate(
+        longer, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in plain]
+
+
+@pytest.mark.parametrize("spec", [NGRAM, DRAFT], ids=["ngram", "draft"])
+def test_stops_penalties_and_logprobs_as_plain(model, prompts, spec) -> None:
+    plain, fast = LLM(model), LLM(model, speculative=spec)
+    ref = LLM(model).generate(prompts, GREEDY, use_tqdm=False)
+    params = [
+        SamplingParams(temperature=0, max_tokens=N_NEW, stop_token_ids=[ref[i].outputs[0].token_ids[5]])
+        for i in range(len(prompts))
+    ]
+    params += [SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, repetition_penalty=1.4,
+                              presence_penalty=0.5, frequency_penalty=0.3)] * len(prompts)
+    params += [SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=3)] * len(prompts)
+    a = plain.generate(prompts * 3, params, use_tqdm=False)
+    b = fast.generate(prompts * 3, params, use_tqdm=False)
+    for x, y in zip(a, b, strict=True):
+        ox, oy = x.outputs[0], y.outputs[0]
+        assert (ox.token_ids, ox.finish_reason, ox.stop_reason) == (oy.token_ids, oy.finish_reason, oy.stop_reason)
+        if ox.logprobs is not None:
+            for lx, ly in zip(ox.logprobs, oy.logprobs, strict=True):
+                assert lx.keys() == ly.keys()
+                assert all(abs(lx[t] - ly[t]) < 1e-4 for t in lx)
+    assert fast.engine.stats["spec_accepted"] > 0
+
+
+def test_request_can_opt_out(model, prompts) -> None:
+    llm = LLM(model, speculative=NGRAM)
+    off = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, num_speculative_tokens=0)
+    outs = llm.generate(prompts[:4], off, use_tqdm=False)
+    assert llm.engine.stats["spec_proposed"] == 0
+    assert len(outs[0].outputs[0].token_ids) == N_NEW
+
+
+# ------------------------------------------------------------------ sampling keeps the target distribution
+def _target_distribution(model, prompt: list[int], n: int, temperature: float, top_k: int) -> dict:
+    """Exact probability of every n-token continuation under temperature + top-k."""
+    vocab = model.config.vocab_size
+    probs = {}
+    with torch.no_grad():
+        for cont in itertools.product(range(vocab), repeat=n):
+            logits = model(torch.tensor([prompt + list(cont[:-1])]))[0, -n:].float() / temperature
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            p = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+            probs[cont] = float(torch.prod(p[torch.arange(n), torch.tensor(cont)]))
+    return probs
+
+
+@pytest.mark.parametrize("spec", [
+    dict(method="ngram", num_speculative_tokens=2),
+    dict(method="draft", num_speculative_tokens=2, draft_quantization=None),  # a different model: q ≠ p
+], ids=["ngram", "draft"])
+def test_sampling_preserves_target_distribution(spec) -> None:
+    from scipy.stats import chisquare
+
+    vocab, n, count = 4, 3, 1500
+    target = _model(seed=3, vocab=vocab, layers=1, hidden=16)
+    if spec["method"] == "draft":
+        spec = dict(spec, draft_model=_model(seed=4, vocab=vocab, layers=1, hidden=16))
+    prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    params = [SamplingParams(temperature=0.9, top_k=3, max_tokens=n, ignore_eos=True, seed=s) for s in range(count)]
+    llm = LLM(target, speculative=spec, max_num_seqs=512, max_num_batched_tokens=4096)
+    outs = llm.generate([prompt] * count, params, use_tqdm=False)
+    st = llm.engine.stats
+    assert st["spec_proposed"] > 0 and 0 < st["spec_accepted"] < st["spec_proposed"]  # both branches ran
+    expected = _target_distribution(target, prompt, n, 0.9, 3)
+    seen = {c: 0 for c in expected}
+    for o in outs:
+        seen[tuple(o.outputs[0].token_ids)] += 1
+    cells = [c for c in expected if expected[c] > 0]
+    assert sum(seen[c] for c in cells) == count  # nothing outside the top-k support
+    f_exp = [expected[c] * count for c in cells]
+    scale = count / sum(f_exp)
+    assert chisquare([seen[c] for c in cells], [f * scale for f in f_exp]).pvalue > 1e-3
+
+
+# ------------------------------------------------------------------ pieces and errors
+def test_prompt_lookup_equals_plain_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        tokens = torch.randint(0, 5, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g).tolist()
+        k, lo = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
+        hi = lo + int(torch.randint(0, 3, (1,), generator=g))
+        assert prompt_lookup(tokens, k, lo, hi) == prompt_lookup_reference(tokens, k, lo, hi)
+    assert prompt_lookup([7, 8, 9, 1, 7, 8], 3) == [9, 1, 7]  # the most recent match of the longest n-gram
+    assert prompt_lookup([1, 2, 3], 2) == []
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(method="medusa"), "method='medusa'"), (dict(num_speculative_tokens=0), "num_speculative_tokens=0"),
+    (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min=3"),
+    (dict(draft_quantization="int3"), "draft_quantization='int3'"), (dict(draft_num_layers=0), "draft_num_layers=0"),
+    (dict(draft_model=3), "draft_model=3"),
+])
+def test_config_errors(kw, name) -> None:
+    with pytest.raises(ValueError, match=name.replace("[", r"\[")):
+        SpeculativeConfig(**kw)
+
+
+def test_engine_errors(model) -> None:
+    with pytest.raises(ValueError, match="unknown field"):
+        LLM(model, speculative=dict(k=3))
+    with pytest.raises(ValueError, match="speculative=3"):
+        LLM(model, speculative=3)
+    with pytest.raises(ValueError, match="vocab_size=50"):
+        LLM(model, speculative=dict(method="draft", draft_model=_model(vocab=50), draft_quantization=None))
+    with pytest.raises(ValueError, match="num_speculative_tokens=-1"):
+        SamplingParams(num_speculative_tokens=-1)
