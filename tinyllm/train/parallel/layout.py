@@ -9,8 +9,8 @@ saved under tp=2 loads under tp=4, pp=2 or one process:
     save_sharded_pretrained(model, dir, ...)  gather (over TP, and over the pipeline stages with pp_group),
                                               then rank 0 writes the HF directory (temp name + rename)
 
-The pipeline half (which stage owns which layers) lives in pipeline.py: `gather_pipeline_state_dict` merges
-the stages' pieces, `stage_state_dict` cuts a full one. Not covered: sharded (per-rank file) checkpoints of
+The pipeline half lives in pipeline.py: stages keep the full model's parameter names, so
+`gather_pipeline_state_dict` merges the stages' pieces and `load_stage_state_dict` cuts a full one. Not covered: sharded (per-rank file) checkpoints of
 distributed optimizers; gathering happens in memory, so the full model must fit on one rank.
 """
 
@@ -80,21 +80,18 @@ def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], group: d
 
 
 def save_sharded_pretrained(model: nn.Module, directory: str | os.PathLike, full_model: nn.Module | None = None,
-                            tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None,
-                            stage_layers: list[range] | None = None) -> Path | None:
-    """Gather a TP- and/or PP-sharded model and write one HF directory from global rank 0 (others return None).
-
-    full_model: an unsharded model of the same config to receive the weights and be written (built on rank 0
-    only is enough). With pp_group, `stage_layers[s]` is the global layer range stage s holds."""
+                            tp_group: dist.ProcessGroup | None = None,
+                            pp_group: dist.ProcessGroup | None = None) -> Path | None:
+    """Gather a TP- and/or PP-sharded model (or pipeline stage) and write one HF directory from global rank 0
+    (the other ranks return None). full_model: an unsharded model of the same config to receive the weights
+    and be written (needed on rank 0 only)."""
     from tinyllm.model.hf import save_pretrained
 
     sd = gather_full_state_dict(model, tp_group) if tp_group is not None else model.state_dict()
     if pp_group is not None:
         from tinyllm.train.parallel.pipeline import gather_pipeline_state_dict
 
-        if stage_layers is None:
-            raise ValueError("save_sharded_pretrained with pp_group needs stage_layers")
-        sd = gather_pipeline_state_dict(sd, stage_layers, pp_group)
+        sd = gather_pipeline_state_dict(sd, pp_group, tied=bool(getattr(model, "tied", False)))
     if dist.get_rank() != 0:
         return None
     if full_model is None:
