@@ -153,3 +153,42 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     figures = {p.name for p in (site / "figures").glob("*.png")}
     assert {"attention-masks.png", "tokenization-zh.png", "pipeline-schedules.png", "recall-at-k.png"} <= figures
     assert "WARNING" not in proc.stderr
+
+
+def _figures_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_figures", DOCS / "hooks" / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("micro", [1, 4, 8])
+def test_pipeline_figure_schedules(micro: int) -> None:
+    """The schedules drawn for GPipe and 1F1B have the closed-form bubble and 1F1B's activation bound."""
+    from tinyllm.calc.memory import gpipe_bubble
+
+    fig = _figures_module()
+    stages = 4
+    for kind in ("gpipe", "1f1b"):
+        ops = fig.pipeline_schedule(stages, micro, kind)
+        assert len(ops) == 2 * stages * micro
+        end = max(t + (1 if op == "F" else 2) for _, op, _, t in ops)
+        assert end == 3 * (micro + stages - 1)                  # every stage: M·(F + B) plus K − 1 slots idle
+        busy = stages * micro * 3
+        assert (stages * end - busy) / (stages * end) == pytest.approx(gpipe_bubble(stages, micro))
+        peak = fig.peak_activations(ops, 0)
+        assert peak == (micro if kind == "gpipe" else min(stages, micro))
+    with pytest.raises(ValueError, match="kind must be"):
+        fig.pipeline_schedule(2, 2, "zb")
+
+
+def test_figures_draw_from_the_engine() -> None:
+    fig = _figures_module()
+    tables, refs, _ = fig.block_tables()
+    assert tables["A"][:3] == tables["B"][:3] and all(refs[b] == 2 for b in tables["A"][:3])  # prefix cache
+    assert tables["C.0"][0] == tables["C.1"][0]                                               # forked prompt
+    trace = fig.batching_trace()
+    assert max(sum(step.values()) for step in trace) <= 16          # the token budget is never exceeded
+    assert any(n > 1 for step in trace for n in step.values())      # prompts are fed in chunks
