@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
-from tinyllm.model.gguf import dequantize, read_gguf, read_gguf_metadata
+from tinyllm.model.gguf import dequantize, read_gguf, read_gguf_blocks, read_gguf_metadata
 from tinyllm.model.hf import CheckpointError, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -39,6 +39,35 @@ def test_dequantize_matches_reference(qtype: Q) -> None:
         np.testing.assert_array_equal(ours, data)
 
 
+@pytest.mark.parametrize(("qtype", "nbytes", "scales"), [(Q.Q4_K, 144, (0, 2)), (Q.Q6_K, 210, (208,))],
+                         ids=["Q4_K", "Q6_K"])
+def test_k_quant_dequantize_bit_identical(qtype: Q, nbytes: int, scales: tuple[int, ...]) -> None:
+    # random super-blocks (every scale, min, code and high-bit pattern) with finite fp16 super-scales
+    rng = np.random.default_rng(int(qtype))
+    raw = rng.integers(0, 256, (96, nbytes), dtype=np.uint8)
+    for off in scales:
+        raw[:, off:off + 2] = rng.normal(0, 0.05, (96, 1)).astype(np.float16).view(np.uint8)
+    ours = dequantize(raw, int(qtype))
+    ref = ref_dequantize(raw, qtype).reshape(-1)
+    assert ours.dtype == np.float32 and ours.shape == (96 * 256,)
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(dequantize(raw, qtype.name).view(np.uint32), ours.view(np.uint32))
+
+
+@pytest.mark.parametrize(("arch", "qtype"), [("llama", Q.Q4_1), ("llama", Q.Q8_0), ("qwen2", Q.Q4_0)])
+def test_gguf_blocks_dequantize_to_read_gguf(tmp_path, arch: str, qtype: Q) -> None:
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(_tiny_hf(arch, True), str(path), qtype, arch)
+    _, sd = read_gguf(path)
+    blocks = read_gguf_blocks(path)
+    assert set(blocks) == {k for k, v in sd.items() if v.dim() == 2}  # every matrix, none of the norms
+    for name, (tname, rows) in blocks.items():
+        assert tname == qtype.name and rows.dtype == torch.uint8
+        w = torch.from_numpy(dequantize(rows.numpy(), tname)).view(rows.shape[0], -1)
+        assert torch.equal(w, sd[name]), name  # q/k rows un-permuted like the dequantized ones
+    assert read_gguf_blocks(path, types=("Q5_0",)) == {}
+
+
 def test_nibble_order_by_hand() -> None:
     # one Q4_1 block: d = 1, m = -8, byte j = (low nibble j, high nibble 15 - j)
     scales = np.array([1.0, -8.0], dtype=np.float16).view(np.uint8)
@@ -50,8 +79,10 @@ def test_nibble_order_by_hand() -> None:
 
 
 def test_unknown_type_rejected() -> None:
-    with pytest.raises(ValueError, match="Q6_K"):
-        dequantize(np.zeros(210, np.uint8), "Q6_K")
+    with pytest.raises(ValueError, match="Q5_K"):
+        dequantize(np.zeros(176, np.uint8), "Q5_K")
+    with pytest.raises(ValueError, match="210-byte blocks"):
+        dequantize(np.zeros(200, np.uint8), "Q6_K")
 
 
 # ------------------------------------------------------------------ tiny GGUF files

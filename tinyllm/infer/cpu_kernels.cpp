@@ -8,8 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include <c10/util/Half.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -383,6 +385,205 @@ at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor
   return y;
 }
 
+
+// ---------------------------------------------------------------- GGUF blocks as stored: Q4_0, Q4_1, Q8_0
+// y[m, n] = Σ_b Σ_{j<32} x[m, 32b + j] · w(block b of row n, j), straight from llama.cpp's 32-weight blocks
+// (row n is the bytes [n·rb, (n+1)·rb) of `blocks`, rb = K/32 · block bytes):
+//   Q4_0  [fp16 d][16 B nibbles]          w = d·(q − 8)
+//   Q4_1  [fp16 d][fp16 m][16 B nibbles]  w = d·q + m       → Σ_j x_j w_j = d·Σ_j x_j q_j + m·Σ_j x_j
+//   Q8_0  [fp16 d][32 × int8]             w = d·q
+// byte j of the nibbles holds element j (low 4 bits) and element j + 16 (high 4 bits), so a block's codes
+// meet x[32b .. 32b+15] and x[32b+16 .. 32b+31] without any shuffle. The codes become floats in registers
+// only; x stays fp32 (llama.cpp rounds x to int8 instead), so the result is the dequantized matmul's up to
+// summation order.
+enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+
+static inline int64_t ggml_block_bytes(int64_t type) {
+  return type == kQ4_0 ? 18 : type == kQ4_1 ? 20 : type == kQ8_0 ? 34 : 0;
+}
+
+static inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// four rows from `w` (row stride rb bytes) against one x; out[r] for r < 4. xs[b] = Σ x over block b (Q4_1).
+template <int64_t T>
+static void ggml_rows4(const float* x, const float* xs, const uint8_t* w, int64_t rb, int64_t nb, float* out,
+                       const uint8_t* next) {
+  constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
+  constexpr int64_t off = T == kQ4_1 ? 4 : 2;  // where the codes start
+  prefetch4(next, rb, 0, rb);
+  float zsum[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(TINYLLM_AVX512)
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const __m512i mask = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = w + r * rb + b * bytes;
+      __m512 c0, c1;
+      if constexpr (T == kQ8_0) {
+        c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + off))));
+        c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + off + 16))));
+      } else {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + off)));
+        __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_srli_epi32(v, 4);
+        if constexpr (T == kQ4_0) { lo = _mm512_sub_epi32(lo, eight); hi = _mm512_sub_epi32(hi, eight); }
+        c0 = _mm512_cvtepi32_ps(lo);
+        c1 = _mm512_cvtepi32_ps(hi);
+      }
+      const __m512 t = _mm512_fmadd_ps(x0, c0, _mm512_mul_ps(x1, c1));
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(blk)), t, acc[r]);
+      if constexpr (T == kQ4_1) zsum[r] += half_to_float(blk + 2) * xs[b];
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + zsum[r];
+#elif defined(TINYLLM_AVX2)
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 32 * b;
+    const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8), x2 = _mm256_loadu_ps(xb + 16),
+                 x3 = _mm256_loadu_ps(xb + 24);
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = w + r * rb + b * bytes;
+      __m256 c0, c1, c2, c3;  // elements 0–7, 8–15, 16–23, 24–31
+      if constexpr (T == kQ8_0) {
+        c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off))));
+        c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off + 8))));
+        c2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off + 16))));
+        c3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off + 24))));
+      } else {
+        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off)));
+        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off + 8)));
+        __m256i l0 = _mm256_and_si256(v0, mask), l1 = _mm256_and_si256(v1, mask);
+        __m256i h0 = _mm256_srli_epi32(v0, 4), h1 = _mm256_srli_epi32(v1, 4);
+        if constexpr (T == kQ4_0) {
+          l0 = _mm256_sub_epi32(l0, eight); l1 = _mm256_sub_epi32(l1, eight);
+          h0 = _mm256_sub_epi32(h0, eight); h1 = _mm256_sub_epi32(h1, eight);
+        }
+        c0 = _mm256_cvtepi32_ps(l0); c1 = _mm256_cvtepi32_ps(l1);
+        c2 = _mm256_cvtepi32_ps(h0); c3 = _mm256_cvtepi32_ps(h1);
+      }
+      __m256 t = _mm256_mul_ps(x0, c0);
+      t = _mm256_fmadd_ps(x1, c1, t);
+      t = _mm256_fmadd_ps(x2, c2, t);
+      t = _mm256_fmadd_ps(x3, c3, t);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(blk)), t, acc[r]);
+      if constexpr (T == kQ4_1) zsum[r] += half_to_float(blk + 2) * xs[b];
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum256(acc[r]) + zsum[r];
+#else
+  // codes of one block to floats first, then a float dot product: two loops the compiler vectorises
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float c[32];
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 32 * b;
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = w + r * rb + b * bytes;
+      if constexpr (T == kQ8_0) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + off);
+        for (int j = 0; j < 32; ++j) c[j] = static_cast<float>(q[j]);
+      } else {
+        const uint8_t* q = blk + off;
+        const int bias = T == kQ4_0 ? 8 : 0;
+        for (int j = 0; j < 16; ++j) {
+          c[j] = static_cast<float>((q[j] & 15) - bias);
+          c[j + 16] = static_cast<float>((q[j] >> 4) - bias);
+        }
+      }
+      float t = 0.f;
+#pragma omp simd reduction(+ : t)
+      for (int j = 0; j < 32; ++j) t += xb[j] * c[j];
+      acc[r] += half_to_float(blk) * t;
+      if constexpr (T == kQ4_1) zsum[r] += half_to_float(blk + 2) * xs[b];
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = acc[r] + zsum[r];
+#endif
+}
+
+// one row (the last N mod 4): the reference loop, plain and scalar
+template <int64_t T>
+static float ggml_row1(const float* x, const uint8_t* w, int64_t nb) {
+  constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    const float d = half_to_float(blk);
+    const float* xb = x + 32 * b;
+    float t = 0.f, s = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      float q;
+      if constexpr (T == kQ8_0) {
+        q = static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[j]);
+      } else {
+        const uint8_t byte = blk[(T == kQ4_1 ? 4 : 2) + (j & 15)];
+        q = static_cast<float>((j < 16 ? byte & 15 : byte >> 4) - (T == kQ4_0 ? 8 : 0));
+      }
+      t += xb[j] * q;
+      s += xb[j];
+    }
+    acc += d * t + (T == kQ4_1 ? half_to_float(blk + 2) * s : 0.f);
+  }
+  return acc;
+}
+
+template <int64_t T>
+static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int64_t M, int64_t K, int64_t N) {
+  const int64_t nb = K / 32, rb = nb * ggml_block_bytes(T);
+  std::vector<float> xsum(T == kQ4_1 ? M * nb : 0);
+  if constexpr (T == kQ4_1) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        float t = 0.f;
+        for (int j = 0; j < 32; ++j) t += xp[m * K + 32 * b + j];
+        xsum[m * nb + b] = t;
+      }
+  }
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n0 = q * 4, rows = std::min<int64_t>(4, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = xp + m * K;
+        if (rows == 4) {
+          ggml_rows4<T>(xm, xsum.data() + m * nb, wp + n0 * rb, rb, nb, yp + m * N + n0,
+                        n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = ggml_row1<T>(xm, wp + (n0 + r) * rb, nb);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+  const int64_t bytes = ggml_block_bytes(type);
+  TORCH_CHECK(bytes > 0, "ggml type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32 (the block size), got ", K);
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(1) == K / 32 * bytes,
+              "blocks must be uint8 [N, K/32 * ", bytes, "]");
+  x = x.contiguous(); blocks = blocks.contiguous();
+  const int64_t N = blocks.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const uint8_t* wp = blocks.data_ptr<uint8_t>(); float* yp = y.data_ptr<float>();
+  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(xp, wp, yp, M, K, N);
+  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(xp, wp, yp, M, K, N);
+  else ggml_matvec_impl<kQ8_0>(xp, wp, yp, M, K, N);
+  return y;
+}
+
 }  // namespace
 
 // TORCH_LIBRARY pastes its first argument, so a -D name needs one macro level to be expanded first
@@ -392,4 +593,5 @@ TINYLLM_LIBRARY(TINYLLM_NS, m) {
   m.def("paged_decode", &paged_decode);
   m.def("wo_int8", &wo_int8);
   m.def("wo_int4", &wo_int4);
+  m.def("ggml_matvec", &ggml_matvec);
 }

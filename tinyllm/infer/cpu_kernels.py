@@ -216,3 +216,12 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     """x [M, Kp] (zero-padded to whole groups) · ŵᵀ with ŵ = scale·codes + zero per group → [M, N] fp32;
     packed uint8 [N, Kp/2] (even column in the low nibble). Requires `load()`."""
     return _ops().wo_int4(x.float(), packed, scale, zero, int(group_size))
+
+
+GGML_NATIVE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # ggml type ids `ggml_linear` runs as stored
+
+
+def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """x [M, K] · ŵᵀ → [M, N] fp32 with ŵ the llama.cpp blocks `blocks` uint8 [N, K/32 · block bytes] of
+    type Q4_0, Q4_1 or Q8_0, read as stored (never dequantized to memory). Requires `load()`."""
+    return _ops().ggml_matvec(x.float(), blocks, GGML_NATIVE_TYPES[ggml_type])

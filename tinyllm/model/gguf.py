@@ -13,13 +13,28 @@ dequantizers below are our own vectorised numpy code. Block layouts (32 weights 
   nibbles: byte j holds element j in its low 4 bits and element j + 16 in its high 4 bits.
   F32 / F16 / BF16 are plain element arrays (BF16 = the top 16 bits of an fp32).
 
+k-quants (256 weights per super-block, sub-block scales quantized too):
+
+  Q4_K  [fp16 d][fp16 dmin][12 B: eight 6-bit scales sc and mins m][128 B nibbles]
+        sub-block i (32 weights): w = (d·sc_i)·q − dmin·m_i; bytes 32c..32c+31 hold sub-block 2c in their
+        low nibbles and 2c+1 in their high ones; sc/m: bytes 0–3 / 4–7 give the low 6 bits of sc_0..3 / m_0..3,
+        bytes 8–11 give sc_4..7 (low 4 bits) and m_4..7 (high 4 bits), whose top 2 bits are the top 2 bits of
+        bytes 0–3 (sc) and 4–7 (m)
+  Q6_K  [128 B low nibbles ql][64 B high pairs qh][16 × int8 scales][fp16 d]
+        w = (d·scale_{j/16})·(q − 32), q = 4 low bits from ql | 2 high bits from qh; per 128-weight half,
+        ql[0:32] / ql[32:64] low nibbles are weights 0–31 / 32–63 and their high nibbles 64–95 / 96–127,
+        qh[0:32] bits 0–1, 2–3, 4–5, 6–7 are the high bits of those four runs
+  (the float operations in this order, so the result is bit-identical to the `gguf` package's dequantizers)
+
 llama.cpp's converter permutes the rows of the LLaMA q/k projections so its RoPE can rotate adjacent pairs
 (x₀,x₁),(x₂,x₃)… instead of HF's split halves (x_i, x_{i+d/2}); per head the HF row order
 [0, 1, …, d/2−1 | d/2, …, d−1] is stored as [0, d/2, 1, d/2+1, …]. `_unpermute_rows` undoes that, so the
 weights drop into HF-layout attention with rotate-half RoPE. Qwen2 files are stored unpermuted.
 
-Covers architectures `llama` and `qwen2` with tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1 and linear RoPE
-scaling. Not covered: k-quants (Q4_K, Q6_K, …), i-quants, MoE GGUFs, llama3-style `rope_freqs` tensors,
+Covers architectures `llama` and `qwen2` with tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and
+linear RoPE scaling. `read_gguf_blocks` returns the Q4_0/Q4_1/Q8_0 matrices as their raw block rows (q/k rows
+un-permuted the same way) for kernels that compute on the blocks as stored (`tinyllm.infer.ggml_linear`).
+Not covered: the other k-quants (Q2_K, Q3_K, Q5_K, Q8_K), i-quants, MoE GGUFs, llama3-style `rope_freqs` tensors,
 writing GGUF files. Everything unsupported raises CheckpointError naming the file and the value.
 """
 
@@ -45,6 +60,8 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     2: ("Q4_0", 32, 18),
     3: ("Q4_1", 32, 20),
     8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    14: ("Q6_K", 256, 210),
     30: ("BF16", 1, 2),
 }
 _TYPE_IDS = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
@@ -59,6 +76,32 @@ def _fp16_column(blocks: np.ndarray, start: int) -> np.ndarray:
 def _nibbles(packed: np.ndarray) -> np.ndarray:
     """[n_blocks, 16] packed bytes → [n_blocks, 32] values 0..15 (low nibbles first, then high)."""
     return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1)
+
+
+def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    d, dmin = _fp16_column(blocks, 0), _fp16_column(blocks, 2)  # [n, 1]
+    sb = blocks[:, 4:16].reshape(n, 3, 4)
+    lo6, hi2_m, packed = sb[:, 0], sb[:, 1], sb[:, 2]  # bytes 0–3, 4–7, 8–11
+    sc = np.concatenate([lo6 & 0x3F, (packed & 0x0F) | ((lo6 >> 2) & 0x30)], axis=1)  # [n, 8]
+    mn = np.concatenate([hi2_m & 0x3F, (packed >> 4) | ((hi2_m >> 2) & 0x30)], axis=1)
+    scale = (d * sc.astype(np.float32))[:, :, None]  # [n, 8, 1]
+    offset = (dmin * mn.astype(np.float32))[:, :, None]
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
+    return (scale * q - offset).reshape(-1)
+
+
+def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 2, 32)  # [n, half, run 0/1, 32]
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
+    d = _fp16_column(blocks, 208)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # [n, half, 4 runs, 32]
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(np.float32)
+    return ((d * scales)[:, :, None] * q).reshape(-1)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int | str) -> np.ndarray:
@@ -79,6 +122,10 @@ def dequantize(raw: np.ndarray, ggml_type: int | str) -> np.ndarray:
         # bf16 is the high half of an fp32: shift the 16 stored bits into place
         return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
     blocks = raw.reshape(-1, nbytes)
+    if name == "Q4_K":
+        return _dequantize_q4_k(blocks)
+    if name == "Q6_K":
+        return _dequantize_q6_k(blocks)
     d = _fp16_column(blocks, 0)
     if name == "Q8_0":
         q = blocks[:, 2:].view(np.int8).astype(np.float32)
@@ -235,6 +282,51 @@ def gguf_to_hf_name(name: str) -> str | None:
 
 
 # ------------------------------------------------------------------ main entry
+def _checked(path: Path, t: Any, size: int) -> tuple[int, tuple[int, ...]]:
+    """(ggml type id, torch shape) of a reader tensor whose type we read and whose bytes the file holds."""
+    tid = int(t.tensor_type)
+    if tid not in GGML_TYPES:
+        raise CheckpointError(f"{path}: tensor {t.name} has ggml type {t.tensor_type.name} "
+                              f"which is not supported; supported: {[n for n, _, _ in GGML_TYPES.values()]}")
+    _, block, nbytes = GGML_TYPES[tid]
+    n = int(t.n_elements)
+    expected = n // block * nbytes
+    # the reader maps the file lazily; check the extent ourselves so a cut file fails here, clearly
+    if n % block or int(t.data_offset) + expected > size or t.data.nbytes != expected:
+        raise CheckpointError(f"{path}: tensor {t.name} needs bytes [{int(t.data_offset)}, "
+                              f"{int(t.data_offset) + expected}) but the file has {size} bytes "
+                              f"(truncated or corrupt)")
+    return tid, tuple(int(s) for s in reversed(t.shape.tolist()))
+
+
+def read_gguf_blocks(path: str | os.PathLike, types: tuple[str, ...] = ("Q4_0", "Q4_1", "Q8_0")
+                     ) -> dict[str, tuple[str, torch.Tensor]]:
+    """The 2-D tensors of a GGUF file stored as one of `types`, as they are stored: HF name → (type name,
+    uint8 [rows, row bytes]), each row the blocks of one output row (q/k rows un-permuted as in `read_gguf`).
+    The tensors are copied out of the file's memory map (the caller may close or replace the file)."""
+    path = Path(path)
+    reader = _open(path)
+    size = path.stat().st_size
+    meta = _metadata(path, reader, arrays=False)
+    arch = meta.get("general.architecture")
+    heads = {".attn_q.": meta.get(f"{arch}.attention.head_count")}
+    heads[".attn_k."] = meta.get(f"{arch}.attention.head_count_kv", heads[".attn_q."])
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for t in reader.tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None or len(t.shape) != 2 or GGML_TYPES.get(int(t.tensor_type), ("",))[0] not in types:
+            continue
+        tid, shape = _checked(path, t, size)
+        name = GGML_TYPES[tid][0]
+        rows = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True).reshape(shape[0], -1))
+        if arch == "llama" and t.name.startswith("blk."):
+            for part, n_head in heads.items():
+                if part in t.name:
+                    rows = _unpermute_rows(rows, int(n_head))
+        out[hf_name] = (name, rows)
+    return out
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a GGUF file: its ModelConfig and an fp32 state dict in HF LLaMA parameter names.
 
@@ -257,19 +349,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None:
             raise CheckpointError(f"{path}: tensor {t.name!r} has no tinyllm counterpart")
-        tid = int(t.tensor_type)
-        if tid not in GGML_TYPES:
-            raise CheckpointError(f"{path}: tensor {t.name} has ggml type {t.tensor_type.name} "
-                                  f"which is not supported; supported: {[n for n, _, _ in GGML_TYPES.values()]}")
-        _, block, nbytes = GGML_TYPES[tid]
-        n = int(t.n_elements)
-        expected = n // block * nbytes
-        # the reader maps the file lazily; check the extent ourselves so a cut file fails here, clearly
-        if n % block or int(t.data_offset) + expected > size or t.data.nbytes != expected:
-            raise CheckpointError(f"{path}: tensor {t.name} needs bytes [{int(t.data_offset)}, "
-                                  f"{int(t.data_offset) + expected}) but the file has {size} bytes "
-                                  f"(truncated or corrupt)")
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        tid, shape = _checked(path, t, size)
         w = torch.from_numpy(dequantize(t.data, tid).reshape(shape))
         if permute and t.name.startswith("blk."):
             if ".attn_q." in t.name:

@@ -1,0 +1,123 @@
+"""GGUF blocks run as stored: the native Q4_0/Q4_1/Q8_0 matrix–vector kernel equals dequantize-then-matmul
+on every build this CPU runs (leftover rows, one and several input rows, rows of one block); `GGMLLinear`
+keeps the file's bytes and switches to the reference for long inputs; on SmolLM2-135M the engine over the
+file's own blocks decodes the same greedy tokens as the engine over the dequantized fp32 weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize as ref_quantize
+from hf_helpers import smollm2_path
+
+from tinyllm.infer import cpu_kernels
+from tinyllm.infer.cpu_kernels import NATIVE_MAX_ROWS
+from tinyllm.infer.ggml_linear import GGMLLinear, use_gguf_blocks
+from tinyllm.model.gguf import dequantize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def _isas() -> tuple[str, ...]:
+    try:  # from the build TINYLLM_NATIVE_ISA asks for down, as in test_cpu_kernels
+        top, _ = cpu_kernels.resolve_isa()
+    except ValueError:
+        return cpu_kernels.supported_isas()
+    return cpu_kernels.ISAS[cpu_kernels.ISAS.index(top):]
+
+
+@pytest.fixture(scope="module", params=_isas())
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    saved = dict(cpu_kernels._state)
+    if not cpu_kernels.load(request.param):
+        pytest.skip(f"native kernels unavailable: {cpu_kernels.kernel_status()}")
+    yield request.param
+    cpu_kernels._state.update(saved)
+
+
+def _blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Real llama.cpp blocks of a random weight [n, k] (gguf's own quantizer), rows of varied scale."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    w[1] = 0.0  # an all-zero row: scale 0
+    return torch.from_numpy(ref_quantize(w, getattr(Q, qtype)).copy())
+
+
+def _weight(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    return torch.from_numpy(dequantize(blocks.numpy(), qtype)).view(blocks.shape[0], -1)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 576), (1, 37, 96), (3, 13, 32), (NATIVE_MAX_ROWS, 40, 1536)])
+def test_kernel_equals_dequantized_matmul(isa, qtype, m, n, k) -> None:
+    blocks = _blocks(qtype, n, k, seed=m * n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    ref = (x.double() @ _weight(blocks, qtype).double().T).float()
+    y = cpu_kernels.ggml_linear(x, blocks, qtype)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # fp32 sums in another order than the fp64 reference: error ∝ sqrt(k)·|x|·|w|
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * k**0.5 * float(ref.abs().max()) ** 0.5 + 1e-5)
+
+
+def test_kernel_rejects_bad_layout(isa) -> None:
+    blocks = _blocks("Q4_1", 8, 64)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_kernels.ggml_linear(torch.randn(1, 48), blocks[:, :30], "Q4_1")
+    with pytest.raises(RuntimeError, match="uint8"):
+        cpu_kernels.ggml_linear(torch.randn(1, 64), blocks[:, :20], "Q4_1")  # one block's bytes for two
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_module_native_and_reference_paths(isa, qtype) -> None:
+    blocks = _blocks(qtype, 24, 128)
+    bias = torch.randn(24)
+    lin = GGMLLinear(qtype, blocks, 128, bias)
+    ref = torch.nn.functional.linear
+    w = _weight(blocks, qtype)
+    assert lin.native and torch.equal(lin.dequantize(), w)
+    assert lin.blocks.data_ptr() == blocks.data_ptr() or torch.equal(lin.blocks, blocks)  # the bytes as given
+    short = torch.randn(2, 5, 128)  # 10 rows: the kernel
+    torch.testing.assert_close(lin(short), ref(short, w, bias), rtol=1e-4, atol=1e-4)
+    long = torch.randn(NATIVE_MAX_ROWS + 1, 128)  # past the kernel's rows: dequantize + matmul, exactly
+    torch.testing.assert_close(lin(long), ref(long, w, bias), rtol=0, atol=0)
+
+
+def test_module_rejects_bad_blocks() -> None:
+    with pytest.raises(ValueError, match="'Q5_0'"):
+        GGMLLinear("Q5_0", torch.zeros(4, 22, dtype=torch.uint8), 32)
+    with pytest.raises(ValueError, match="in_features=40"):
+        GGMLLinear("Q8_0", torch.zeros(4, 34, dtype=torch.uint8), 40)
+    with pytest.raises(ValueError, match=r"uint8 \[out, 40\] for Q4_1"):
+        GGMLLinear("Q4_1", torch.zeros(4, 34, dtype=torch.uint8), 64)
+
+
+def test_use_gguf_blocks_needs_block_tensors() -> None:
+    path = smollm2_path()
+    with pytest.raises(ValueError, match="no linear layer"):
+        use_gguf_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)), path)
+
+
+def test_smollm2_engine_on_gguf_blocks_matches_fp32() -> None:
+    from tinyllm import LLM, SamplingParams
+    from tinyllm.model.gguf import read_gguf_blocks
+
+    path = smollm2_path()
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
+    blocks = LLM(path, quantization="gguf", max_model_len=128, max_num_seqs=2)
+    model = blocks.engine.model if hasattr(blocks.engine, "model") else blocks.engine.runner.model
+    layers = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    assert len(layers) == 30 * 7 + 1  # every projection and the tied head (Q8_0 token_embd)
+    assert model.lm_head.ggml_type == "Q8_0" and all(m.native for m in layers)
+    # the bytes a decode step reads are the file's bytes: every stored block tensor, once
+    stored = read_gguf_blocks(path)
+    assert sum(m.blocks.nbytes for m in layers) == sum(r.nbytes for _, r in stored.values())
+    ours = blocks.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    del blocks, model, layers
+    ref = LLM(path, max_model_len=128, max_num_seqs=2).generate([prompt], params, use_tqdm=False)
+    assert ours == ref[0].outputs[0].token_ids
