@@ -49,6 +49,7 @@ COMMANDS: dict[str, str] = {
     "rag index": "tinyllm.rag.cli:IndexConfig:run_index",
     "rag search": "tinyllm.rag.cli:SearchConfig:run_search",
     "rag ask": "tinyllm.rag.cli:AskConfig:run_ask",
+    "agent": "tinyllm.agent.cli:AgentConfig:run_agent",
     "eval": "tinyllm.eval.cli:EvalConfig:run_eval",
     "ask": "tinyllm.rag.docs_ask:DocsAskConfig:run_docs_ask",
 }
@@ -80,6 +81,7 @@ _HELP = {
     "rag index": "chunk, embed and index files (txt, md, html, jsonl, pdf) into a store directory",
     "rag search": "search a store with BM25, dense or hybrid retrieval",
     "rag ask": "answer a question from a store with numbered citations, using a local model or an OpenAI-compatible endpoint",
+    "agent": "run a tool-using agent on a task (function calling, ReAct or plan-and-execute) and stream its trace",
     "ask": "ask the documentation: answers from the chapter pages and the notes map, citing page#section",
     "eval": "score a model or an OpenAI-compatible endpoint on benchmark tasks (MMLU, C-Eval/CMMLU files, Chinese corpora tasks) with lm-evaluation-harness semantics",
 }
