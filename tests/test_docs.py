@@ -85,16 +85,22 @@ def test_docs_have_examples() -> None:
     assert len(blocks("python")) > 50, "docs/ has lost its runnable python examples"
 
 
-def tinyllm_invocations(code: str) -> list[list[str]]:
-    """argv of every `tinyllm …` (or `.venv/bin/tinyllm …`) call in a shell block, comments and pipes cut."""
+def tinyllm_invocations(code: str, with_comments: bool = False) -> list:
+    """argv of every `tinyllm …` (or `.venv/bin/tinyllm …`) call in a shell block, comments and pipes cut;
+    with_comments: (argv, the line's trailing comment) pairs, for calls not fed by a pipe."""
     calls = []
     for line in code.replace("\\\n", " ").splitlines():
-        line = re.sub(r"\s#.*$", "", line)
-        for part in re.split(r"&&|\|\||[|;]", line):
+        m = re.search(r"\s#\s*(.*)$", line)
+        comment = m.group(1).strip() if m else ""
+        line = line[:m.start()] if m else line
+        for n, part in enumerate(re.split(r"&&|\|\||[|;]", line)):
             words = shlex.split(part)
             for k, w in enumerate(words):
                 if w == "tinyllm" or w.endswith("/bin/tinyllm"):
-                    calls.append(words[k + 1:])
+                    if not with_comments:
+                        calls.append(words[k + 1:])
+                    elif n == 0 or "|" not in line:
+                        calls.append((words[k + 1:], comment))
                     break
     return calls
 
@@ -126,6 +132,33 @@ def test_doc_command_lines_parse(page: str, index: int, argv: list[str]) -> None
 
 def test_bash_blocks_are_checked() -> None:
     assert len(BASH) >= 10
+
+
+def _runnable(argv: list[str]) -> bool:
+    """Shell lines cheap and side-effect free enough to run: the calculators, segmenting a given text, and
+    searching the docs without a model or a store file."""
+    if argv[:1] == ["calc"]:
+        return True
+    if argv[:1] == ["seg"]:
+        return "--text" in argv
+    return argv[:1] == ["ask"] and "--search-only" in argv and not {"--store", "--save-store"} & set(argv)
+
+
+RUNNABLE = [(page, i, argv, comment) for page, i, code in blocks("bash")
+            for argv, comment in tinyllm_invocations(code, with_comments=True) if _runnable(argv)]
+
+
+@pytest.mark.parametrize(("page", "index", "argv", "comment"), RUNNABLE,
+                         ids=[f"{p}[{i}] {' '.join(a[:2])}" for p, i, a, _ in RUNNABLE])
+def test_doc_command_lines_run(page: str, index: int, argv: list[str], comment: str,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The line runs; a trailing comment that shows output (digits or a word list like 我 / 来到) is printed."""
+    from tinyllm.cli import main
+
+    assert main(argv) == 0, f"{page}: `tinyllm {' '.join(argv)}` failed"
+    out = capsys.readouterr().out
+    if comment and (re.fullmatch(r"[\d,.]+", comment) or " / " in comment):
+        assert comment in out, f"{page}: `tinyllm {' '.join(argv)}` does not print {comment!r}"
 
 
 @pytest.mark.parametrize("chapter", sorted(CHAPTERS))
