@@ -1,0 +1,97 @@
+"""Expert parallel on 2 gloo ranks (float64): an expert-parallel MoE layer is moe.py's MoE on the rank's own
+tokens (output, aux loss, Switch capacity drops, gradients), through all-to-all and through the all-gather
+fallback; EP×DP training equals one process accumulating over the ranks' micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _mp import ACCUM, GBS, train
+from _ref import CLIP, assert_close_dicts, local_rows, tiny_model
+from _spawn import run_ranks
+
+from tinyllm.train.parallel import expert as ep
+
+MOE = dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3)
+SWITCH = dict(MOE, router_type="switch", expert_capacity_factor=1.0)
+
+
+def _layer_equal(rank: int, world: int) -> list:
+    results = []
+    for over in (MOE, SWITCH):
+        moe = tiny_model(seed=0, **over).model.layers[0].mlp
+        g = torch.Generator().manual_seed(10 + rank)  # each rank routes different tokens
+        x = torch.randn(2, 6, 32, dtype=torch.float64, generator=g)
+        gy = torch.randn(2, 6, 32, dtype=torch.float64, generator=g)
+        xr = x.clone().requires_grad_()
+        y_ref = moe(xr)
+        (y_ref * gy).sum().backward()
+        want = (y_ref.detach(), moe.aux_loss.detach(), moe.routing.keep, xr.grad, moe.gate.weight.grad)
+        for dispatch in ("all_to_all", "all_gather"):
+            layer = ep.ExpertParallelMoE(tiny_model(seed=0, **over).model.layers[0].mlp, None, dispatch)
+            xe = x.clone().requires_grad_()
+            y = layer(xe)
+            (y * gy).sum().backward()
+            got = (y.detach(), layer.aux_loss.detach(), layer.routing.keep, xe.grad, layer.gate.weight.grad)
+            results.append((over.get("router_type", "topk"), dispatch, got, want))
+    return results
+
+
+def test_expert_parallel_layer_is_the_single_process_moe_on_local_tokens():
+    for per_rank in run_ranks(_layer_equal, 2):
+        for router, dispatch, got, want in per_rank:
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, t=f"{router}/{dispatch}": f"{t}: {m}")
+        assert not per_rank[-1][2][2].all()  # the Switch case really dropped tokens at capacity
+
+
+def _loss(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(m(x).flatten(0, 1), y.flatten()) + m.aux_loss()
+
+
+def _ep_train(rank: int, world: int, dispatch: str) -> dict:
+    model = ep.expert_parallel(tiny_model(seed=0, **MOE), None, dispatch)
+
+    def grads(m):
+        every = [None] * world
+        dist.all_gather_object(every, {n: p.grad.clone() for n, p in m.named_parameters()})
+        return {k: v for d in every for k, v in d.items()}
+
+    def reduce_loss(v: float) -> float:
+        t = torch.tensor([v], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / world
+
+    out = train(model, _loss, rows=lambda x, y: (local_rows(x, rank, world), local_rows(y, rank, world)),
+                sync=lambda m: ep.sync_grads(m, None), clip=lambda m: ep.clip_grad_norm_(m, CLIP, None),
+                gather_grads=grads, gather_params=lambda m: ep.gather_expert_state_dict(m, None),
+                reduce_loss=reduce_loss)
+    errors = []
+    for bad in (dict(), dict(num_local_experts=3, num_experts_per_tok=1)):
+        try:
+            ep.expert_parallel(tiny_model(**bad), None)
+        except ValueError as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    return out
+
+
+def _reference(world: int) -> dict:
+    """One process, each global micro-batch run as `world` separately routed chunks (what the ranks see)."""
+    def loss(m, x, y):
+        return sum(_loss(m, local_rows(x, r, world), local_rows(y, r, world)) for r in range(world)) / world
+
+    return train(tiny_model(seed=0, **MOE), loss, accum=ACCUM, gbs=GBS)
+
+
+@pytest.mark.parametrize("dispatch", ["auto"])
+def test_ep_times_dp_equals_single_process(dispatch):
+    ref = _reference(2)
+    for out in run_ranks(_ep_train, 2, args=(dispatch,)):
+        torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
+                                   torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
+        assert_close_dicts(out["grads0"], ref["grads0"])
+        assert_close_dicts(out["params"], ref["params"])
+        assert "no MoE layer" in out["errors"][0] and "num_local_experts=3 does not divide by ep=2" in out["errors"][1]
