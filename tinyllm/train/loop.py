@@ -28,15 +28,22 @@ completed step (with the data position and RNG states as they were at that step'
 `interrupted=True`; `resume=True` continues from `checkpoints/latest` and reproduces the uninterrupted run
 bit-exactly in fp32.
 
-Not covered here: multi-process data parallelism (train/parallel/ wraps the model and the batches).
+Data parallelism (notes ch.04) enters through one hook: `train(..., parallel=ParallelConfig(...))` under
+torchrun joins the process group and lets a `train/parallel/strategy.py` object wrap the model and own the
+optimizer, the gradient sync, clipping and the step; `batch_size` stays the *global* micro-batch (each rank
+takes its rows), so N ranks reproduce the single-process run. Only rank 0 writes metrics, plots and
+checkpoints (the full weights, gathered where sharded). Without a parallel config the loop is single-process
+code and never touches torch.distributed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -154,6 +161,7 @@ class TrainResult:
     checkpoint: Path | None = None
     metrics_path: Path | None = None
     plot_path: Path | None = None
+    model: nn.Module | None = None  # the trained weights as a plain module (rank 0 of a parallel run; else None)
 
 
 # ------------------------------------------------------------------ throughput accounting
@@ -226,8 +234,10 @@ def describe_config(cfg: Any) -> str:
 def write_run_config(cfg: Any, out_dir: Path, name: str, **extra: Any) -> Path:
     """Write the run's resolved config (+ `extra` facts) to out_dir/name atomically; echo it when
     `cfg.progress`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return path  # a torchrun worker other than rank 0: rank 0 writes the run's files
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**dataclasses.asdict(cfg), **extra}, default=str, ensure_ascii=True)
     if getattr(cfg, "progress", False):
         print(f"{describe_config(cfg)} → {path}", flush=True)
@@ -242,15 +252,35 @@ def _named(params: Iterable[Any]) -> list[tuple[str, nn.Parameter]]:
 class _Run:
     """State of one `train` call; methods are the loop's phases."""
 
-    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, parallel: Any = None) -> None:
         self.model, self.task, self.cfg = model, task, cfg
         self.out = Path(cfg.out_dir)
-        self.device = pick_device(cfg.device)
+        self.par = None
+        if parallel is not None and parallel.activation_checkpointing != "none":
+            from tinyllm.train.parallel.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, parallel.activation_checkpointing)
+        if parallel is not None and parallel.enabled:
+            from tinyllm.train.parallel.dist import init_from_env
+
+            self.device = init_from_env(cfg.device, timeout_s=parallel.timeout_s)
+        else:
+            self.device = pick_device(cfg.device)
         self.model.to(self.device)
         self.params = _named(task.trainable_parameters(model))
-        self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas), kind=cfg.optimizer)
-        self.fwd = torch.compile(model) if cfg.compile else model
         self.precision = resolve_precision(cfg.precision, self.device)
+        if parallel is not None and parallel.enabled:
+            from tinyllm.train.parallel.strategy import build_strategy
+
+            opt_args = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": tuple(cfg.betas),
+                        "kind": cfg.optimizer}
+            self.par = build_strategy(parallel, model, self.params, opt_args, cfg.batch_size, cfg.grad_accum_steps,
+                                      cfg.grad_clip, self.precision == "bf16")
+            self.opt, model = self.par.optimizer, self.par.model
+        else:
+            self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas), kind=cfg.optimizer)
+        self.main = self.par is None or self.par.rank == 0
+        self.fwd = torch.compile(model) if cfg.compile else model
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         self.data = task.train_batches()
         self.flops_per_token: float | None = None
@@ -268,16 +298,30 @@ class _Run:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             raise FileNotFoundError(f"resume=True but {self.out / 'checkpoints'} holds no checkpoint")
+        if self.par is not None and self.par.optimizer_state() is None:
+            raise ValueError(f"resume=True with parallel={self.par.name!r}: its optimizer state is sharded and "
+                             "checkpoints keep only the full weights; resume under --parallel dp, or start a new "
+                             f"run with --init-from {path}")
         state = ckpt.load_checkpoint(path, self.model, self.opt)
         if state.get("data") is not None:
             self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         return int(state["step"])
 
-    def save(self, step: int, data_state: Any, rng: dict[str, Any]) -> Path:
+    def save(self, step: int, data_state: Any, rng: dict[str, Any]) -> Path | None:
         trainer_state = {"lr_schedule_step": step, "rng": rng, "data": data_state}
-        return ckpt.save_checkpoint(self.out, step, self.model, self.opt, trainer_state,
-                                    dataclasses.asdict(self.cfg), self.cfg.keep_last)
+        if self.par is None:
+            return ckpt.save_checkpoint(self.out, step, self.model, self.opt, trainer_state,
+                                        dataclasses.asdict(self.cfg), self.cfg.keep_last)
+        full = self.par.full_model()  # a collective: every rank takes part, rank 0 gets the module
+        path = None
+        if full is not None:
+            path = ckpt.save_checkpoint(self.out, step, full, _StateOnly(self.par.optimizer_state()), trainer_state,
+                                        dataclasses.asdict(self.cfg), self.cfg.keep_last)
+        from tinyllm.train.parallel.dist import barrier
+
+        barrier("checkpoint save")  # nobody races ahead (or exits) while rank 0 writes
+        return path
 
     def step(self, step: int) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step; returns (mean micro-batch loss, tokens, grad norm, task metrics)."""
@@ -286,17 +330,29 @@ class _Run:
             g["lr"] = lr
         k = self.cfg.grad_accum_steps
         total, tokens, metrics = 0.0, 0, {}
-        for _ in range(k):
-            batch = _to_device(next(self.data), self.device)
-            with self.autocast:
-                loss, metrics = self.task.loss(self.fwd, batch)
-            (loss / k).backward()
+        par = self.par
+        for i in range(k):
+            batch = next(self.data)
+            if par is not None:
+                batch = par.local_batch(batch)
+            batch = _to_device(batch, self.device)
+            with par.micro(i, k) if par is not None else contextlib.nullcontext():
+                with self.autocast:
+                    loss, metrics = self.task.loss(self.fwd, batch)
+                if par is None:
+                    (loss / k).backward()
+                else:
+                    par.backward(loss, k)
             total += loss.item()
             first = _first_tensor(batch)
             tokens += int(metrics.get("tokens", first.numel() if first is not None else 0))
             if self.flops_per_token is None and first is not None:
                 self.flops_per_token = model_flops_per_token(self.model, first.shape[-1])
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        if par is not None:
+            norm = par.clip_grad_norm(max_norm)
+            par.step()
+            return par.mean(total / k), tokens * par.world, norm, metrics
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -323,30 +379,56 @@ class _Run:
         return sum(losses) / len(losses) if losses else None
 
 
-def train(model: nn.Module, task: Task, cfg: TrainConfig) -> TrainResult:
-    """Optimise `model` on `task` for cfg.max_steps steps (see the module docstring)."""
+def train(model: nn.Module, task: Task, cfg: TrainConfig, parallel: Any = None) -> TrainResult:
+    """Optimise `model` on `task` for cfg.max_steps steps (see the module docstring). `parallel`: a
+    train.parallel.config.ParallelConfig (data-parallel strategy, activation checkpointing) or None."""
+    seed_everything(cfg.seed)
+    run = _Run(model, task, cfg, parallel)
+    try:
+        result = _train(run)
+    finally:
+        if run.par is not None:
+            from tinyllm.train.parallel.dist import destroy
+
+            destroy()
+    return result
+
+
+class _StateOnly:
+    """What save_checkpoint needs of an optimizer: its state dict ({} where the state is sharded)."""
+
+    def __init__(self, state: dict | None) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state if self.state is not None else {"sharded": True}
+
+
+def _train(run: _Run) -> TrainResult:
     from tqdm.auto import tqdm
 
-    seed_everything(cfg.seed)
-    run = _Run(model, task, cfg)
+    cfg = run.cfg
     run.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.out / "train_config.json", dataclasses.asdict(cfg), default=str, ensure_ascii=True)
+    if run.main:
+        atomic_write_json(run.out / "train_config.json", dataclasses.asdict(cfg), default=str, ensure_ascii=True)
     start = run.resume() if cfg.resume else 0
     metrics_path = run.out / "metrics.jsonl"
-    if not cfg.resume:
+    if not run.main:
+        pass  # only rank 0 writes metrics
+    elif not cfg.resume:
         metrics_path.unlink(missing_ok=True)
     else:
         trim_torn_tail(metrics_path)  # a killed run may have left half a record
-    model.train()
+    run.model.train()
     losses: list[float] = []
     total_tokens, window_tokens, window_losses = 0, 0, []
     t_start = t_window = time.perf_counter()
     peak = None
     interrupted, last_ckpt = False, None
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and run.main),
                dynamic_ncols=True)
     step, in_step, data_state, rng = start, False, None, None
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if run.main else os.devnull, "a") as log:
         def emit(record: dict[str, Any]) -> None:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -392,10 +474,12 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig) -> TrainResult:
             last_ckpt = run.save(step, data_state, rng)
         finally:
             bar.close()
-    plot_path = write_plot(metrics_path, run.out / "loss.png")
+    plot_path = write_plot(metrics_path, run.out / "loss.png") if run.main else None
+    final = run.model if run.par is None else (run.par.full_model() if not interrupted else None)
     return TrainResult(step=step, start_step=start, losses=losses, eval_losses=run.eval_losses,
                        tokens=total_tokens, seconds=time.perf_counter() - t_start, interrupted=interrupted,
-                       checkpoint=last_ckpt, metrics_path=metrics_path, plot_path=plot_path)
+                       checkpoint=last_ckpt, metrics_path=metrics_path if run.main else None, plot_path=plot_path,
+                       model=final)
 
 
 def write_plot(metrics_path: Path, png_path: Path) -> Path | None:

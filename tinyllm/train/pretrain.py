@@ -29,6 +29,7 @@ from tinyllm.atomic import atomic_copy_files
 from tinyllm.data.text import PackedBatches, TokenShards
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
+from tinyllm.train.parallel.config import ParallelFields
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model")
@@ -54,7 +55,7 @@ MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
+class PretrainConfig(TrainConfig, ParallelFields):
     data_dir: str = field(default="", metadata={"help": "directory of token shards (index.json + *.bin)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training window"})
     model_preset: str = field(default="tiny", metadata={"help": "ModelConfig preset the fields below override"})
@@ -75,6 +76,7 @@ class PretrainConfig(TrainConfig):
             raise ValueError("data_dir='' : pass the directory of token shards (--data-dir)")
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len!r} must be a positive integer")
+        self.parallel_config()  # validates the parallel fields
 
     def model_config(self, shards_vocab: int, eos_token_id: int) -> Any:
         from tinyllm.model.config import preset
@@ -146,12 +148,12 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     out = Path(cfg.out_dir)
     write_run_config(cfg, out, "pretrain_config.json", model=model.config.to_dict(),
                      num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
-    result = train(model, task, TrainConfig(**cfg.train_fields()))
-    if result.interrupted:
+    result = train(model, task, TrainConfig(**cfg.train_fields()), parallel=cfg.parallel_config())
+    if result.interrupted or result.model is None:  # result.model is None on ranks other than 0
         return result
     from tinyllm.model.hf import save_pretrained
 
-    final = save_pretrained(model.cpu(), out / "final")
+    final = save_pretrained(result.model.cpu(), out / "final")
     if cfg.tokenizer:
         copy_tokenizer_files(cfg.tokenizer, final)
     return result

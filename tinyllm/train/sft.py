@@ -33,13 +33,14 @@ from tinyllm.data.formats import Conversation, read_conversations, to_conversati
 from tinyllm.data.sft import SFTExample, pad_collate, tokenize_conversation
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
+from tinyllm.train.parallel.config import ParallelFields
 from tinyllm.train.pretrain import copy_tokenizer_files
 
 PEFT_METHODS = ("none", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit")
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(TrainConfig, ParallelFields):
     init_from: str = field(default="", metadata={"help": "HF checkpoint (dir or GGUF) to fine-tune"})
     data: str = field(default="", metadata={"help": "json/jsonl conversations, or builtin:title,sentiment,..."})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer path (default: init_from)"})
@@ -76,6 +77,10 @@ class SFTConfig(TrainConfig):
         super().__post_init__()
         if self.peft not in PEFT_METHODS:
             raise ValueError(f"peft={self.peft!r} is not one of {list(PEFT_METHODS)}")
+        self.parallel_config()  # validates the parallel fields
+        if self.peft != "none" and self.parallel not in ("none", "dp"):
+            raise ValueError(f"peft={self.peft!r} with parallel={self.parallel!r}: adapters train under --parallel "
+                             "dp (their few parameters gain nothing from sharding)")
         if self.save_merged and self.peft not in ("lora", "qlora"):
             raise ValueError(f"save_merged=True needs peft lora or qlora, not {self.peft!r}")
         if not self.init_from:
@@ -246,9 +251,10 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
     write_run_config(cfg, out, "sft_config.json", num_train_examples=len(train_ex), num_val_examples=len(val_ex),
                      num_replay_examples=n_replay,
                      trained_tokens_per_epoch=sum(e.num_trained for e in train_ex))
-    result = train(model, task, TrainConfig(**cfg.train_fields()))
-    if result.interrupted:
+    result = train(model, task, TrainConfig(**cfg.train_fields()), parallel=cfg.parallel_config())
+    if result.interrupted or result.model is None:  # result.model is None on ranks other than 0
         return result
+    model = result.model
     if cfg.peft != "none":
         from tinyllm.train.peft.io import save_adapter
 

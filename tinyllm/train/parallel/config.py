@@ -16,11 +16,12 @@ expert.py); `sp` turns on sequence parallel inside the tensor-parallel group, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tinyllm.utils import require_int
 
 STRATEGIES = ("none", "dp", "zero1", "zero2", "zero3", "fsdp", "deepspeed")
+CHECKPOINTING = ("none", "full", "selective")
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
@@ -36,6 +37,7 @@ class ParallelConfig:
     zero_stage: int = 2  # DeepSpeed only; our ZeRO takes the stage from the strategy name
     bucket_mb: float = 25.0  # gradient all-reduce / reduce-scatter bucket size (DDP's default)
     timeout_s: float = 120.0  # every collective; a dead peer fails the run within this
+    activation_checkpointing: str = "none"  # none | full | selective (checkpointing.py); also single-process
 
     def __post_init__(self) -> None:
         if self.parallel not in STRATEGIES:
@@ -52,6 +54,9 @@ class ParallelConfig:
             raise ValueError(f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
         if not self.bucket_mb > 0:
             raise ValueError(f"bucket_mb={self.bucket_mb!r} must be > 0")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                             f"{list(CHECKPOINTING)}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s!r} must be > 0")
 
@@ -78,3 +83,32 @@ class ParallelConfig:
             raise ValueError(f"WORLD_SIZE={world_size} with parallel='none' would train {dp} identical copies; "
                              "pick --parallel dp|zero1|zero2|zero3|fsdp|deepspeed")
         return {"dp": dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep}
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class ParallelFields:
+    """The command-line face of ParallelConfig, mixed into the pretrain and sft configs (`--parallel zero2 ...`)."""
+
+    parallel: str = field(default="none", metadata=_h(
+        "data-parallel strategy under torchrun: dp (DDP), zero1/2/3 (ours), fsdp (FSDP2), deepspeed; "
+        "batch_size stays the global micro-batch", choices=list(STRATEGIES)))
+    tp: int = field(default=1, metadata=_h("tensor-parallel degree (model-parallel wrappers)"))
+    pp: int = field(default=1, metadata=_h("pipeline-parallel degree"))
+    sp: bool = field(default=False, metadata=_h("sequence parallel inside the tensor-parallel group"))
+    cp: int = field(default=1, metadata=_h("context-parallel degree (ring attention)"))
+    ep: int = field(default=1, metadata=_h("expert-parallel degree"))
+    zero_stage: int = field(default=2, metadata=_h("ZeRO stage of --parallel deepspeed", choices=[0, 1, 2, 3]))
+    dist_timeout_s: float = field(default=120.0, metadata=_h("seconds any collective may wait before the run "
+                                                             "fails (a dead rank ends the job within this)"))
+    activation_checkpointing: str = field(default="none", metadata=_h(
+        "recompute activations in backward: full (keep layer inputs only) or selective (keep matmul outputs)",
+        choices=list(CHECKPOINTING)))
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(parallel=self.parallel, tp=self.tp, pp=self.pp, sp=self.sp, cp=self.cp, ep=self.ep,
+                              zero_stage=self.zero_stage, timeout_s=self.dist_timeout_s,
+                              activation_checkpointing=self.activation_checkpointing)

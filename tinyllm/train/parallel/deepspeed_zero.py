@@ -72,9 +72,9 @@ def initialize(model: nn.Module, config: dict[str, Any], named_params=None) -> A
     return engine
 
 
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """Every rank: the whole model's weights (stage 3 gathers its partitioned parameters)."""
-    module = engine.module
+def full_state_dict(engine: Any, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Every rank: the whole weights of `module` (default: the engine's; stage 3 gathers its partitions)."""
+    module = module if module is not None else engine.module
     if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
         import deepspeed
 

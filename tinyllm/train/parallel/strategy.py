@@ -1,0 +1,263 @@
+"""The training loop's hook into data parallelism: one small object per strategy (dp, zero1-3, fsdp, deepspeed).
+
+`train/loop.py` stays single-process code; when a ParallelConfig is enabled it asks `build_strategy` for an
+object that answers the few questions where strategies differ:
+
+    model            what the forward runs on (DDP wrapper, FSDP2 module, DeepSpeed engine, or the module)
+    optimizer        exposes `param_groups` (the loop sets the scheduled lr there), `step`, `zero_grad`
+    local_batch(b)   this rank's rows of the *global* micro-batch: `batch_size` is global, so N ranks see the
+                     same data in the same order as one process, and equal it (tests)
+    micro(i, k)      context for micro-batch i of k (DDP/FSDP2: skip gradient sync before the last)
+    backward(loss, k), clip_grad_norm(max_norm), step()
+    mean(x)          a logged number averaged over the data-parallel ranks
+    full_model()     collective: a module holding all the weights on rank 0 (None elsewhere), for HF saving
+    optimizer_state() the optimizer's state dict when it is whole on every rank (dp), else None
+
+Model-parallel degrees (tp, pp, cp, ep) belong to tensor.py, pipeline.py, context.py and expert.py; the loop
+accepts them in the config but runs data-parallel strategies only (a clear error otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tinyllm.train.optim import build_optimizer
+from tinyllm.train.parallel import dist as tdist
+from tinyllm.train.parallel.config import ZERO_STAGE, ParallelConfig
+
+
+def _slice_rows(batch: Any, rank: int, world: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0 or batch.shape[0] % world:
+            raise ValueError(f"a batch of {tuple(batch.shape)} does not split over {world} data-parallel ranks: "
+                             f"batch_size is the global micro-batch and must be a multiple of {world}")
+        b = batch.shape[0] // world
+        return batch[rank * b:(rank + 1) * b]
+    if isinstance(batch, dict):
+        return {k: _slice_rows(v, rank, world) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice_rows(v, rank, world) for v in batch)
+    return batch
+
+
+def _copy_with(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh CPU module of the same tinyllm config holding `state` (for sharded strategies' saves)."""
+    from tinyllm.model.config import ModelConfig
+    from tinyllm.model.hf import build_model
+
+    cfg = getattr(module, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cannot assemble a full copy of {type(module).__name__} for saving: sharded strategies "
+                         "save tinyllm models (use --parallel dp for wrapped models)")
+    clone = build_model(cfg).to(next(iter(state.values())).dtype)
+    clone.load_state_dict(state)
+    return clone
+
+
+class LogitsForward(nn.Module):
+    """Hides the model from losses that read `lm_head.weight` directly (train.losses.model_lm_loss fuses the head
+    into the cross entropy): under FSDP2 and ZeRO-3 that weight is only whole inside the forward, so the loss must
+    take the logits the forward returns."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+
+class Strategy:
+    name = "base"
+
+    def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any]):
+        self.module, self.params, self.opt_args = module, params, opt_args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.model: nn.Module = module
+        self.optimizer: Any = None
+
+    def local_batch(self, batch: Any) -> Any:
+        return _slice_rows(batch, self.rank, self.world)
+
+    def micro(self, i: int, k: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, k: int) -> None:
+        (loss / k).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm))
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mean(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self._comm_device())
+        with tdist.collective_guard("loss all-reduce"):
+            dist.all_reduce(t)
+        return t.item() / self.world
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+            torch.device("cpu")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def full_model(self) -> nn.Module | None:
+        return self.module if self.rank == 0 else None
+
+    def optimizer_state(self) -> dict | None:
+        return None
+
+
+class DDPStrategy(Strategy):
+    name = "dp"
+
+    def __init__(self, module, params, opt_args, bucket_mb: float = 25.0):
+        super().__init__(module, params, opt_args)
+        from tinyllm.train.parallel.ddp import wrap_ddp
+
+        self.model = wrap_ddp(module, bucket_mb)
+        self.optimizer = build_optimizer(params, **opt_args)
+
+    def micro(self, i: int, k: int):
+        return self.model.no_sync() if i < k - 1 else contextlib.nullcontext()
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()
+
+
+class ZeROStrategy(Strategy):
+    def __init__(self, module, params, opt_args, stage: int, bucket_mb: float = 25.0):
+        super().__init__(module, params, opt_args)
+        from tinyllm.train.parallel.zero import ZeRO
+
+        if opt_args.get("kind", "adamw") != "adamw":
+            raise ValueError(f"optimizer={opt_args['kind']!r} with parallel=zero{stage}: our ZeRO shards AdamW "
+                             "only (Muon orthogonalises whole matrices)")
+        self.name = f"zero{stage}"
+        self.stage = stage
+        self.optimizer = ZeRO(module, stage, lr=opt_args["lr"], weight_decay=opt_args["weight_decay"],
+                              betas=opt_args["betas"], bucket_mb=bucket_mb, named_params=params)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return self.optimizer.clip_grad_norm_(max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def full_state_dict(self):
+        return self.optimizer.full_state_dict()
+
+    def full_model(self):
+        if self.stage < 3:
+            return super().full_model()
+        state = self.full_state_dict()
+        return _copy_with(self.module, state) if self.rank == 0 else None
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, module, params, opt_args):
+        super().__init__(module, params, opt_args)
+        from tinyllm.train.parallel.fsdp import apply_fsdp2
+
+        self.model = LogitsForward(apply_fsdp2(module))
+        # the parameters are now DTensors: name them afresh (same names, new objects)
+        ids = {n for n, _ in params}
+        self.params = [(n, p) for n, p in module.named_parameters() if n in ids]
+        self.optimizer = build_optimizer(self.params, **{**opt_args, "fused": False})
+
+    def micro(self, i: int, k: int):
+        from tinyllm.train.parallel.fsdp import no_sync
+
+        return no_sync(self.module) if i < k - 1 else contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        from tinyllm.train.parallel.fsdp import clip_grad_norm_
+
+        return clip_grad_norm_(self.module, max_norm)
+
+    def full_state_dict(self):
+        from tinyllm.train.parallel.fsdp import full_state_dict
+
+        return full_state_dict(self.module)
+
+    def full_model(self):
+        state = self.full_state_dict()
+        return _copy_with(self.module, state) if self.rank == 0 else None
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def __init__(self, module, params, opt_args, stage: int, micro_batch: int, grad_accum: int,
+                 grad_clip: float, bf16: bool, bucket_mb: float = 25.0):
+        super().__init__(module, params, opt_args)
+        from tinyllm.train.parallel import deepspeed_zero as dsz
+
+        if opt_args.get("kind", "adamw") != "adamw":
+            raise ValueError(f"optimizer={opt_args['kind']!r} with parallel=deepspeed: the generated config uses "
+                             "AdamW")
+        self.stage = stage
+        self.config = dsz.deepspeed_config(stage, micro_batch, grad_accum, opt_args["lr"], opt_args["weight_decay"],
+                                           tuple(opt_args["betas"]), grad_clip=grad_clip, bf16=bf16,
+                                           bucket_mb=bucket_mb)
+        self.model = dsz.initialize(LogitsForward(module) if stage == 3 else module, self.config, params)
+        self.optimizer = self.model.optimizer
+        self._norm = 0.0
+
+    def backward(self, loss: torch.Tensor, k: int) -> None:
+        self.model.backward(loss)  # the engine divides by gradient_accumulation_steps itself
+        self.model.step()  # updates (clipping included) only at the accumulation boundary
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def step(self) -> None:
+        pass  # done by the engine in backward()
+
+    def full_state_dict(self):
+        from tinyllm.train.parallel.deepspeed_zero import full_state_dict
+
+        return full_state_dict(self.model, self.module)
+
+    def full_model(self):
+        if self.stage < 3:
+            return super().full_model()
+        state = self.full_state_dict()
+        return _copy_with(self.module, state) if self.rank == 0 else None
+
+
+def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tuple[str, nn.Parameter]],
+                   opt_args: dict[str, Any], micro_batch: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
+                   bf16: bool = False) -> Strategy:
+    """The strategy `pcfg.parallel` names, over the default process group (which must exist)."""
+    if not tdist.is_dist():
+        raise RuntimeError(f"parallel={pcfg.parallel!r} needs a process group: launch with torchrun "
+                           "(torchrun --nproc_per_node N -m tinyllm ...)")
+    deg = pcfg.degrees(dist.get_world_size())
+    if pcfg.model_parallel > 1:
+        raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep}: the training loop runs the "
+                         "data-parallel strategies only; apply the model-parallel wrappers (train/parallel/tensor.py, "
+                         "pipeline.py, context.py, expert.py) in your own script")
+    params = list(params)
+    if pcfg.parallel in ("dp", "none"):
+        return DDPStrategy(module, params, opt_args, pcfg.bucket_mb)
+    if pcfg.parallel in ZERO_STAGE:
+        return ZeROStrategy(module, params, opt_args, ZERO_STAGE[pcfg.parallel], pcfg.bucket_mb)
+    if pcfg.parallel == "fsdp":
+        return FSDPStrategy(module, params, opt_args)
+    return DeepSpeedStrategy(module, params, opt_args, pcfg.zero_stage, micro_batch // deg["dp"], grad_accum,
+                             grad_clip, bf16, pcfg.bucket_mb)
