@@ -184,3 +184,16 @@ def test_smollm2_generate(capsys) -> None:
                "--max-new-tokens", "8", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0 and "Paris" in out
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_generate_speculative_prints_the_same_text(checkpoint: Path, capsys, method: str) -> None:
+    """--speculative (prompt lookup, or the int4 self-draft) decodes the same greedy text as plain decoding."""
+    prompt = "the model reads the model reads the model"
+    rc = main(["generate", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "16",
+               "--device", "cpu", "--speculative", method, "--num-speculative-tokens", "3"])
+    assert rc == 0
+    assert capsys.readouterr().out == _expected(checkpoint, prompt, 16) + "\n"
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "x", "--speculative", method,
+                 "--engine", "false"]) == 2
+    assert "runs in the engine" in capsys.readouterr().err

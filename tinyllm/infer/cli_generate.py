@@ -8,7 +8,9 @@ paged KV cache, continuous batching); `--engine false` (and beam search, which t
 reference generator; under greedy decoding both print the same text. `--input-file` reads one prompt per line
 (blank lines skipped), runs them all as one batch with a progress bar on stderr and writes one JSON object per
 prompt (prompt, text, num_tokens, finish_reason) to `--output-file` or stdout. `--quantization int8|int4`
-quantizes the weights (`quant.quantize_model`, lm_head kept) before generation. `chat` is an interactive loop on stdin that keeps
+quantizes the weights (`quant.quantize_model`, lm_head kept) before generation. `--speculative ngram|draft`
+decodes speculatively in the engine (`drafters.py`: prompt lookup, or a draft model — `--draft-model`, by
+default the int4 copy of the target), `--num-speculative-tokens` draft tokens per step; same greedy text. `chat` is an interactive loop on stdin that keeps
 the conversation, renders it with the checkpoint's chat template each turn and streams the reply; `/reset`
 clears the history, `/exit` (or end of input) quits. Each turn re-encodes the whole conversation (no KV cache
 kept across turns) and drops the oldest turns when it outgrows the context window.
@@ -63,6 +65,13 @@ class GenerateConfig:
     quantization: str = field(default="none", metadata={"help": "weight-only quantization before generating",
                                                         "choices": ["none", "int8", "int4"]})
     group_size: int = field(default=128, metadata={"help": "int4 group size", "choices": [32, 64, 128]})
+    speculative: str = field(default="none", metadata={
+        "help": "speculative decoding in the engine: ngram (prompt lookup) or draft (a draft model)",
+        "choices": ["none", "ngram", "draft"]})
+    num_speculative_tokens: int = field(default=4, metadata={"help": "draft tokens verified per step"})
+    draft_model: str | None = field(default=None, metadata={
+        "help": "--speculative draft: the draft checkpoint (default: the int4 copy of the target)"})
+    draft_layers: int | None = field(default=None, metadata={"help": "keep only the draft's first N layers"})
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -71,6 +80,10 @@ class GenerateConfig:
             raise ValueError(f"quantization={self.quantization!r} must be none, int8 or int4")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError(f"num_beams={self.num_beams} needs greedy decoding (--temperature 0)")
+        if self.speculative != "none" and (not self.engine or self.num_beams > 1):
+            raise ValueError(f"speculative={self.speculative!r} runs in the engine: drop --engine false / "
+                             f"--num-beams {self.num_beams}")
+        self.speculative_config()
         self.generation()  # validate the decoding values now, with their names
 
     def generation(self, **extra: Any) -> GenerationConfig:
@@ -79,6 +92,16 @@ class GenerateConfig:
                                 temperature=self.temperature if sampling else 1.0, top_k=self.top_k,
                                 top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                 num_beams=self.num_beams, seed=self.seed, **extra)
+
+    def speculative_config(self) -> Any:
+        if self.speculative == "none":
+            return None
+        from tinyllm.infer.drafters import SpeculativeConfig
+
+        # a separate draft checkpoint is taken as it is; the self-draft is the int4 copy of the target
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, draft_model=self.draft_model,
+                                 draft_quantization=None if self.draft_model else "int4",
+                                 draft_num_layers=self.draft_layers)
 
     def sampling_params(self) -> Any:
         from tinyllm.infer.sampling_params import SamplingParams
@@ -95,6 +118,7 @@ class ChatConfig(GenerateConfig):
     top_p: float = field(default=0.9, metadata={"help": _SAMPLING_HELP["top_p"]})
     chat: bool = field(default=True, init=False)
     engine: bool = field(default=False, init=False)  # a chat turn runs the reference generator
+    speculative: str = field(default="none", init=False)
     input_file: str | None = field(default=None, init=False)
     output_file: str | None = field(default=None, init=False)
 
@@ -169,15 +193,16 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
     return ids
 
 
-def _engine(model: torch.nn.Module, tokenizer: Any, num_prompts: int) -> Any:
+def _engine(model: torch.nn.Module, tokenizer: Any, num_prompts: int, cfg: GenerateConfig) -> Any:
     from tinyllm.infer.engine import LLMEngine
 
-    return LLMEngine(model, tokenizer, max_num_seqs=max(1, min(num_prompts, 256)))
+    return LLMEngine(model, tokenizer, max_num_seqs=max(1, min(num_prompts, 256)),
+                     speculative=cfg.speculative_config())
 
 
 def _complete_engine(model: torch.nn.Module, tokenizer: Any, ids: list[int], cfg: GenerateConfig) -> str:
     """The engine's continuation of one prompt, streamed from its per-step text deltas."""
-    engine = _engine(model, tokenizer, 1)
+    engine = _engine(model, tokenizer, 1, cfg)
     engine.add_request("0", None, cfg.sampling_params(), prompt_token_ids=ids)
     text = ""
     while engine.has_unfinished_requests():
@@ -231,7 +256,7 @@ def _batch_rows(cfg: GenerateConfig, model: torch.nn.Module, tokenizer: Any, pro
     rows: list[dict] = [{} for _ in prompts]
     with tqdm(total=len(prompts), desc="prompts", file=sys.stderr, disable=None) as bar:
         if cfg.engine and cfg.num_beams == 1:
-            engine = _engine(model, tokenizer, len(prompts))
+            engine = _engine(model, tokenizer, len(prompts), cfg)
             for i, ids in enumerate(encoded):
                 engine.add_request(str(i), None, cfg.sampling_params(), prompt_token_ids=ids)
             while engine.has_unfinished_requests():

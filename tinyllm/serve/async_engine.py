@@ -303,4 +303,14 @@ class AsyncEngine:
         return {"num_requests_in_flight": self.num_in_flight, "num_requests_waiting": len(sched.waiting),
                 "num_sequences_running": len(sched.running), "kv_blocks_total": bm.num_blocks,
                 "kv_blocks_free": free, "kv_blocks_used": bm.num_blocks - free,
-                "engine_steps_total": self.engine.num_steps}
+                "engine_steps_total": self.engine.num_steps, **self._spec_gauges()}
+
+    def _spec_gauges(self) -> dict[str, float]:
+        """Speculative decoding (when the engine speculates): draft tokens proposed and accepted, the
+        acceptance rate and the tokens emitted per verification (the speedup's upper bound)."""
+        if self.engine.drafter is None:
+            return {}
+        st = self.engine.spec_stats
+        return {"spec_decode_draft_tokens": st.proposed, "spec_decode_accepted_tokens": st.accepted,
+                "spec_decode_acceptance_rate": st.acceptance_rate,
+                "spec_decode_tokens_per_verification": st.tokens_per_target_forward}

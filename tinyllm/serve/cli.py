@@ -30,6 +30,12 @@ class ServeConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one engine step"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     num_blocks: int | None = field(default=None, metadata={"help": "KV-cache blocks (default: sized to fit)"})
+    speculative: str = field(default="none", metadata={
+        "help": "speculative decoding: ngram (prompt lookup) or draft (a draft model)",
+        "choices": ["none", "ngram", "draft"]})
+    num_speculative_tokens: int = field(default=4, metadata={"help": "draft tokens verified per step"})
+    draft_model: str | None = field(default=None, metadata={
+        "help": "--speculative draft: the draft checkpoint (default: the int4 copy of the served model)"})
     graceful_shutdown_s: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on SIGTERM"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
     tool_prompt: str = field(default="template", metadata={
@@ -45,6 +51,15 @@ class ServeConfig:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        self.speculative_config()
+
+    def speculative_config(self):
+        if self.speculative == "none":
+            return None
+        from tinyllm.infer.drafters import SpeculativeConfig
+
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, draft_model=self.draft_model,
+                                 draft_quantization=None if self.draft_model else "int4")
 
 
 def check_address(host: str, port: int) -> None:
@@ -73,7 +88,8 @@ def build_app(cfg: ServeConfig):
     from tinyllm.serve.app import create_app
     from tinyllm.serve.embeddings import Embedder
 
-    kwargs = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len, "num_blocks": cfg.num_blocks}
+    kwargs = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len, "num_blocks": cfg.num_blocks,
+              "speculative": cfg.speculative_config()}
     llm = LLM(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, quantization=cfg.quantization,
               **{k: v for k, v in kwargs.items() if v is not None})
     if llm.engine.tokenizer is None:
