@@ -225,3 +225,18 @@ def test_figures_draw_from_the_engine() -> None:
     trace = fig.batching_trace()
     assert max(sum(step.values()) for step in trace) <= 16          # the token budget is never exceeded
     assert any(n > 1 for step in trace for n in step.values())      # prompts are fed in chunks
+
+
+def test_index_chapter_table_links_existing_pages_only() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_chapters", DOCS / "hooks" / "chapters.py")
+    chapters = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chapters)
+    table = chapters.chapter_table({"03-04-data.md": "# Chapters 03–05 — data (数据)\n", "09-eval.md": "# 09 · Eval\n",
+                                    "index.md": "# Home\n"})
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ")[1].strip(" |") for r in table.splitlines()[2:]}
+    assert rows["03 训练数据集 · data"] == "[data (数据)](03-04-data.md)"
+    assert rows["09 大语言模型评估 · evaluation"] == "[Eval](09-eval.md)"
+    assert rows["04 分布式训练 · distributed training"] == "no page yet" and len(rows) == 11
+    assert chapters.MARKER in (DOCS / "index.md").read_text(encoding="utf-8")
