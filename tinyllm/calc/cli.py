@@ -178,6 +178,8 @@ class MemoryConfig:
     sequence_parallel: bool = field(default=False, metadata={"help": "Megatron sequence parallelism"})
     recompute: str = field(default="none", metadata={"help": "activation recomputation",
                                                      "choices": list(mem.RECOMPUTE)})
+    zero_table: bool = field(default=False, metadata={"help": "all four ZeRO stages side by side with their "
+                                                                "communication per step (mixed-precision Adam)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
 
     def __post_init__(self) -> None:
@@ -198,6 +200,8 @@ class MemoryConfig:
 def run_memory(cfg: MemoryConfig) -> int:
     mc = _model(cfg.model) if cfg.model is not None else None
     psi = float(count_parameters(mc).total) if mc is not None else parse_count(cfg.params, "params")
+    if cfg.zero_table:
+        return _zero_table(cfg, psi)
     if cfg.precision == "mixed" and cfg.optimizer in ("adam", "adamw"):
         states = mem.zero_model_state_bytes(psi, cfg.gpus, cfg.zero_stage)  # stage 0 = 16Ψ, unsharded
     else:
@@ -217,4 +221,22 @@ def run_memory(cfg: MemoryConfig) -> int:
                  ("states + activations", mem.format_bytes(states.total + act))]
         data.update(activations_per_layer=per_layer, activations=act)
     _emit(cfg.json, f"training memory of {cfg.model or cfg.params} ({cfg.precision}, {cfg.optimizer})", rows, data)
+    return 0
+
+
+def _zero_table(cfg: MemoryConfig, psi: float) -> int:
+    """The ZeRO paper's table (and the notes'): per-GPU model states of stages 0-3 over N GPUs, K = 12, plus the
+    communication each GPU sends per step in fp16 bytes (the notes' ZeRO-3 figure counts 1 byte per element)."""
+    rows: list[tuple[str, str]] = [("parameters Ψ", _n(psi)), ("data-parallel GPUs N", str(cfg.gpus))]
+    data: dict[str, Any] = {"params": psi, "gpus": cfg.gpus, "k": 12, "stages": []}
+    names = ("baseline (DP)", "P_os (ZeRO-1)", "P_os+g (ZeRO-2)", "P_os+g+p (ZeRO-3)")
+    for stage, name in enumerate(names):
+        st = mem.zero_model_state_bytes(psi, cfg.gpus, stage)
+        comm = mem.zero_communication_bytes(psi, stage)
+        rows.append((f"{name}: states per GPU", f"{st.total / mem.GB:,.1f} GB"))
+        times = mem.zero_communication_elements(psi, stage) / psi
+        rows.append((f"{name}: sent per step per GPU", f"{comm / mem.GB:,.1f} GB ({times:.0f}Ψ fp16)"))
+        data["stages"].append({"stage": stage, "model_states": st.total, "weights": st.weights,
+                               "gradients": st.gradients, "optimizer_states": st.optimizer, "comm_bytes": comm})
+    _emit(cfg.json, f"ZeRO model states, Ψ = {cfg.params or cfg.model}, K = 12, N = {cfg.gpus}", rows, data)
     return 0

@@ -137,6 +137,13 @@ def zero_communication_elements(num_params: float, stage: int) -> float:
     return (3 if stage == 3 else 2) * num_params
 
 
+def zero_communication_bytes(num_params: float, stage: int, bytes_per_elem: float = 2) -> float:
+    """Bytes each GPU sends per step: the elements above times their width (fp16/bf16 gradients and
+    parameters: 2 bytes). ZeRO-3 for a 65B model: 3Ψ = 195e9 elements = 390 GB, not the "195 GB per card" the
+    notes give (they count one byte per element); 390 GB is 3120 Gb, 312 s on 10 Gb/s Ethernet, not 156 s."""
+    return zero_communication_elements(num_params, stage) * dtype_bytes(bytes_per_elem)
+
+
 def transfer_seconds(num_bytes: float, gbit_per_second: float) -> float:
     """Time to move `num_bytes` over a link of `gbit_per_second` (10 Gb/s Ethernet: 1.25 GB/s)."""
     if not gbit_per_second > 0:
