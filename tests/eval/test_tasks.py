@@ -148,6 +148,23 @@ def test_prefix_sharing_equals_naive(ckpt: Path) -> None:
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
+def test_shared_prefix_batches_equal_naive(ckpt: Path) -> None:
+    """Single-token choices after contexts with a long common prefix: the prefix runs once into a KV cache
+    repeated over the batch (`_last_logprobs`); numbers equal one full row per request."""
+    from tinyllm.model.hf import load_model
+    from tinyllm.tokenizer import load_tokenizer
+
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    fast, naive = TinyLM(model, tok), TinyLM(model, tok, prefix_sharing=False)
+    head = "The following are multiple choice questions about the model. "
+    ctxs = [head + q for q in ("What is A?", "What is the model B?", "reads", "What is plus minus C D the")]
+    assert len(tok.encode(head)) >= 16
+    reqs = [(c, x) for c in ctxs for x in (" A", " B", " C", " D")]
+    for bs in (1, 3, 8):
+        for (a, ga), (b, gb) in zip(fast.loglikelihood(reqs, bs), naive.loglikelihood(reqs, bs)):
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
 def test_cli_writes_json_markdown_and_chart(ckpt: Path, tmp_path: Path, capsys) -> None:
     from tinyllm.cli import main
 

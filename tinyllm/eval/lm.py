@@ -124,11 +124,24 @@ def _truncate(ctx: list[int], cont: list[int], max_length: int) -> list[int]:
     return (ctx + cont)[-(max_length + 1):][:-1]
 
 
+# logits_at(ids [B, T], rows [n], cols [n], cache) → logits [n, V] at those positions only: the vocabulary
+# projection of the positions nobody scores is most of the work when the answers are single tokens
+LogitsAt = Callable[..., torch.Tensor]
+
+
+def full_logits_at(forward: Callable[[torch.Tensor], torch.Tensor]) -> LogitsAt:
+    """A LogitsAt over a forward that returns all logits [B, T, V] (transformers models, lm-eval's way)."""
+    def at(ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        return forward(ids)[rows, cols]
+
+    return at
+
+
 @torch.no_grad()
-def score_naive(forward: Callable[[torch.Tensor], torch.Tensor], pairs: Sequence[Pair], max_length: int,
-                batch_size: int = 1, pad_id: int = 0, device: torch.device | str = "cpu") -> list[tuple[float, bool]]:
+def score_naive(logits_at: LogitsAt, pairs: Sequence[Pair], max_length: int, batch_size: int = 1,
+                pad_id: int = 0, device: torch.device | str = "cpu") -> list[tuple[float, bool]]:
     """One right-padded row per request, longest first (padding sits after the scored tokens, so causal
-    attention never sees it). `forward(ids [B, T]) → logits [B, T, V]`."""
+    attention never sees it)."""
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for s in range(0, len(order), batch_size):
@@ -136,13 +149,17 @@ def score_naive(forward: Callable[[torch.Tensor], torch.Tensor], pairs: Sequence
         rows = [_truncate(*pairs[i], max_length) for i in idx]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        rr, cc, spans = [], [], []
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
-        logp = F.log_softmax(forward(ids.to(device)).float(), dim=-1).cpu()
-        for r, i in enumerate(idx):
-            cont = pairs[i][1]
-            pos = torch.arange(len(rows[r]) - len(cont), len(rows[r]))
-            out[i] = _pick(logp[r, pos], cont)
+            n = len(pairs[idx[r]][1])
+            spans.append((len(rr), n))
+            rr += [r] * n
+            cc += range(len(row) - n, len(row))
+        logp = F.log_softmax(logits_at(ids.to(device), torch.tensor(rr, device=device),
+                                       torch.tensor(cc, device=device)).float(), dim=-1).cpu()
+        for (start, n), i in zip(spans, idx):
+            out[i] = _pick(logp[start: start + n], pairs[i][1])
     return out
 
 
@@ -169,13 +186,14 @@ class TinyLM(LM):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=bool(self.tokenizer.add_bos_token))
 
-    def _forward(self, ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        return self.model(ids, cache=cache) if cache is not None else self.model(ids)
+    def _logits_at(self, ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        h = self.model(ids, cache=cache, hidden_only=True)  # [B, T, d]
+        return self.model.lm_head(h[rows, cols])
 
     def score(self, pairs: Sequence[Pair], batch_size: int = 1) -> list[tuple[float, bool]]:
         if not self.prefix_sharing:
-            return score_naive(self._forward, pairs, self.max_length, batch_size, device=self.device)
-        return score_shared(self._forward, self.model, pairs, self.max_length, batch_size, self.device)
+            return score_naive(self._logits_at, pairs, self.max_length, batch_size, device=self.device)
+        return score_shared(self._logits_at, self.model, pairs, self.max_length, batch_size, self.device)
 
     def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]], batch_size: int = 1) -> list[str]:
         from tinyllm.infer.engine import LLM
@@ -194,10 +212,10 @@ class TinyLM(LM):
 
 
 @torch.no_grad()
-def score_shared(forward: Callable[..., torch.Tensor], model: torch.nn.Module, pairs: Sequence[Pair],
+def score_shared(logits_at: LogitsAt, model: torch.nn.Module, pairs: Sequence[Pair],
                  max_length: int, batch_size: int, device: torch.device | str) -> list[tuple[float, bool]]:
     """Requests grouped by context. A group whose continuations are one token each is one row (the context):
-    its last position scores every choice, and such rows are batched. Other groups prefill the context once
+    its last position scores every choice; such rows are batched, a batch's common prefix run once. Other groups prefill the context once
     into a KV cache, repeat it over the choices, and run only the continuations. Requests that need left
     truncation go through `score_naive`."""
     from tinyllm.infer.kv_cache import ContiguousKVCache
@@ -212,20 +230,16 @@ def score_shared(forward: Callable[..., torch.Tensor], model: torch.nn.Module, p
             naive.append(i)
         else:
             groups.setdefault(tuple(ctx), []).append(i)
-    for i, r in zip(naive, score_naive(forward, [pairs[i] for i in naive], max_length, batch_size, device=device)):
+    for i, r in zip(naive, score_naive(logits_at, [pairs[i] for i in naive], max_length, batch_size, device=device)):
         out[i] = r
     single = [(c, m) for c, m in groups.items() if all(len(pairs[i][1]) == 1 for i in m)]
     multi = [(c, m) for c, m in groups.items() if not all(len(pairs[i][1]) == 1 for i in m)]
-    single.sort(key=lambda g: -len(g[0]))
+    # contexts in lexicographic order: neighbours share the longest prefixes (a task's description, the same
+    # few-shot examples), and a batch's common prefix is run once
+    single.sort(key=lambda g: g[0])
     for s in range(0, len(single), batch_size):
         chunk = single[s: s + batch_size]
-        width = max(len(c) for c, _ in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (c, _) in enumerate(chunk):
-            ids[r, : len(c)] = torch.tensor(c)
-        logits = forward(ids.to(device))
-        last = torch.tensor([len(c) - 1 for c, _ in chunk], device=logits.device)
-        logp = F.log_softmax(logits[torch.arange(len(chunk), device=logits.device), last].float(), -1).cpu()
+        logp = _last_logprobs(logits_at, model, [c for c, _ in chunk], device)
         for r, (_, members) in enumerate(chunk):
             for i in members:
                 out[i] = _pick(logp[r: r + 1], pairs[i][1])
@@ -234,7 +248,9 @@ def score_shared(forward: Callable[..., torch.Tensor], model: torch.nn.Module, p
             part = members[s: s + batch_size]
             conts = [pairs[i][1] for i in part]
             cache = ContiguousKVCache.for_model(model, 1, capacity=len(ctx) + max(len(c) for c in conts))
-            head = F.log_softmax(forward(torch.tensor([list(ctx)], device=device), cache)[0, -1].float(), -1).cpu()
+            one = torch.zeros(1, dtype=torch.long, device=device)
+            head = F.log_softmax(logits_at(torch.tensor([list(ctx)], device=device), one, one + len(ctx) - 1,
+                                           cache)[0].float(), -1).cpu()
             width = max(len(c) for c in conts) - 1
             rows = None
             if width > 0:
@@ -242,11 +258,55 @@ def score_shared(forward: Callable[..., torch.Tensor], model: torch.nn.Module, p
                 ids = torch.zeros((len(part), width), dtype=torch.long)
                 for r, c in enumerate(conts):
                     ids[r, : len(c) - 1] = torch.tensor(c[:-1])
-                rows = F.log_softmax(forward(ids.to(device), cache).float(), -1).cpu()
+                r_idx = torch.arange(len(part), device=device).repeat_interleave(width)
+                c_idx = torch.arange(width, device=device).repeat(len(part))
+                rows = F.log_softmax(logits_at(ids.to(device), r_idx, c_idx, cache).float(), -1).cpu()
+                rows = rows.view(len(part), width, -1)
             for r, (i, c) in enumerate(zip(part, conts)):
                 lp = head[None] if rows is None or len(c) == 1 else torch.cat([head[None], rows[r, : len(c) - 1]])
                 out[i] = _pick(lp, c)
     return out
+
+
+MIN_SHARED_PREFIX = 16  # tokens; below this a separate prefix pass costs more than it saves
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for x in seqs[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _last_logprobs(logits_at: LogitsAt, model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                   device: torch.device | str) -> torch.Tensor:
+    """log-softmax of the next-token logits after each context [len(contexts), V]. The contexts' common
+    prefix (less one token, so every row keeps a token of its own) runs once into a KV cache that is then
+    repeated over the rows; the rest is right-padded."""
+    from tinyllm.infer.kv_cache import ContiguousKVCache
+
+    n = len(contexts)
+    shared = common_prefix_length(contexts) if n > 1 else 0
+    shared = min(shared, min(len(c) for c in contexts) - 1)
+    cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        cache = ContiguousKVCache.for_model(model, 1, capacity=max(len(c) for c in contexts))
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        logits_at(torch.tensor([list(contexts[0][:shared])], device=device), none, none, cache)
+        cache.reorder(torch.zeros(n, dtype=torch.long, device=device))
+    else:
+        shared = 0
+    tails = [c[shared:] for c in contexts]
+    ids = torch.zeros((n, max(len(t) for t in tails)), dtype=torch.long)
+    for r, t in enumerate(tails):
+        ids[r, : len(t)] = torch.tensor(list(t))
+    last = torch.tensor([len(t) - 1 for t in tails], device=device)
+    rows = torch.arange(n, device=device)
+    return F.log_softmax(logits_at(ids.to(device), rows, last, cache).float(), -1).cpu()
 
 
 class HFLM(LM):
@@ -277,11 +337,9 @@ class HFLM(LM):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids).logits
-
     def score(self, pairs: Sequence[Pair], batch_size: int = 1) -> list[tuple[float, bool]]:
-        return score_naive(self._forward, pairs, self.max_length, batch_size, device=self.device)
+        return score_naive(full_logits_at(lambda ids: self.model(ids).logits), pairs, self.max_length, batch_size,
+                           device=self.device)
 
     @torch.no_grad()
     def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]], batch_size: int = 1) -> list[str]:
