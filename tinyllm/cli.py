@@ -52,6 +52,8 @@ COMMANDS: dict[str, str] = {
     "agent": "tinyllm.agent.cli:AgentConfig:run_agent",
     "eval": "tinyllm.eval.cli:EvalConfig:run_eval",
     "ask": "tinyllm.rag.docs_ask:DocsAskConfig:run_docs_ask",
+    "parallel check": "tinyllm.train.parallel.check:ParallelCheckConfig:run_check",
+    "parallel schedule": "tinyllm.train.parallel.check:ScheduleConfig:run_schedule",
 }
 
 _HELP = {
@@ -83,6 +85,9 @@ _HELP = {
     "rag ask": "answer a question from a store with numbered citations, using a local model or an OpenAI-compatible endpoint",
     "agent": "run a tool-using agent on a task (function calling, ReAct or plan-and-execute) and stream its trace",
     "ask": "ask the documentation: answers from the chapter pages and the notes map, citing page#section",
+    "parallel": "model parallelism: equality checks under torchrun, pipeline schedules",
+    "parallel check": "under torchrun: train a tiny model with tp / tp-sp / cp / pp-gpipe / pp-1f1b / ep and compare with one process",
+    "parallel schedule": "print (or plot) a GPipe / 1F1B pipeline timeline and its bubble fraction",
     "eval": "score a model or an OpenAI-compatible endpoint on benchmark tasks (MMLU, C-Eval/CMMLU files, Chinese corpora tasks) with lm-evaluation-harness semantics",
 }
 

@@ -141,7 +141,10 @@ def plot(ops: list[Op], path: str, title: str = "") -> None:
     ax.set_xlabel("time")
     ax.set_title(title or f"bubble {bubble_fraction(ops):.0%}")
     fig.tight_layout()
-    fig.savefig(path)
+    from tinyllm.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a failed draw leaves no half-written picture
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
