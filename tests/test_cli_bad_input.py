@@ -334,6 +334,14 @@ CASES: dict[str, list[Case]] = {
                                                         _s(f.store), "--model", _s(f.ckpt)],
          lambda f: f"--model {f.ckpt}"),
     ],
+    "ask": [
+        ("missing docs directory", lambda f: ["ask", "注意力", "--docs", _s(f.missing), "--search-only"],
+         lambda f: _s(f.missing)),
+        ("store that is not a docs store", lambda f: ["ask", "注意力", "--store", _s(f.store_bad_dense),
+                                                      "--search-only"], lambda f: _s(f.store_bad_dense)),
+        ("closed port", lambda f: ["ask", "注意力", "--base-url", f.url["closed"]], lambda f: f.url["closed"]),
+        ("missing model", lambda f: ["ask", "注意力", "--model", _s(f.missing)], lambda f: _s(f.missing)),
+    ],
 }
 
 
