@@ -36,8 +36,8 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 120.0
 
 # fragments of the errors gloo and NCCL raise when the other side of a collective is gone
-_PEER_GONE = ("connection closed", "connection reset", "connection refused", "broken pipe", "timed out",
-              "timeout", "watchdog", "peer", "socket", "gloo", "nccl")
+_PEER_GONE = ("connection closed", "connection reset", "connection refused", "broken pipe", "closed by peer",
+              "timed out", "timeout", "watchdog", "socket closed", "read error", "write error")
 
 
 class PeerFailure(RuntimeError):
