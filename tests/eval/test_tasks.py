@@ -121,6 +121,24 @@ def test_harness_metrics_per_output_type() -> None:
         evaluate_task(lm, gen, limit=0)
 
 
+def test_fewshot_stays_within_the_subject() -> None:
+    docs = [{**d, "subject": "ab"[i % 2]} for i, d in enumerate(_docs(8))]
+    ctx = T.mc_task("t", docs).contexts(2)
+    # q0's subject is "a" (q0, q2, q4, q6): its shots are q2 and q4
+    assert "q2\n" in ctx[0] and "q4\n" in ctx[0] and "q1\n" not in ctx[0]
+    assert ctx[1].startswith("The following are multiple choice questions (with answers) about b.\n\nq3\n")
+
+
+def test_prefix_chunks_split_where_the_shared_prefix_halves() -> None:
+    from tinyllm.eval.lm import _prefix_chunks
+
+    a = [((1,) * 40 + (i,), [i]) for i in range(3)]
+    b = [((1,) * 5 + (2,) * 40 + (i,), [10 + i]) for i in range(3)]
+    chunks = list(_prefix_chunks(sorted(a + b), batch_size=8))
+    assert [len(c) for c in chunks] == [3, 3]
+    assert [len(c) for c in _prefix_chunks(sorted(a + b), batch_size=2)] == [2, 2, 2]  # a lone member cannot judge
+
+
 def test_rolling_windows_and_stops() -> None:
     w = rolling_windows(list(range(1, 11)), 0, 4)
     assert w[0] == ([0], [1, 2, 3, 4])

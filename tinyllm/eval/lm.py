@@ -23,7 +23,7 @@ right-padded row per request, as lm-eval runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -237,8 +237,7 @@ def score_shared(logits_at: LogitsAt, model: torch.nn.Module, pairs: Sequence[Pa
     # contexts in lexicographic order: neighbours share the longest prefixes (a task's description, the same
     # few-shot examples), and a batch's common prefix is run once
     single.sort(key=lambda g: g[0])
-    for s in range(0, len(single), batch_size):
-        chunk = single[s: s + batch_size]
+    for chunk in _prefix_chunks(single, batch_size):
         logp = _last_logprobs(logits_at, model, [c for c, _ in chunk], device)
         for r, (_, members) in enumerate(chunk):
             for i in members:
@@ -280,6 +279,28 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
             k += 1
         n = k
     return n
+
+
+def _prefix_chunks(groups: list[tuple[tuple[int, ...], list[int]]], batch_size: int) -> Iterator[list]:
+    """Batches of at most batch_size sorted contexts; a batch ends early where the next context would halve
+    the prefix its members share (five-shot prompts of one subject stay together, apart from the next
+    subject's)."""
+    chunk: list = []
+    shared = 0
+    for g in groups:
+        if chunk:
+            lcp = common_prefix_length([chunk[0][0], g[0]])
+            if len(chunk) >= batch_size or (len(chunk) > 1 and lcp < shared / 2):
+                yield chunk
+                chunk = []
+            else:
+                shared = lcp
+        if not chunk:
+            chunk, shared = [g], len(g[0])
+        else:
+            chunk.append(g)
+    if chunk:
+        yield chunk
 
 
 def _last_logprobs(logits_at: LogitsAt, model: torch.nn.Module, contexts: Sequence[Sequence[int]],

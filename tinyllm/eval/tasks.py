@@ -53,6 +53,9 @@ class Task:
     generation_kwargs: dict[str, Any] = field(default_factory=dict)
     extract: Callable[[str], str] | None = None
     metric: str = "exact_match"
+    # few-shot examples only from documents with the same key (MMLU: the subject, as lm-eval runs each
+    # subject as its own task)
+    fewshot_key: Callable[[dict[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.output_type not in OUTPUT_TYPES:
@@ -77,8 +80,14 @@ class Task:
             raise ValueError(f"num_fewshot={num_fewshot} must be >= 0")
         rng = random.Random(seed)
         pool = self.fewshot_docs if self.fewshot_docs is not None else self.docs
+        pools: dict[Any, list[dict[str, Any]]] = {}
+        if self.fewshot_key is not None:
+            for d in pool:
+                pools.setdefault(self.fewshot_key(d), []).append(d)
         out = []
         for doc in docs:
+            if self.fewshot_key is not None:
+                pool = pools.get(self.fewshot_key(doc), [])
             desc = self.description(doc) if callable(self.description) else self.description
             shots: list[dict[str, Any]] = []
             if num_fewshot:
@@ -123,10 +132,14 @@ def mc_task(name: str, docs: list[dict[str, Any]], fewshot_docs: list[dict[str, 
 
         return Task(name, docs, "multiple_choice", lambda d: f"Question: {d['question'].strip()}\nAnswer:",
                     lambda d: d["answer"], lambda d: list(d["choices"]), fewshot_docs=fewshot_docs,
-                    fewshot_sampler=fewshot_sampler, description=desc)
+                    fewshot_sampler=fewshot_sampler, description=desc, fewshot_key=_subject)
     return Task(name, docs, "multiple_choice", _mmlu_text, lambda d: d["answer"],
                 lambda d: list(LETTERS[: len(d["choices"])]), fewshot_docs=fewshot_docs,
-                fewshot_sampler=fewshot_sampler, description=_subject_description)
+                fewshot_sampler=fewshot_sampler, description=_subject_description, fewshot_key=_subject)
+
+
+def _subject(doc: dict[str, Any]) -> str:
+    return doc.get("subject", "")
 
 
 def _answer_index(value: Any, n: int) -> int:
