@@ -584,6 +584,97 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
   return y;
 }
 
+
+// ---------------------------------------------------------------- one decoder layer of a batch-1 decode step
+// The whole pre-norm LLaMA layer for one token, weights as GGUF blocks (any of Q4_0/Q4_1/Q8_0 per matrix), in
+// one call: at batch 1 the torch path spends as long on ~25 op dispatches per layer as on the weights.
+//   y = rms(x)·ln1;  q, k, v = Wq y, Wk y, Wv y;  rope(q), rope(k) (rotate-half, cos/sin of this position, sin
+//   signed as [−sin₁, sin₂]);  k, v → pool slot of `pos`;  a = paged attention over tokens 0..pos;
+//   x += Wo a;  y = rms(x)·ln2;  x += Wd (silu(Wg y) ⊙ Wu y)
+// The torch twin is FusedForward over the same GGMLLinear modules (same matrix-vector kernel).
+static void ggml_mv(int64_t type, const float* x, const at::Tensor& w, float* y, int64_t K) {
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t N = w.size(0);
+  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, wp, y, 1, K, N);
+  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, wp, y, 1, K, N);
+  else ggml_matvec_impl<kQ8_0>(x, wp, y, 1, K, N);
+}
+
+static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t d) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+static void rope_heads(float* a, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  float tmp[1024];
+  for (int64_t h = 0; h < heads; ++h) {
+    float* p = a + h * D;
+    for (int64_t i = 0; i < D; ++i) tmp[i] = p[i] * cos[i] + p[i < half ? i + half : i - half] * sin[i];
+    std::copy(tmp, tmp + D, p);
+  }
+}
+
+void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, double eps2, std::vector<at::Tensor> w,
+                  std::vector<int64_t> types, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
+                  int64_t pos, double scale, int64_t H, int64_t window) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [d]");
+  TORCH_CHECK(w.size() == 7 && types.size() == 7, "seven weights (q, k, v, o, gate, up, down) and their types");
+  TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous(),
+              "kv must be a contiguous float32 pool layer [2, blocks, B, Hkv, D]");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous(), "table must be contiguous int64");
+  const int64_t d = x.size(0), NB = kv.size(1), B = kv.size(2), Hkv = kv.size(3), D = kv.size(4);
+  const int64_t I = w[4].size(0);
+  TORCH_CHECK(D <= 1024 && D % 2 == 0 && H % Hkv == 0 && cos.numel() == D && sin.numel() == D, "head shapes");
+  TORCH_CHECK(pos / B < table.numel(), "position ", pos, " is past the block table");
+  const int64_t K[7] = {d, d, d, H * D, d, d, I};
+  const int64_t Nexp[7] = {H * D, Hkv * D, Hkv * D, d, I, I, d};
+  for (int i = 0; i < 7; ++i) {
+    const int64_t bytes = ggml_block_bytes(types[i]);
+    TORCH_CHECK(bytes > 0 && w[i].scalar_type() == at::kByte && w[i].is_contiguous() && w[i].dim() == 2 &&
+                    K[i] % 32 == 0 && w[i].size(0) == Nexp[i] && w[i].size(1) == K[i] / 32 * bytes,
+                "weight ", i, " does not match its ggml type and the layer's shapes");
+  }
+  ln1 = ln1.contiguous().to(at::kFloat); ln2 = ln2.contiguous().to(at::kFloat);
+  cos = cos.contiguous().to(at::kFloat); sin = sin.contiguous().to(at::kFloat);
+  thread_local std::vector<float> buf;
+  buf.resize(2 * d + (H + 2 * Hkv) * D + H * D + 2 * I);
+  float* y = buf.data();
+  float* t = y + d;
+  float* q = t + d;
+  float* k = q + H * D;
+  float* v = k + Hkv * D;
+  float* att = v + Hkv * D;
+  float* g = att + H * D;
+  float* u = g + I;
+  float* xp = x.data_ptr<float>();
+  rms_norm(xp, ln1.data_ptr<float>(), static_cast<float>(eps1), y, d);
+  ggml_mv(types[0], y, w[0], q, d);
+  ggml_mv(types[1], y, w[1], k, d);
+  ggml_mv(types[2], y, w[2], v, d);
+  rope_heads(q, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
+  rope_heads(k, Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t slot = tp[pos / B] * B + pos % B;
+  TORCH_CHECK(tp[pos / B] >= 0 && tp[pos / B] < NB, "block ", tp[pos / B], " is outside the pool");
+  float* kvp = kv.data_ptr<float>();
+  std::copy(k, k + Hkv * D, kvp + slot * Hkv * D);
+  std::copy(v, v + Hkv * D, kvp + (NB * B + slot) * Hkv * D);
+  const int64_t len = pos + 1;
+  decode<float>(q, kvp, tp, &len, att, 1, H, Hkv, D, NB, B, table.numel(), static_cast<float>(scale), window);
+  ggml_mv(types[3], att, w[3], t, H * D);
+  for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
+  rms_norm(xp, ln2.data_ptr<float>(), static_cast<float>(eps2), y, d);
+  ggml_mv(types[4], y, w[4], g, d);
+  ggml_mv(types[5], y, w[5], u, d);
+  for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  ggml_mv(types[6], g, w[6], t, I);
+  for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
+}
+
 }  // namespace
 
 // TORCH_LIBRARY pastes its first argument, so a -D name needs one macro level to be expanded first
@@ -594,4 +685,5 @@ TINYLLM_LIBRARY(TINYLLM_NS, m) {
   m.def("wo_int8", &wo_int8);
   m.def("wo_int4", &wo_int4);
   m.def("ggml_matvec", &ggml_matvec);
+  m.def("decode_layer", &decode_layer);
 }

@@ -225,3 +225,15 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch.
     """x [M, K] · ŵᵀ → [M, N] fp32 with ŵ the llama.cpp blocks `blocks` uint8 [N, K/32 · block bytes] of
     type Q4_0, Q4_1 or Q8_0, read as stored (never dequantized to memory). Requires `load()`."""
     return _ops().ggml_matvec(x.float(), blocks, GGML_NATIVE_TYPES[ggml_type])
+
+
+def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps1: float, eps2: float,
+                 weights: list[torch.Tensor], types: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                 kv_layer: torch.Tensor, table: torch.Tensor, pos: int, scale: float, heads: int,
+                 window: int | None = None) -> None:
+    """One pre-norm LLaMA layer for one token, in place on x [d] fp32: RMSNorm, q/k/v from GGUF blocks
+    (`weights` q, k, v, o, gate, up, down with ggml type ids `types`), RoPE with this position's cos and
+    signed sin [D], K/V written to the fp32 pool layer `kv_layer` at `pos` through block `table`, paged
+    attention over positions 0..pos, o-projection and residual, RMSNorm, SwiGLU MLP and residual."""
+    _ops().decode_layer(x, ln1, ln2, float(eps1), float(eps2), weights, types, cos, sin, kv_layer, table, int(pos),
+                        float(scale), int(heads), int(window) if window else 0)

@@ -1,0 +1,79 @@
+"""The batch-1 decode fast path (one native call per layer) against its twin, FusedForward over the same
+GGUF-block modules: same greedy tokens and log-probabilities equal to rounding on SmolLM2-135M, on every
+native build this CPU runs; it serves only a lone decoding sequence and only the models it reproduces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_helpers import smollm2_path
+
+from tinyllm import LLM, SamplingParams
+from tinyllm.infer import cpu_kernels, decode_fast
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(smollm2_path(), quantization="gguf", max_model_len=128, max_num_seqs=4)
+
+
+def _run(llm: LLM, prompts: list[list[int]], n: int = 12) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [lp[t] for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
+                                                              strict=True)]) for o in outs]
+
+
+def _isas() -> tuple[str, ...]:
+    try:
+        top, _ = cpu_kernels.resolve_isa()
+    except ValueError:
+        return cpu_kernels.supported_isas()
+    return cpu_kernels.ISAS[cpu_kernels.ISAS.index(top):]
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_fast_path_equals_fused_twin(llm, isa, monkeypatch) -> None:
+    saved = dict(cpu_kernels._state)
+    assert cpu_kernels.load(isa)
+    try:
+        runner = llm.engine.runner
+        assert runner.decode1 is not None
+        calls = []
+        step = runner.decode1
+        monkeypatch.setattr(runner, "decode1", lambda *a: calls.append(a[1]) or step(*a))
+        prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
+        fast = _run(llm, [prompt])[0]
+        assert calls == list(range(len(prompt), len(prompt) + 11))  # every decode step but the prefill's token
+        monkeypatch.setattr(runner, "decode1", None)
+        ref = _run(llm, [prompt])[0]
+    finally:
+        cpu_kernels._state.update(saved)
+    assert fast[0] == ref[0]
+    torch.testing.assert_close(torch.tensor(fast[1]), torch.tensor(ref[1]), rtol=0, atol=2e-3)
+
+
+def test_batches_keep_the_fused_path(llm, monkeypatch) -> None:
+    runner = llm.engine.runner
+    step, calls = runner.decode1, []
+    monkeypatch.setattr(runner, "decode1", lambda *a: calls.append(a[1]) or step(*a))
+    both = _run(llm, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], n=4)
+    assert calls == []  # two running sequences: never the lone-sequence path
+    monkeypatch.setattr(runner, "decode1", None)
+    assert [t for t, _ in both] == [t for t, _ in _run(llm, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], n=4)]
+
+
+def test_only_gguf_block_models_are_served(llm) -> None:
+    runner = llm.engine.runner
+    assert decode_fast.supports(runner.model, runner.fused, runner.cache.kv)
+    assert not decode_fast.supports(runner.model, runner.fused, runner.cache.kv.to(torch.bfloat16))
+    assert not decode_fast.supports(runner.model, None, runner.cache.kv)
+    from tinyllm.model.config import ModelConfig
+    from tinyllm.model.hf import build_model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    plain = LLM(build_model(cfg), max_model_len=32, max_num_seqs=1)
+    assert plain.engine.runner.decode1 is None  # fp32 nn.Linear weights: FusedForward only

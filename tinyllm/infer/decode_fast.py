@@ -1,0 +1,70 @@
+"""The batch-1 decode fast path: one native call per layer for a lone running sequence (notes ch.06.3
+"inference optimisation": operator fusion, fewer kernel launches; the issue's profile in BENCHMARKS.md).
+
+A chat user sees batch-1 decode. There a 135M model's step is ~100 small operations per layer-stack of
+Python and torch dispatch around matrix–vector products that themselves take a few milliseconds: the
+profile of SmolLM2-135M on GGUF blocks showed the kernels at well under half of the step. `DecodeStep`
+runs each decoder layer as one native call (`cpu_kernels.decode_layer`: RMSNorm, q/k/v from the GGUF
+blocks, RoPE, the K/V write into the paged pool, paged attention, o-projection, RMSNorm, SwiGLU, residuals),
+into preallocated state, so a step is the embedding row, 30 calls, the final norm and the LM head.
+
+It serves only what it reproduces: a model `FusedForward` supports whose seven projections per layer are all
+native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks) without biases, SiLU gating, and an fp32 paged pool. The
+runner uses it when the step is exactly one sequence decoding one token; everything else (prefill, batches,
+speculative verification) keeps `FusedForward`, which is the reference twin: tests show the same greedy
+tokens and logits equal to rounding. Not covered: fp32 / int8 / int4 (`QuantLinear`) weights, bf16 pools.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinyllm.infer import cpu_kernels
+from tinyllm.infer.cpu_kernels import GGML_NATIVE_TYPES
+from tinyllm.infer.fused import FusedForward, _rms
+from tinyllm.infer.ggml_linear import GGMLLinear
+
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+
+
+def supports(model: nn.Module, fused: FusedForward | None, kv: torch.Tensor) -> bool:
+    """True when `DecodeStep` computes what `fused` computes for this model and this pool."""
+    if fused is None or kv.dtype != torch.float32 or kv.device.type != "cpu" or fused.d > 1024:
+        return False
+    if getattr(model.config, "hidden_act", "silu") not in ("silu", "swish"):
+        return False
+    for layer in model.model.layers:
+        mods = [layer.get_submodule(p) for p in _PROJ]
+        if not all(isinstance(m, GGMLLinear) and m.native and m.bias is None for m in mods):
+            return False
+    return cpu_kernels.load()
+
+
+class DecodeStep:
+    """`DecodeStep(model, fused)(token, pos, block_table, kv) -> hidden [1, d]` (after the final norm)."""
+
+    def __init__(self, model: nn.Module, fused: FusedForward) -> None:
+        self.fused = fused
+        self.embed = model.model.embed_tokens.weight
+        self.norm = model.model.norm
+        self.window = getattr(model.config, "sliding_window", None) or 0
+        self.layers = []
+        for layer, lay in zip(model.model.layers, fused.layers, strict=True):
+            mods = [layer.get_submodule(p) for p in _PROJ]
+            self.layers.append((lay.ln1.float().contiguous(), lay.ln2.float().contiguous(), lay.eps1, lay.eps2,
+                                [m.blocks for m in mods], [GGML_NATIVE_TYPES[m.ggml_type] for m in mods]))
+        self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
+
+    def __call__(self, token: int, pos: int, block_table: list[int], kv: torch.Tensor) -> torch.Tensor:
+        f = self.fused
+        cos, sin = f._table(pos + 1, self.x.device)
+        c, s = cos[pos].float().contiguous(), sin[pos].float().contiguous()
+        table = torch.tensor(block_table, dtype=torch.long)
+        x = self.x
+        x.copy_(self.embed[token])
+        for i, (ln1, ln2, eps1, eps2, weights, types) in enumerate(self.layers):
+            cpu_kernels.decode_layer(x, ln1, ln2, eps1, eps2, weights, types, c, s, kv[i], table, pos, f.scale,
+                                     f.h, self.window)
+        return _rms(x[None], self.norm.weight, self.norm.eps)
