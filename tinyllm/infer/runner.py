@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyllm.infer.decode_fast import DecodeStep
+from tinyllm.infer.decode_fast import supports as decode_supports
 from tinyllm.infer.fused import FusedForward
 from tinyllm.infer.fused import supports as fused_supports
 from tinyllm.infer.paged import PagedKVCache, build_paged_meta
@@ -58,11 +60,19 @@ class ModelRunner:
         self.split_head = hasattr(model, "model") and hasattr(model, "lm_head")
         # the flat forward of fused.py for the LLaMA family; the model's own forward is the reference
         self.fused = FusedForward(model) if fused and fused_supports(model) else None
+        # a lone sequence decoding one token: one native call per layer (decode_fast; FusedForward is its twin)
+        self.decode1 = DecodeStep(model, self.fused) if fused and decode_supports(model, self.fused, cache.kv) else None
 
     @torch.inference_mode()
     def forward(self, seqs: Seq[Sequence], num_new: Seq[int]) -> tuple[list[Sequence], torch.Tensor]:
         """(sequences that get a next token, their logits [S, V] in fp32); a sequence with draft tokens gets
         1 + len(draft) consecutive rows (its pending token, then each draft token)."""
+        if self.decode1 is not None and len(seqs) == 1 and num_new[0] == 1 and not seqs[0].draft:
+            seq = seqs[0]
+            s = seq.num_computed
+            if s + 1 == seq.num_scheduled_tokens:
+                h = self.decode1(seq.token_ids[s], s, seq.block_table, self.cache.kv)
+                return [seq], self.model.lm_head(h).float()
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)  # stable: decodes first
         ids: list[int] = []
         positions: list[int] = []
