@@ -213,3 +213,18 @@ def _tp_save_pp_load(rank: int, world: int, directory: str) -> bool:
 
 def test_checkpoint_saved_under_tp_loads_under_pp_and_back(tmp_path):
     assert run_ranks(_tp_save_pp_load, 2, args=(str(tmp_path / "ckpt"),)) == [True, True]
+
+
+def test_schedule_command_prints_timeline_and_plots(tmp_path, capsys):
+    from tinyllm.cli import main
+
+    png = tmp_path / "s.png"
+    assert main(["parallel", "schedule", "--kind", "gpipe", "--stages", "2", "--micro-batches", "2",
+                 "--backward-cost", "1", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0: 01..ab\nstage 1: .01ab." in out and '"bubble": 0.333333' in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="kind='zigzag'"):
+        from tinyllm.train.parallel.check import ScheduleConfig
+
+        ScheduleConfig(kind="zigzag")

@@ -157,3 +157,20 @@ def test_dp_times_tp_with_sequence_parallel_on_4_ranks():
                                    torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
         assert_close_dicts(out["grads0"], ref["grads0"])
         assert_close_dicts(out["params"], ref["params"])
+
+
+@pytest.mark.slow  # torchrun starts 2 fresh interpreters
+@pytest.mark.parametrize("strategy", ["tp", "ep"])
+def test_parallel_check_under_torchrun(strategy):
+    import os
+    import subprocess
+    import sys
+
+    from _spawn import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "tinyllm", "parallel", "check", "--strategy", strategy]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f'"strategy": "{strategy}", "world_size": 2' in out.stdout and '"equal": true' in out.stdout
