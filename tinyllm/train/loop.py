@@ -260,9 +260,11 @@ class _Run:
             from tinyllm.train.parallel.checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(model, parallel.activation_checkpointing)
+        self.owns_group = False
         if parallel is not None and parallel.enabled:
-            from tinyllm.train.parallel.dist import init_from_env
+            from tinyllm.train.parallel.dist import init_from_env, is_dist
 
+            self.owns_group = not is_dist()  # a group the caller made outlives this call
             self.device = init_from_env(cfg.device, timeout_s=parallel.timeout_s)
         else:
             self.device = pick_device(cfg.device)
@@ -387,7 +389,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, parallel: Any = None) 
     try:
         result = _train(run)
     finally:
-        if run.par is not None:
+        if run.owns_group:
             from tinyllm.train.parallel.dist import destroy
 
             destroy()
