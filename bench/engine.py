@@ -13,11 +13,16 @@ with ratio = ours / peer.
               (timed on the first `--sequential-sample` requests) and vs HF padded batched `generate`
               (left padding, one batch, every row runs to the longest output; useful tokens counted);
   llama_cpp   (c) llama-cpp-python on the same GGUF, batch 1, greedy; skipped when not importable;
+  batch1      (e) batch-1 greedy decode on the same GGUF and threads, alternating runs, medians: tinyllm on the
+              file's own Q4_1/Q8_0 blocks (`quantization="gguf"`: same bytes per token, the decode fast path)
+              vs llama.cpp, and tinyllm fp32 vs its bandwidth bound; llama.cpp's build flags printed. Needs
+              no transformers model (`--skip decode offline prefix decode_int4` runs it alone);
   prefix      (d) time to first token of a request whose 512-token system prompt another request already
               used, prefix caching on vs off (median over `--repeats` fresh suffixes).
 
     python bench/engine.py [--new-tokens 64] [--requests 64] [--sequential-sample 8] [--repeats 3]
                            [--dtype float32] [--skip offline ...]
+    python bench/engine.py --skip decode offline prefix decode_int4 llama_cpp   # (e) alone
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_ceilings, paired_median_seconds, report
+from _common import machine_ceilings, median_seconds, paired_median_seconds, report
 
-FIGURES = ("decode", "decode_int4", "offline", "llama_cpp", "prefix")
+FIGURES = ("decode", "decode_int4", "offline", "llama_cpp", "prefix", "batch1")
+LLAMA_CPP_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (~6 min build; benchmark-only)'
 
 
 def load(name: str, dtype: torch.dtype):
@@ -119,13 +125,28 @@ def bench_offline(llm, peer, args, vocab: int) -> list[dict]:
     return lines
 
 
-def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int) -> dict | None:
+def llama_cpp_info() -> dict | None:
+    """llama-cpp-python's version and the instruction sets its ggml build uses (None when not installed)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print(json.dumps({"bench": "llama_cpp", "skipped": f"llama-cpp-python is not installed; {LLAMA_CPP_BUILD}"}),
+              flush=True)
+        return None
+    flags = llama_cpp.llama_print_system_info().decode().strip()
+    return {"bench": "llama_cpp_build", "version": llama_cpp.__version__, "system_info": flags}
+
+
+def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int, name: str = "llama_cpp",
+                    **extra) -> dict | None:
     try:
         from llama_cpp import Llama
     except ImportError:
-        print(json.dumps({"bench": "llama_cpp", "skipped": "llama-cpp-python is not installed"}), flush=True)
+        print(json.dumps({"bench": name, "skipped": f"llama-cpp-python is not installed; {LLAMA_CPP_BUILD}"}),
+              flush=True)
         return None
-    native = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    threads = torch.get_num_threads()
+    native = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def theirs() -> None:
         native.reset()
@@ -139,7 +160,39 @@ def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int) -> dict 
         llm.generate([prompt], greedy(n), use_tqdm=False)
 
     a, b = paired_median_seconds(ours, theirs, repeats)
-    return report("llama_cpp", n / a, n / b, "tok/s", new_tokens=n, note="llama.cpp runs the Q4_1 GGUF natively")
+    return report(name, n / a, n / b, "tok/s", new_tokens=n, threads=threads,
+                  note="llama.cpp runs the Q4_1 GGUF natively", **extra)
+
+
+def bench_batch1(path, tokenizer, prompt: list[int], n: int, repeats: int, gbps: float, dtype) -> list[dict]:
+    """(e): tinyllm on the GGUF's own blocks vs llama.cpp, and tinyllm fp32 vs the bandwidth bound."""
+    from tinyllm import LLM
+    from tinyllm.infer import cpu_kernels
+    from tinyllm.infer.ggml_linear import GGMLLinear
+    from tinyllm.infer.quant import model_nbytes
+
+    lines = []
+    info = llama_cpp_info()
+    if info:
+        print(json.dumps(info), flush=True)
+        lines.append(info)
+    gllm = LLM(path, tokenizer, quantization="gguf", max_model_len=1024, max_num_seqs=4)
+    model = gllm.engine.runner.model
+    per_token = sum(m.blocks.nbytes for m in model.modules() if isinstance(m, GGMLLinear))
+    extra = {"native_isa": cpu_kernels.active_isa(), "fast_path": gllm.engine.runner.decode1 is not None,
+             "weight_mb_per_token": round(per_token / 2**20, 1)}
+    line = bench_llama_cpp(path, gllm, prompt, n, repeats, "batch1_gguf_vs_llama_cpp", **extra)
+    if line:
+        lines.append(line)
+    t = median_seconds(lambda: gllm.generate([prompt], greedy(n), use_tqdm=False), repeats)
+    lines.append(report("batch1_gguf_vs_bandwidth_bound", n / t, gbps * 1e9 / per_token, "tok/s", **extra))
+    gllm = model = None  # free the GGUF engine before the fp32 one
+    fllm = LLM(path, tokenizer, dtype=dtype, max_model_len=1024, max_num_seqs=4)
+    nbytes = model_nbytes(fllm.engine.runner.model)
+    t = median_seconds(lambda: fllm.generate([prompt], greedy(n), use_tqdm=False), repeats)
+    lines.append(report("batch1_fp32_vs_bandwidth_bound", n / t, gbps * 1e9 / nbytes, "tok/s",
+                        model_mb=round(nbytes / 2**20, 1), note="peer = measured copy GB/s / model bytes"))
+    return lines
 
 
 def bench_prefix(model, tokenizer, vocab: int, repeats: int, system_len: int = 512) -> dict:
@@ -189,6 +242,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(json.dumps(ceil), flush=True)
     lines = [ceil]
     dtype = getattr(torch, args.dtype)
+    if not set(FIGURES) - {"batch1"} - set(args.skip):  # batch1 alone: no transformers model to load
+        from tinyllm.model.hf import resolve_model_path
+
+        path = resolve_model_path(args.model)
+        tokenizer = load_tokenizer(path)
+        prompt = torch.randint(3, 49152, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+        with torch.inference_mode():
+            return lines + bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats,
+                                        ceil["memory_copy_gbps"], dtype)
     path, ours, peer = load(args.model, dtype)
     vocab = ours.config.vocab_size
     tokenizer = load_tokenizer(path)
@@ -206,6 +268,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             line = bench_llama_cpp(path, llm, prompt, args.new_tokens, args.repeats)
             if line:
                 lines.append(line)
+        if "batch1" not in args.skip:
+            lines += bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
+                                  dtype)
         if "decode_int4" not in args.skip:
             from tinyllm.infer.quant import quantize_model
             from tinyllm.model.hf import load_model
