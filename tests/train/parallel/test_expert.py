@@ -39,12 +39,11 @@ def _layer_equal(rank: int, world: int) -> list:
     return results
 
 
-def test_expert_parallel_layer_is_the_single_process_moe_on_local_tokens():
-    for per_rank in run_ranks(_layer_equal, 2):
-        for router, dispatch, got, want in per_rank:
-            for a, b in zip(got, want, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, t=f"{router}/{dispatch}": f"{t}: {m}")
-        assert not per_rank[-1][2][2].all()  # the Switch case really dropped tokens at capacity
+def _check_layers(per_rank: list) -> None:
+    for router, dispatch, got, want in per_rank:
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, t=f"{router}/{dispatch}": f"{t}: {m}")
+    assert not per_rank[-1][2][2].all()  # the Switch case really dropped tokens at capacity
 
 
 def _loss(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,6 +74,7 @@ def _ep_train(rank: int, world: int, dispatch: str) -> dict:
         except ValueError as e:
             errors.append(str(e))
     out["errors"] = errors
+    out["layers"] = _layer_equal(rank, world)  # in the same group: starting ranks costs more than the check
     return out
 
 
@@ -87,11 +87,39 @@ def _reference(world: int) -> dict:
 
 
 @pytest.mark.parametrize("dispatch", ["auto"])
-def test_ep_times_dp_equals_single_process(dispatch):
+def test_ep_layer_and_ep_times_dp_equal_single_process(dispatch):
     ref = _reference(2)
     for out in run_ranks(_ep_train, 2, args=(dispatch,)):
         torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
                                    torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
         assert_close_dicts(out["grads0"], ref["grads0"])
         assert_close_dicts(out["params"], ref["params"])
+        _check_layers(out["layers"])
         assert "no MoE layer" in out["errors"][0] and "num_local_experts=3 does not divide by ep=2" in out["errors"][1]
+
+
+def _ep_dp_4(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("edp", "ep"))  # ep groups {0,1} {2,3}
+    ep_g, edp_g = mesh.get_group("ep"), mesh.get_group("edp")
+    model = ep.expert_parallel(tiny_model(seed=0, **MOE), ep_g)
+
+    def reduce_loss(v: float) -> float:
+        t = torch.tensor([v], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / world
+
+    return train(model, _loss, rows=lambda x, y: (local_rows(x, rank, world), local_rows(y, rank, world)),
+                 sync=lambda m: ep.sync_grads(m, ep_g, edp_g), clip=lambda m: ep.clip_grad_norm_(m, CLIP, ep_g),
+                 gather_grads=lambda m: {}, gather_params=lambda m: ep.gather_expert_state_dict(m, ep_g),
+                 reduce_loss=reduce_loss)
+
+
+@pytest.mark.slow  # four processes on two cores
+def test_ep2_times_dp2_on_4_ranks():
+    ref = _reference(4)
+    for out in run_ranks(_ep_dp_4, 4, timeout_s=150):
+        torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
+                                   torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
+        assert_close_dicts(out["params"], ref["params"])

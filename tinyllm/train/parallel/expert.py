@@ -17,7 +17,8 @@ every rank gathers all ranks' tokens and choices, computes its experts' outputs 
 and a reduce-scatter returns to each rank the sum for its own tokens — the same result with ep× the traffic.
 
     expert_parallel(model, group, dispatch="auto"|"all_to_all"|"all_gather")   in place on a tinyllm CausalLM
-    sync_grads(model, group)   average the replicated parameters' gradients, scale the experts' (after backward)
+    sync_grads(model, group, expert_dp_group)   data-parallel mean of every gradient (after backward); with
+                               expert_dp_group the ep groups are themselves replicated (EP × DP on ep·dp ranks)
 
 Not covered: expert + tensor parallel inside an expert, capacity counted over the global batch, token
 dropping/padding to fixed all-to-all sizes (ours sends variable counts), hierarchical all-to-all.
@@ -166,16 +167,23 @@ def is_expert(p: torch.Tensor) -> bool:
     return getattr(p, "_expert_parallel", False)
 
 
-def sync_grads(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """After backward of each rank's mean loss: replicated gradients are averaged over `group`; an expert's
-    gradient already sums every rank's tokens routed to it, so it is divided by the group size."""
-    n = dist.get_world_size(group)
+def sync_grads(model: nn.Module, group: dist.ProcessGroup | None = None,
+               expert_dp_group: dist.ProcessGroup | None = None) -> None:
+    """After backward of each rank's mean loss, make every gradient the data-parallel mean.
+
+    Every rank holds different data. Replicated parameters are averaged over all data ranks: the ep group,
+    and, when the ep groups are replicated (`expert_dp_group`: the ranks that hold the same experts, one per
+    ep group), over those too. An expert's gradient already sums the tokens of its whole ep group, so it is
+    only summed over its replicas; both are then divided by the number of data ranks."""
+    n = dist.get_world_size(group) * (dist.get_world_size(expert_dp_group) if expert_dp_group is not None else 1)
     with collective_guard("expert-parallel gradient all-reduce"):
         for p in dict.fromkeys(model.parameters()):
             if p.grad is None:
                 continue
             if not is_expert(p):
                 dist.all_reduce(p.grad, group=group)
+            if expert_dp_group is not None:
+                dist.all_reduce(p.grad, group=expert_dp_group)
             p.grad /= n
 
 
