@@ -63,7 +63,8 @@ def prompt(question: str, mode: str, fewshot: bool = False) -> str:
     return f"{shots}Question: {question}\nAnswer: Let's think step by step."
 
 
-def _same(pred: str, gold: str) -> bool:
+def same_number(pred: str, gold: str) -> bool:
+    """Numbers compared as numbers ("3.0" = "3"), anything else as stripped text."""
     try:
         return abs(float(pred) - float(gold)) < 1e-6
     except ValueError:
@@ -97,6 +98,6 @@ def evaluate_reasoning(lm: Any, docs: Sequence[dict[str, Any]], mode: str = "dir
             winner, v = majority_vote([chain_answer(t) for t in chains[i * k: (i + 1) * k]])
             preds.append(winner)
             votes.append(v)
-    correct = [_same(p, str(d["answer"])) for p, d in zip(preds, docs)]
+    correct = [same_number(p, str(d["answer"])) for p, d in zip(preds, docs)]
     return {"accuracy": sum(correct) / len(docs), "n": len(docs), "mode": mode, "k": k if mode == "sc" else 1,
             "predictions": preds, "votes": votes, "correct": correct}
