@@ -123,7 +123,8 @@ def _pp_train(rank: int, world: int, kind: str, engine: str, dp: int = 1) -> dic
     return {"losses": losses, "grads0": grads0, "params": params}
 
 
-@pytest.mark.parametrize("engine,kind", [("ours", "gpipe"), ("ours", "1f1b"), ("torch", "gpipe"), ("torch", "1f1b")])
+@pytest.mark.parametrize("engine,kind", [pytest.param("ours", "gpipe", marks=pytest.mark.slow), ("ours", "1f1b"),
+                                         pytest.param("torch", "gpipe", marks=pytest.mark.slow), ("torch", "1f1b")])
 def test_pipeline_equals_single_process(engine, kind):
     tied = engine == "ours"
     ref = reference64(tie_word_embeddings=tied)
@@ -183,6 +184,7 @@ def _bubble_run(rank: int, world: int, kind: str, m: int) -> float:
     return pp.measured_bubble(runner.events)
 
 
+@pytest.mark.slow  # sleeps through a few pipeline steps on two ranks
 @pytest.mark.parametrize("kind", pp.SCHEDULES)
 def test_measured_bubble_matches_formula(kind):
     measured = run_ranks(_bubble_run, 2, args=(kind, 4))[0]

@@ -29,21 +29,21 @@ def _ops(rank: int, world: int) -> dict:
     return {"y": y.detach(), "xgrad": x.grad, "z": z, "err": err, "full": full, "grad": grad}
 
 
-def test_sequence_operators():
-    outs = run_ranks(_ops, 2)
-    for r, o in enumerate(outs):
+def _sp_train(rank: int, world: int, loss: str) -> dict:
+    return {"ops": _ops(rank, world), **_tp_train(rank, world, True, loss, 2)}
+
+
+@pytest.mark.parametrize("loss", ["vocab", pytest.param("gathered", marks=pytest.mark.slow)])
+def test_tp_with_sequence_parallel_equals_single_process(loss):
+    ref = reference64()
+    for r, out in enumerate(run_ranks(_sp_train, 2, args=(loss,))):
+        torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
+                                   torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
+        assert_close_dicts(out["grads0"], ref["grads0"])
+        assert_close_dicts(out["params"], ref["params"])
+        o = out["ops"]
         torch.testing.assert_close(o["y"], o["full"])
         # backward of the all-gather sums every rank's gradient for this rank's slice: here 2× the same
         torch.testing.assert_close(o["xgrad"], 2 * o["grad"][:, r * 4:(r + 1) * 4])
         torch.testing.assert_close(o["z"], 3 * o["full"][:, r * 4:(r + 1) * 4])
         assert "sequence length 5 does not divide" in o["err"]
-
-
-@pytest.mark.parametrize("loss", ["vocab", "gathered"])
-def test_tp_with_sequence_parallel_equals_single_process(loss):
-    ref = reference64()
-    for out in run_ranks(_tp_train, 2, args=(True, loss, 2)):
-        torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
-                                   torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
-        assert_close_dicts(out["grads0"], ref["grads0"])
-        assert_close_dicts(out["params"], ref["params"])

@@ -25,7 +25,8 @@ def _tp_train(rank: int, world: int, sp: bool, loss: str, hkv: int) -> dict:
                  gather_params=gather_full_state_dict)
 
 
-@pytest.mark.parametrize("loss,hkv", [("vocab", 2), ("gathered", 1)], ids=["split-kv", "replicated-kv"])
+@pytest.mark.parametrize("loss,hkv", [("vocab", 2), pytest.param("gathered", 1, marks=pytest.mark.slow)],
+                         ids=["split-kv", "replicated-kv"])
 def test_tensor_parallel_equals_single_process(loss, hkv):
     ref = reference64(num_key_value_heads=hkv)
     for out in run_ranks(_tp_train, 2, args=(False, loss, hkv)):
@@ -121,6 +122,7 @@ def _dtensor_vs_ours(rank: int, world: int, steps: int) -> dict:
     return {"theirs": theirs, "ours": ours}
 
 
+@pytest.mark.slow  # 2 × 20 steps on two ranks: ~35 s
 def test_dtensor_parallelize_module_matches_ours_over_20_steps():
     out = run_ranks(_dtensor_vs_ours, 2, args=(20,))[0]
     torch.testing.assert_close(torch.tensor(out["ours"]["losses"], dtype=torch.float64),
