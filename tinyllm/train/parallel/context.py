@@ -178,7 +178,7 @@ def cp_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, 
         loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y.reshape(-1), ignore_index)
     else:
         loss = F.cross_entropy(model.lm_head(h).flatten(0, 1), y.reshape(-1), ignore_index=ignore_index)
-    count = torch.tensor([float((y != ignore_index).sum())], dtype=torch.float64)
+    count = (y != ignore_index).sum().to(torch.float64).reshape(1)  # on the batch's device (NCCL needs it)
     mine = count.clone()
     with collective_guard("context-parallel token count"):
         dist.all_reduce(count, group=group)

@@ -38,13 +38,13 @@ DISPATCH = ("auto", "all_to_all", "all_gather")
 _A2A_SUPPORT: dict[str, bool] = {}
 
 
-def supports_all_to_all(group: dist.ProcessGroup | None = None) -> bool:
-    """Whether the group's backend implements all_to_all_single (probed once per backend with 1 number)."""
+def supports_all_to_all(group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> bool:
+    """Whether the group's backend implements all_to_all_single (probed once per backend with 1 number each)."""
     backend = str(dist.get_backend(group))
     if backend not in _A2A_SUPPORT:
         n = dist.get_world_size(group)
         try:
-            dist.all_to_all_single(torch.zeros(n), torch.ones(n), group=group)
+            dist.all_to_all_single(torch.zeros(n, device=device), torch.ones(n, device=device), group=group)
             _A2A_SUPPORT[backend] = True
         except (RuntimeError, NotImplementedError):  # e.g. "ProcessGroupGloo does not support alltoall"
             _A2A_SUPPORT[backend] = False
@@ -94,7 +94,7 @@ class ExpertParallelMoE(nn.Module):
             p._expert_parallel = True  # type: ignore[attr-defined]
         self.shared_experts = moe.shared_experts
         if dispatch == "auto":
-            dispatch = "all_to_all" if supports_all_to_all(group) else "all_gather"
+            dispatch = "all_to_all" if supports_all_to_all(group, moe.gate.weight.device) else "all_gather"
         self.dispatch = dispatch
         self.aux_loss = self.router_logits = self.routing = None
 
@@ -191,11 +191,11 @@ def sync_grads(model: nn.Module, group: dist.ProcessGroup | None = None,
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Global norm: the experts' squares summed over the group, the replicated parameters' counted once."""
     params = [p for p in dict.fromkeys(model.parameters()) if p.grad is not None]
-    sq = sum((p.grad.double().pow(2).sum() for p in params if is_expert(p)), torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64, device=params[0].grad.device if params else None)
+    sq = sum((p.grad.double().pow(2).sum() for p in params if is_expert(p)), zero)
     with collective_guard("expert-parallel gradient norm"):
         dist.all_reduce(sq, group=group)
-    sq = sq + sum((p.grad.double().pow(2).sum() for p in params if not is_expert(p)),
-                  torch.zeros((), dtype=torch.float64))
+    sq = sq + sum((p.grad.double().pow(2).sum() for p in params if not is_expert(p)), zero)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:

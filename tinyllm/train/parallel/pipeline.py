@@ -240,7 +240,7 @@ def clip_grad_norm_(stage: PipelineStage, max_norm: float, group: dist.ProcessGr
     skip = {id(stage.lm_head.weight)} if stage.tied and stage.is_last and not stage.is_first else set()
     params = [p for p in stage.parameters() if p.grad is not None]
     sq = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in skip),
-             torch.zeros((), dtype=torch.float64))
+             torch.zeros((), dtype=torch.float64, device=next(stage.parameters()).device))
     with collective_guard("pipeline gradient-norm all-reduce"):
         dist.all_reduce(sq, group=group)
     total = sq.sqrt()
@@ -267,7 +267,7 @@ class PipelineRunner:
         self.events: list[Op] = []
 
     def _recv(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype, device=next(self.stage.parameters()).device)
         with collective_guard(f"pipeline recv from stage {src}"):
             dist.recv(buf, _peer(self.group, src), group=self.group, tag=tag)
         return buf

@@ -346,10 +346,10 @@ def is_sharded(p: torch.Tensor) -> bool:
 def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Clip to a global L2 norm: Σ‖g‖² of the shards summed over `group`, replicated parameters counted once."""
     params = [p for p in dict.fromkeys(params) if p.grad is not None]  # tied weights once
-    sharded = sum((p.grad.double().pow(2).sum() for p in params if is_sharded(p)), torch.zeros((), dtype=torch.float64))
-    if group is not None or dist.is_initialized():
-        sharded = _all_reduce(sharded, group, "gradient-norm all-reduce")
-    rep = sum((p.grad.double().pow(2).sum() for p in params if not is_sharded(p)), torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64, device=params[0].grad.device if params else None)
+    sharded = sum((p.grad.double().pow(2).sum() for p in params if is_sharded(p)), zero)
+    sharded = _all_reduce(sharded, group, "gradient-norm all-reduce")
+    rep = sum((p.grad.double().pow(2).sum() for p in params if not is_sharded(p)), zero)
     total = (sharded + rep).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
