@@ -14,7 +14,8 @@ the 2-rank figures show the cost of the communication. Strategies:
     fsdp        FSDP2 (fully_shard)             ds1/ds2/ds3 DeepSpeed ZeRO stage 1/2/3 (generated config)
 
 One JSON line per configuration, then the paired line {"bench": "parallel_zero2_vs_deepspeed", ratio = our
-ZeRO-2 step time / DeepSpeed ZeRO-2 step time} for each W, and the machine ceilings.
+ZeRO-2 step time / DeepSpeed ZeRO-2 step time} for each W (wall time, and CPU time summed over the ranks:
+on a shared machine the CPU time is the steadier figure), and the machine ceilings.
 
     python bench/parallel.py [--strategies single dp zero1 zero2 zero3 fsdp ds2] [--worlds 1 2] [--steps 6]
                              [--batch 4] [--seq 64] [--layers 4] [--rounds 1] [--device cpu|cuda]
@@ -119,15 +120,16 @@ def worker(a: argparse.Namespace) -> None:
 
     for _ in range(a.warmup):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(a.steps):
         if par is not None:
             par.mean(0.0)  # line the ranks up: a step's time is the slowest rank's
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     med = statistics.median(times)
-    mine = {"peak_rss_mb": round(_status_mb("VmHWM") - base_mb, 1), "step_s": med,
+    mine = {"peak_rss_mb": round(_status_mb("VmHWM") - base_mb, 1), "step_s": med, "cpu_s": statistics.median(cpu),
             "cuda_peak_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None}
     per_rank = [mine]
     if par is not None:
@@ -140,6 +142,7 @@ def worker(a: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({
             "bench": "parallel", "strategy": a.strategy, "world": world, "device": dev.type,
             "step_ms": round(1e3 * step_s, 2), "tokens_per_s": round(a.batch * a.seq / step_s, 1),
+            "cpu_ms_all_ranks": round(1e3 * sum(r["cpu_s"] for r in per_rank), 2),
             "peak_mb_above_imports_per_rank": [r["peak_rss_mb"] for r in per_rank],
             "cuda_peak_mb_per_rank": [r["cuda_peak_mb"] for r in per_rank] if dev.type == "cuda" else None,
             "params": n_params, "batch": a.batch, "seq": a.seq, "layers": a.layers}), flush=True)
@@ -204,20 +207,22 @@ def main() -> None:
                 if out:
                     results.setdefault((s, world), []).append(out)
 
-    def med(key: tuple[str, int]) -> float | None:
+    def med(key: tuple[str, int], field: str = "step_ms") -> float | None:
         runs = results.get(key)
-        return statistics.median(r["step_ms"] for r in runs) if runs else None
+        return statistics.median(r[field] for r in runs) if runs else None
 
     for (s, world), runs in results.items():
         if a.rounds > 1:
             print(json.dumps({"bench": "parallel_median", "strategy": s, "world": world, "rounds": len(runs),
-                              "step_ms": med((s, world)),
+                              "step_ms": med((s, world)), "cpu_ms_all_ranks": med((s, world), "cpu_ms_all_ranks"),
                               "tokens_per_s": round(a.batch * a.seq / med((s, world)) * 1e3, 1)}), flush=True)
     for world in a.worlds:
-        ours, peer = med(("zero2", world)), med(("ds2", world))
-        if ours and peer:
-            print(json.dumps({"bench": "parallel_zero2_vs_deepspeed", "world": world, "ours": ours, "peer": peer,
-                              "unit": "ms/step (median over rounds)", "ratio": round(ours / peer, 3)}), flush=True)
+        for field, unit in (("step_ms", "wall ms/step"), ("cpu_ms_all_ranks", "CPU ms/step, all ranks")):
+            ours, peer = med(("zero2", world), field), med(("ds2", world), field)
+            if ours and peer:
+                print(json.dumps({"bench": "parallel_zero2_vs_deepspeed", "world": world, "ours": ours,
+                                  "peer": peer, "unit": unit + " (median over rounds)",
+                                  "ratio": round(ours / peer, 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,9 @@ class _Run:
 
             apply_activation_checkpointing(model, parallel.activation_checkpointing)
         self.owns_group = False
+        if (parallel is None or not parallel.enabled) and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise ValueError(f"launched on WORLD_SIZE={os.environ['WORLD_SIZE']} ranks but parallel='none': every "
+                             "rank would train the same copy; pick --parallel dp|zero1|zero2|zero3|fsdp|deepspeed")
         if parallel is not None and parallel.enabled:
             from tinyllm.train.parallel.dist import init_from_env, is_dist
 

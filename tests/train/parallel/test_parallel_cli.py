@@ -102,3 +102,10 @@ def test_bad_parallel_settings_fail_clearly(shards: Path, tmp_path: Path):
     res = torchrun([*args, "--parallel", "zero2", "--tp", "3", *_flags(dict(COMMON, max_steps=1))], timeout=120)
     assert res.returncode != 0
     assert "tp=3" in res.stderr and "WORLD_SIZE=2" in res.stderr, res.stderr[-2000:]
+
+
+def test_torchrun_without_a_strategy_refuses_to_train_copies(shards: Path, tmp_path: Path):
+    res = torchrun(["pretrain", "--data-dir", str(shards), "--out-dir", str(tmp_path / "y"),
+                    *_flags(dict(COMMON, max_steps=1))], timeout=120)
+    assert res.returncode != 0
+    assert "parallel='none'" in res.stderr and "WORLD_SIZE=2" in res.stderr, res.stderr[-2000:]

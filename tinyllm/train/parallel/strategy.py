@@ -210,8 +210,11 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError(f"optimizer={opt_args['kind']!r} with parallel=deepspeed: the generated config uses "
                              "AdamW")
         self.stage = stage
+        # bf16 stays the loop's autocast around the engine's forward: DeepSpeed's own bf16 mode would turn the
+        # module's weights into bf16 copies (fp32 masters in the optimizer) and change what a checkpoint holds
+        del bf16
         self.config = dsz.deepspeed_config(stage, micro_batch, grad_accum, opt_args["lr"], opt_args["weight_decay"],
-                                           tuple(opt_args["betas"]), grad_clip=grad_clip, bf16=bf16,
+                                           tuple(opt_args["betas"]), grad_clip=grad_clip, bf16=False,
                                            bucket_mb=bucket_mb)
         self.model = dsz.initialize(LogitsForward(module) if stage == 3 else module, self.config, params)
         self.optimizer = self.model.optimizer

@@ -70,6 +70,7 @@ class _Bucket:
         self.grad_acc: torch.Tensor | None = None  # the reduced, accumulated shard gradient (stages 2, 3)
         self.ready = 0
         self.gathered = True
+        self.unit: object = "root"  # stage 3: the decoder layer whose forward gathers this bucket
 
     def flat_grads(self) -> torch.Tensor:
         flat = torch.zeros_like(self.full)
