@@ -189,7 +189,8 @@ class PipelineStage(nn.Module):
             self.model.norm = inner.norm
             self.lm_head = model.lm_head
             if self.tied and not self.is_first:  # its own copy; sync_tied_grads keeps the two equal
-                self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=model.lm_head.weight.dtype)
+                w = model.lm_head.weight
+                self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=w.dtype, device=w.device)
                 with torch.no_grad():
                     self.lm_head.weight.copy_(model.lm_head.weight)
 
