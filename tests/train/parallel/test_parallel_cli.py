@@ -1,6 +1,6 @@
 """`torchrun --nproc_per_node 2 -m tinyllm pretrain --parallel zero2 ...` reproduces the single-process run (same
-global batch and data order), rank 0 writes one HF checkpoint that transformers loads, and that checkpoint
-continues under another layout (FSDP2); bad parallel settings fail with a clear message."""
+global batch and data order), rank 0 writes one HF checkpoint that transformers loads, a checkpoint saved under
+ZeRO-3 continues under FSDP2 (slow); bad parallel settings fail with a clear message."""
 
 from __future__ import annotations
 
@@ -82,13 +82,22 @@ def test_torchrun_zero2_equals_single_process_and_saves_one_checkpoint(shards: P
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, load_model(tmp_path / "z2" / "final").eval()(ids),
                                    rtol=1e-4, atol=1e-4)
-    # the ZeRO-2 checkpoint continues under FSDP2 (another layout) and equals a single-process continuation
+
+
+@pytest.mark.slow
+def test_checkpoint_continues_under_another_layout(shards: Path, tmp_path: Path):
+    """Saved by ZeRO-3 (parameters sharded while training), continued under FSDP2 and in one process: equal."""
+    torch.set_num_threads(1)
+    first = dict(COMMON, max_steps=2, save_interval=0)
+    res = torchrun(["pretrain", "--data-dir", str(shards), "--out-dir", str(tmp_path / "z3"), "--parallel", "zero3",
+                    *_flags(first)])
+    assert res.returncode == 0, res.stderr[-3000:]
     more = dict(COMMON, max_steps=2, save_interval=0, warmup_steps=0)
     cont = torchrun(["pretrain", "--data-dir", str(shards), "--out-dir", str(tmp_path / "fsdp"), "--parallel", "fsdp",
-                     "--init-from", str(tmp_path / "z2" / "final"), *_flags(more)])
+                     "--init-from", str(tmp_path / "z3" / "final"), *_flags(more)])
     assert cont.returncode == 0, cont.stderr[-3000:]
     single = run_pretrain(PretrainConfig(data_dir=str(shards), out_dir=str(tmp_path / "one"),
-                                         init_from=str(tmp_path / "z2" / "final"), **more))
+                                         init_from=str(tmp_path / "z3" / "final"), **more))
     np.testing.assert_allclose(_losses(tmp_path / "fsdp"), single.losses, rtol=2e-5)
 
 
