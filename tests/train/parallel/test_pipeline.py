@@ -230,3 +230,27 @@ def test_schedule_command_prints_timeline_and_plots(tmp_path, capsys):
         from tinyllm.train.parallel.check import ScheduleConfig
 
         ScheduleConfig(kind="zigzag")
+
+
+def _stage_dies(rank: int, world: int) -> None:
+    import os
+    import signal
+
+    stage = pp.PipelineStage(tiny_model(seed=0), rank, world)
+    runner = pp.PipelineRunner(stage, None, 2, "1f1b", loss_fn=_ce)
+    x, y = global_batches(1, 1, 4)[0][0]
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    runner.step(x, y)  # stage 0 waits for a gradient that will never come
+
+
+@pytest.mark.slow  # two more ranks started for a failure path
+def test_dead_stage_fails_the_pipeline_fast():
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as ei:
+        run_ranks(_stage_dies, 2, timeout_s=60, group_timeout_s=20)
+    errors = ei.value.errors
+    assert "killed by signal 9" in errors[1]
+    assert "PeerFailure" in errors[0] and "pipeline recv from stage 1" in errors[0]
+    assert time.monotonic() - t0 < 40
