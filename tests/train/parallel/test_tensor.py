@@ -176,3 +176,24 @@ def test_parallel_check_under_torchrun(strategy):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f'"strategy": "{strategy}", "world_size": 2' in out.stdout and '"equal": true' in out.stdout
+
+
+# ------------------------------------------------------------------ the training loop with --tp
+def _loop_tp(rank: int, world: int, root: str) -> dict:
+    from pathlib import Path
+
+    from test_strategy import _run
+
+    from tinyllm.train.parallel.config import ParallelConfig
+
+    return {sp: _run(Path(root) / f"tp-sp{int(sp)}", torch.float64, ParallelConfig("none", tp=2, sp=sp))
+            for sp in (False, True)}
+
+
+def test_training_loop_with_tensor_parallel_equals_single_process(tmp_path):
+    from test_strategy import _compare, _run
+
+    want = _run(tmp_path / "single", torch.float64, None)
+    per_rank = run_ranks(_loop_tp, 2, args=(str(tmp_path),), timeout_s=180)
+    _compare([{f"sp={k}": v for k, v in out.items()} for out in per_rank], want, rtol=1e-10, atol=1e-12)
+    assert (tmp_path / "tp-sp1" / "checkpoints" / "step-000004" / "model.safetensors").exists()

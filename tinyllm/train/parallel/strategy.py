@@ -252,9 +252,14 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
                            "(torchrun --nproc_per_node N -m tinyllm ...)")
     deg = pcfg.degrees(dist.get_world_size())
     if pcfg.model_parallel > 1:
-        raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep}: the training loop runs the "
-                         "data-parallel strategies only; apply the model-parallel wrappers (train/parallel/tensor.py, "
-                         "pipeline.py, context.py, expert.py) in your own script")
+        if pcfg.model_parallel == pcfg.tp and pcfg.parallel in ("dp", "none"):  # TP (+SP), plain DP around it
+            from tinyllm.train.parallel.tensor_strategy import TensorParallelStrategy
+
+            return TensorParallelStrategy(module, list(params), opt_args, pcfg.tp, pcfg.sp)
+        raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
+                         "the training loop runs tensor parallel (with --parallel dp or none) and the data-parallel "
+                         "strategies; apply the pipeline/context/expert wrappers (train/parallel/pipeline.py, "
+                         "context.py, expert.py) in your own script")
     params = list(params)
     if pcfg.parallel in ("dp", "none"):
         return DDPStrategy(module, params, opt_args, pcfg.bucket_mb)
