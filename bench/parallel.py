@@ -7,8 +7,9 @@ the worker times whole optimizer steps (forward, backward, gradient sync, clip, 
 and reports the median, tokens/s (global tokens / median step) and each rank's peak resident memory above
 its state after imports (VmHWM reset once torch, FSDP and DeepSpeed are imported): model states, gradients,
 activations and communication buffers.
-Ranks share the machine's cores: OMP threads per rank = cores // W, so 1 and 2 ranks use the same compute and
-the 2-rank figures show the cost of the communication. Strategies:
+Each rank runs one OpenMP thread by default (`--threads-per-rank`): W ranks use W cores, so tokens/s at W = 2
+against W = 1 is the scaling, and the CPU time summed over the ranks shows what sharding and communication
+add. (With 2 threads per rank on a busy machine, OpenMP's spin-waiting made CPU times vary several-fold.) Strategies:
     single      plain single-process loop (no torch.distributed), W = 1 only
     dp          torch DDP                       zero1/2/3   our ZeRO (train/parallel/zero.py)
     fsdp        FSDP2 (fully_shard)             ds1/ds2/ds3 DeepSpeed ZeRO stage 1/2/3 (generated config)
@@ -153,9 +154,10 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def launch(strategy: str, world: int, a: argparse.Namespace) -> dict | None:
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // world)), "GLOO_SOCKET_IFNAME": "lo",
-           "TINYLLM_BF16": "0"}
+    # a fixed mmap threshold hands freed large blocks back to the OS, so the peak resident size follows the peak
+    # of live tensors rather than glibc's heap growth
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads_per_rank), "GLOO_SOCKET_IFNAME": "lo",
+           "TINYLLM_BF16": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
     if strategy.startswith("ds") and a.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     args = ["--worker", "--strategy", strategy, "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch",
@@ -184,11 +186,13 @@ def main() -> None:
                     choices=STRATEGIES)
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="global batch (rows) per step")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads-per-rank", type=int, default=1,
+                    help="OMP threads of each rank (1: no OpenMP spin-waiting on a busy machine; W ranks use W cores)")
     ap.add_argument("--rounds", type=int, default=1, help="launch every configuration this many times, interleaved")
     ap.add_argument("--timeout", type=float, default=900)
     a = ap.parse_args()
