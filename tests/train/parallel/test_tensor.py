@@ -186,14 +186,41 @@ def _loop_tp(rank: int, world: int, root: str) -> dict:
 
     from tinyllm.train.parallel.config import ParallelConfig
 
-    return {sp: _run(Path(root) / f"tp-sp{int(sp)}", torch.float64, ParallelConfig("none", tp=2, sp=sp))
-            for sp in (False, True)}
+    strategy = "dp" if world > 2 else "none"  # 4 ranks: two data-parallel replicas of a 2-way TP group
+    return {sp: _run(Path(root) / f"tp-sp{int(sp)}", torch.float64, ParallelConfig(strategy, tp=2, sp=sp))
+            for sp in ((False, True) if world == 2 else (True,))}
 
 
-def test_training_loop_with_tensor_parallel_equals_single_process(tmp_path):
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_training_loop_with_tensor_parallel_equals_single_process(tmp_path, world):
     from test_strategy import _compare, _run
 
     want = _run(tmp_path / "single", torch.float64, None)
-    per_rank = run_ranks(_loop_tp, 2, args=(str(tmp_path),), timeout_s=180)
+    per_rank = run_ranks(_loop_tp, world, args=(str(tmp_path),), timeout_s=240)
     _compare([{f"sp={k}": v for k, v in out.items()} for out in per_rank], want, rtol=1e-10, atol=1e-12)
     assert (tmp_path / "tp-sp1" / "checkpoints" / "step-000004" / "model.safetensors").exists()
+
+
+@pytest.mark.slow  # a single-process pretrain and a torchrun of two fresh interpreters
+def test_torchrun_pretrain_with_tp_and_sp_equals_single_process(tmp_path):
+    import numpy as np
+    from test_parallel_cli import COMMON, _flags, _losses, torchrun
+
+    from tinyllm.data.text import write_token_shards
+    from tinyllm.model.hf import load_model
+    from tinyllm.train.pretrain import PretrainConfig, run_pretrain
+
+    rng = np.random.default_rng(0)
+    docs = [[int(t) for t in rng.integers(0, 40, int(rng.integers(10, 40)))] for _ in range(120)]
+    write_token_shards(docs, tmp_path / "shards", vocab_size=48, eos_token_id=47, shard_tokens=500,
+                       val_fraction=0.1, progress=False)
+    data = str(tmp_path / "shards")
+    torch.set_num_threads(1)
+    ref = run_pretrain(PretrainConfig(data_dir=data, out_dir=str(tmp_path / "ref"), **COMMON))
+    res = torchrun(["pretrain", "--data-dir", data, "--out-dir", str(tmp_path / "tp"), "--tp", "2", "--sp", "true",
+                    *_flags(COMMON)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    np.testing.assert_allclose(_losses(tmp_path / "tp"), ref.losses, rtol=2e-5)
+    want, got = load_model(tmp_path / "ref" / "final").state_dict(), load_model(tmp_path / "tp" / "final").state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=2e-5, msg=k)
