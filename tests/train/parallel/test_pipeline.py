@@ -120,7 +120,9 @@ def _pp_train(rank: int, world: int, kind: str, engine: str, dp: int = 1) -> dic
         dist.all_reduce(t)  # only the last stage of each pipeline holds a loss
         losses.append(t.item() / dp)
     params = pp.gather_pipeline_state_dict(stage.state_dict(), pp_g, tied=tied)
-    return {"losses": losses, "grads0": grads0, "params": params}
+    # the measured bubble, in the same group (starting ranks costs more than the measurement)
+    bubble = _bubble_run(rank, world, kind, 4) if engine == "ours" and dp == 1 else None
+    return {"losses": losses, "grads0": grads0, "params": params, "bubble": bubble}
 
 
 @pytest.mark.parametrize("engine,kind", [pytest.param("ours", "gpipe", marks=pytest.mark.slow), ("ours", "1f1b"),
@@ -137,6 +139,8 @@ def test_pipeline_equals_single_process(engine, kind):
         torch.testing.assert_close(out["grads0"]["lm_head.weight"], ref["grads0"]["model.embed_tokens.weight"])
     assert_close_dicts(got, ref["grads0"])
     assert_close_dicts(out["params"], ref["params"])
+    if engine == "ours":  # fixed-cost stages: the idle share of the timed ops is the formula's
+        assert out["bubble"] == pytest.approx(gpipe_bubble(2, 4), abs=0.06)  # 0.2
 
 
 @pytest.mark.slow  # four processes on two cores
@@ -182,13 +186,6 @@ def _bubble_run(rank: int, world: int, kind: str, m: int) -> float:
     runner.step(x, x)  # warm-up: first-call costs are not pipeline bubbles
     runner.step(x, x)
     return pp.measured_bubble(runner.events)
-
-
-@pytest.mark.slow  # sleeps through a few pipeline steps on two ranks
-@pytest.mark.parametrize("kind", pp.SCHEDULES)
-def test_measured_bubble_matches_formula(kind):
-    measured = run_ranks(_bubble_run, 2, args=(kind, 4))[0]
-    assert measured == pytest.approx(gpipe_bubble(2, 4), abs=0.06)  # 0.2
 
 
 # ------------------------------------------------------------------ checkpoint moves between layouts
