@@ -27,7 +27,9 @@ checkpoint); `tp_lm_loss` is the training loss through the split vocabulary; `cl
 global norm over shards. With `sequence_parallel` the norms and residuals run on T/tp tokens (sequence.py).
 
 Not covered: MoE layers (expert.py splits experts instead), absolute position embeddings with sequence
-parallel, fused QKV communication, vocabularies that do not divide by tp (pad the vocabulary).
+parallel, fused QKV communication, vocabularies that do not divide by tp (pad the vocabulary). Sequence parallel
+is a training layout: the hidden states a forward returns are the rank's T/tp slice, so `last_only` and KV-cache
+decoding need a model sharded without it.
 """
 
 from __future__ import annotations
