@@ -123,3 +123,44 @@ def test_ep2_times_dp2_on_4_ranks():
         torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
                                    torch.tensor(ref["losses"], dtype=torch.float64), rtol=1e-10, atol=0)
         assert_close_dicts(out["params"], ref["params"])
+
+
+# ------------------------------------------------------------------ the training loop with --ep
+def _loop_run(out, parallel, batches, batch_size: int, accum: int) -> dict:
+    from test_strategy import _cfg, _Task
+
+    from tinyllm.train.loop import train as loop_train
+
+    cfg = _cfg(out)
+    cfg.batch_size, cfg.grad_accum_steps = batch_size, accum
+    res = loop_train(tiny_model(seed=0, model_type="mixtral", **MOE), _Task(batches), cfg, parallel=parallel)
+    weights = {k: v.detach().cpu().clone() for k, v in res.model.state_dict().items()} if res.model else None
+    return {"losses": res.losses, "weights": weights, "tokens": res.tokens}
+
+
+def _moe_batches(rows: int) -> list[tuple]:
+    from _ref import global_batches
+    from test_strategy import ACCUM, GBS, STEPS
+
+    full = [b for step in global_batches(STEPS, ACCUM, GBS, learnable=True) for b in step]
+    return [(x[r:r + rows], y[r:r + rows]) for x, y in full for r in range(0, GBS, rows)]
+
+
+def _loop_ep(rank: int, world: int, root: str) -> dict:
+    from pathlib import Path
+
+    from test_strategy import ACCUM, GBS
+
+    from tinyllm.train.parallel.config import ParallelConfig
+
+    return {"ep": _loop_run(Path(root) / "ep", ParallelConfig("none", ep=world), _moe_batches(GBS), GBS, ACCUM)}
+
+
+def test_training_loop_with_expert_parallel_equals_accumulating_process(tmp_path):
+    from test_strategy import ACCUM, GBS, _compare
+
+    # one process, each rank's rows as its own micro-batch: GBS/2 rows, twice the accumulation steps
+    want = _loop_run(tmp_path / "single", None, _moe_batches(GBS // 2), GBS // 2, 2 * ACCUM)
+    per_rank = run_ranks(_loop_ep, 2, args=(str(tmp_path),), timeout_s=180)
+    _compare(per_rank, want, rtol=1e-10, atol=1e-12)
+    assert (tmp_path / "ep" / "checkpoints" / "step-000004" / "model.safetensors").exists()

@@ -256,10 +256,16 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
             from tinyllm.train.parallel.tensor_strategy import TensorParallelStrategy
 
             return TensorParallelStrategy(module, list(params), opt_args, pcfg.tp, pcfg.sp)
+        if pcfg.model_parallel == pcfg.ep and deg["dp"] == 1 and pcfg.parallel in ("dp", "none"):
+            from tinyllm.train.parallel.expert_strategy import (
+                ExpertParallelStrategy,  # every rank: data + experts
+            )
+
+            return ExpertParallelStrategy(module, list(params), opt_args)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
-                         "the training loop runs tensor parallel (with --parallel dp or none) and the data-parallel "
-                         "strategies; apply the pipeline/context/expert wrappers (train/parallel/pipeline.py, "
-                         "context.py, expert.py) in your own script")
+                         "the training loop runs tensor parallel (with --parallel dp or none), expert parallel over all "
+                         "ranks (--ep = WORLD_SIZE) and the data-parallel strategies; apply the pipeline/context "
+                         "wrappers (train/parallel/pipeline.py, context.py) in your own script")
     params = list(params)
     if pcfg.parallel in ("dp", "none"):
         return DDPStrategy(module, params, opt_args, pcfg.bucket_mb)
