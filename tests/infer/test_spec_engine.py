@@ -86,6 +86,13 @@ def test_greedy_equals_plain_decoding(model, prompts, reference, spec, kw) -> No
         assert st["preemptions"] > 0
 
 
+def test_tight_token_budget_trims_the_draft(model, prompts, reference) -> None:
+    """A budget of 6 tokens per step: prefills are chunked and drafts cut to what is left of the budget."""
+    llm = LLM(model, max_num_batched_tokens=6, speculative=NGRAM)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+    assert llm.engine.stats["spec_accepted"] > 0
+
+
 def test_prefix_cache_hits_after_speculation(model, prompts) -> None:
     """Blocks named while speculating hold the right K/V: a second pass over the same prompts reuses them
     and still decodes the same tokens."""
