@@ -148,8 +148,9 @@ def worker(a: argparse.Namespace) -> None:
             "cuda_peak_mb_per_rank": [r["cuda_peak_mb"] for r in per_rank] if dev.type == "cuda" else None,
             "params": n_params, "batch": a.batch, "seq": a.seq, "layers": a.layers}), flush=True)
     if par is not None:
-        from tinyllm.train.parallel.dist import destroy
+        from tinyllm.train.parallel.dist import barrier, destroy
 
+        barrier("bench end")  # leave together: a rank tearing down while its peer is still in a collective can hang
         destroy()
 
 

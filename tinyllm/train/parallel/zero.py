@@ -73,14 +73,13 @@ class _Bucket:
         self.unit: object = "root"  # stage 3: the decoder layer whose forward gathers this bucket
 
     def flat_grads(self) -> torch.Tensor:
-        flat = torch.zeros_like(self.full)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is not None:
-                flat[offset:offset + n].copy_(p.grad.reshape(-1))
-            offset += n
-        return flat
+        """The bucket's gradients in one padded buffer (one pass: cat, not zero-fill then copy)."""
+        parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                 for p in self.params]
+        pad = self.full.numel() - self.numel
+        if pad:
+            parts.append(torch.zeros(pad, dtype=self.full.dtype, device=self.full.device))
+        return torch.cat(parts)
 
 
 class ZeRO:
@@ -226,7 +225,7 @@ class ZeRO:
         sq = torch.zeros((), dtype=torch.float64, device=self.buckets[0].full.device)
         for b in self.buckets:
             if b.grad_acc is not None:
-                sq += b.grad_acc.double().pow(2).sum()
+                sq += torch.linalg.vector_norm(b.grad_acc).double() ** 2
         with collective_guard("ZeRO gradient-norm all-reduce"):
             dist.all_reduce(sq, group=self.group)
         norm = float(sq.sqrt())
