@@ -391,6 +391,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, parallel: Any = None) 
     run = _Run(model, task, cfg, parallel)
     try:
         result = _train(run)
+        if run.owns_group:
+            from tinyllm.train.parallel.dist import barrier
+
+            barrier("end of training")  # ranks tear the group down together (a lone teardown can hang a peer)
     finally:
         if run.owns_group:
             from tinyllm.train.parallel.dist import destroy
