@@ -6,7 +6,7 @@ Each part is timed by wrapping the engine's own methods with perf_counter (media
 steps); the forward's op mix comes from torch.profiler (self CPU time per op, summed by kind). One JSON
 line per configuration.
 
-    python bench/decode_profile.py [--model smollm2] [--steps 48] [--configs fp32 int4 gguf] [--threads N]
+    python bench/decode_profile.py [--model smollm2] [--steps 48] [--configs fp32 int4 gguf gguf_fused] [--threads N]
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ def build(cfg: str, path: Any, tokenizer: Any) -> Any:
     from tinyllm import LLM
     from tinyllm.model.hf import load_model
 
-    if cfg == "gguf":
-        return LLM(path, tokenizer, max_model_len=1024, max_num_seqs=4, quantization="gguf")
+    if cfg.startswith("gguf"):
+        llm = LLM(path, tokenizer, max_model_len=1024, max_num_seqs=4, quantization="gguf")
+        if cfg == "gguf_fused":  # the fast path's twin: FusedForward over the same GGUF-block modules
+            llm.engine.runner.decode1 = None
+        return llm
     q = None if cfg == "fp32" else cfg
     return LLM(load_model(path), tokenizer, max_model_len=1024, max_num_seqs=4, quantization=q, group_size=32)
 
@@ -85,6 +88,8 @@ def profile(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
                     times["trunk"].append(time.perf_counter() - t0)
 
         eng.runner.fused = _Timed()
+    if getattr(eng.runner, "decode1", None) is not None:  # the batch-1 fast path (decode_fast)
+        _wrap(eng.runner, "decode1", times, "decode_fast_layers")
     _wrap(eng.runner.model.lm_head, "forward", times, "lm_head")
     eng.add_request("r", None, params, prompt_token_ids=prompt)
     eng.step()  # prefill
@@ -110,7 +115,8 @@ def profile(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
     med = {k: round(1e3 * statistics.median(v), 3) for k, v in times.items() if v}
     step = statistics.median(plain)
     fwd = med.get("forward_total", 0.0)
-    med["forward_outside_trunk_and_head"] = round(fwd - med.get("trunk", 0.0) - med.get("lm_head", 0.0), 3)
+    inner = med.get("trunk", 0.0) + med.get("decode_fast_layers", 0.0) + med.get("lm_head", 0.0)
+    med["forward_outside_layers_and_head"] = round(fwd - inner, 3)
     med["engine_outside_forward_and_sample"] = round(1e3 * step - fwd - med.get("sample", 0.0), 3)
     return {"step_ms": round(1e3 * step, 3), "tok_s": round(1 / step, 1), "parts_ms": med,
             "profiled_step_ms": round(1e3 * prof_step, 3),
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--configs", nargs="*", default=["fp32", "int4", "gguf"],
-                    choices=["fp32", "int8", "int4", "gguf"])
+                    choices=["fp32", "int8", "int4", "gguf", "gguf_fused"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
