@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step (prompt lookup)")
-    ap.add_argument("--draft-k", type=int, default=4, help="draft tokens per step (draft model)")
+    ap.add_argument("--draft-k", type=int, default=6, help="draft tokens per step (draft model)")
     ap.add_argument("--draft-layers", type=int, default=None, help="cut the int4 self-draft to N layers")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)

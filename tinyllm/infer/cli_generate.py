@@ -101,6 +101,7 @@ class GenerateConfig:
         # a separate draft checkpoint is taken as it is; the self-draft is the int4 copy of the target
         return SpeculativeConfig(self.speculative, self.num_speculative_tokens, draft_model=self.draft_model,
                                  draft_quantization=None if self.draft_model else "int4",
+                                 draft_head_quantization=None if self.draft_model else "int8",
                                  draft_num_layers=self.draft_layers)
 
     def sampling_params(self) -> Any:

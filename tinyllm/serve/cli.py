@@ -59,7 +59,8 @@ class ServeConfig:
         from tinyllm.infer.drafters import SpeculativeConfig
 
         return SpeculativeConfig(self.speculative, self.num_speculative_tokens, draft_model=self.draft_model,
-                                 draft_quantization=None if self.draft_model else "int4")
+                                 draft_quantization=None if self.draft_model else "int4",
+                                 draft_head_quantization=None if self.draft_model else "int8")
 
 
 def check_address(host: str, port: int) -> None:
