@@ -40,7 +40,7 @@ TEMPLATE = (
     "{% if not loop.last %}, {% endif %}{% endfor %}<|im_end|>{{ '\n' }}{% endif %}"
     "{%- for m in messages %}"
     "{%- if m['role'] == 'assistant' and m['tool_calls'] %}<|im_start|>assistant\n"
-    "{%- for c in m['tool_calls'] %}<tool_call>\n{{ {'name': c['function']['name'], "
+    "{% for c in m['tool_calls'] %}<tool_call>\n{{ {'name': c['function']['name'], "
     "'arguments': c['function']['arguments']} | tojson }}\n</tool_call>{% endfor %}<|im_end|>{{ '\n' }}"
     "{%- elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response>"
     "<|im_end|>{{ '\n' }}"
