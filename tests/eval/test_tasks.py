@@ -129,14 +129,15 @@ def test_fewshot_stays_within_the_subject() -> None:
     assert ctx[1].startswith("The following are multiple choice questions (with answers) about b.\n\nq3\n")
 
 
-def test_prefix_chunks_split_where_the_shared_prefix_halves() -> None:
+def test_prefix_chunks_keep_runs_together_and_sort_the_rest_by_length() -> None:
     from tinyllm.eval.lm import _prefix_chunks
 
     a = [((1,) * 40 + (i,), [i]) for i in range(3)]
     b = [((1,) * 5 + (2,) * 40 + (i,), [10 + i]) for i in range(3)]
-    chunks = list(_prefix_chunks(sorted(a + b), batch_size=8))
-    assert [len(c) for c in chunks] == [3, 3]
-    assert [len(c) for c in _prefix_chunks(sorted(a + b), batch_size=2)] == [2, 2, 2]  # a lone member cannot judge
+    c = [((3,) * n, [20 + n]) for n in (5, 30, 9)]  # nothing shared: batched longest first
+    chunks = list(_prefix_chunks(a + b + c, batch_size=8))
+    assert [len(x) for x in chunks] == [3, 3, 3] and [len(g[0]) for g in chunks[0]] == [30, 9, 5]
+    assert sorted(len(x) for x in _prefix_chunks(a + b + c, batch_size=2)) == [1, 1, 1, 2, 2, 2]
 
 
 def test_rolling_windows_and_stops() -> None:

@@ -234,9 +234,6 @@ def score_shared(logits_at: LogitsAt, model: torch.nn.Module, pairs: Sequence[Pa
         out[i] = r
     single = [(c, m) for c, m in groups.items() if all(len(pairs[i][1]) == 1 for i in m)]
     multi = [(c, m) for c, m in groups.items() if not all(len(pairs[i][1]) == 1 for i in m)]
-    # contexts in lexicographic order: neighbours share the longest prefixes (a task's description, the same
-    # few-shot examples), and a batch's common prefix is run once
-    single.sort(key=lambda g: g[0])
     for chunk in _prefix_chunks(single, batch_size):
         logp = _last_logprobs(logits_at, model, [c for c, _ in chunk], device)
         for r, (_, members) in enumerate(chunk):
@@ -282,25 +279,27 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def _prefix_chunks(groups: list[tuple[tuple[int, ...], list[int]]], batch_size: int) -> Iterator[list]:
-    """Batches of at most batch_size sorted contexts; a batch ends early where the next context would halve
-    the prefix its members share (five-shot prompts of one subject stay together, apart from the next
-    subject's)."""
-    chunk: list = []
-    shared = 0
-    for g in groups:
-        if chunk:
-            lcp = common_prefix_length([chunk[0][0], g[0]])
-            if len(chunk) >= batch_size or (len(chunk) > 1 and lcp < shared / 2):
-                yield chunk
-                chunk = []
-            else:
-                shared = lcp
-        if not chunk:
-            chunk, shared = [g], len(g[0])
-        else:
-            chunk.append(g)
-    if chunk:
-        yield chunk
+    """Batches of at most batch_size contexts. Contexts in lexicographic order form runs that share most of
+    their tokens (five-shot prompts of one subject: the same examples); a run is batched on its own so its
+    common prefix runs once. The rest are batched longest first, so rows of a batch have similar lengths
+    and padding stays small (a batch of mixed lengths pads every row to the longest)."""
+    runs: list[list] = []
+    for g in sorted(groups, key=lambda x: x[0]):
+        if runs:
+            head = runs[-1][0][0]
+            lcp = common_prefix_length([head, g[0]])
+            if lcp >= max(MIN_SHARED_PREFIX, min(len(head), len(g[0])) // 2):
+                runs[-1].append(g)
+                continue
+        runs.append([g])
+    loose = sorted((r[0] for r in runs if len(r) == 1), key=lambda x: -len(x[0]))
+    for s in range(0, len(loose), batch_size):
+        yield loose[s: s + batch_size]
+    for run in runs:
+        if len(run) > 1:
+            run.sort(key=lambda x: -len(x[0]))
+            for s in range(0, len(run), batch_size):
+                yield run[s: s + batch_size]
 
 
 def _last_logprobs(logits_at: LogitsAt, model: torch.nn.Module, contexts: Sequence[Sequence[int]],
