@@ -93,6 +93,22 @@ def test_tight_token_budget_trims_the_draft(model, prompts, reference) -> None:
     assert llm.engine.stats["spec_accepted"] > 0
 
 
+def test_rejected_slots_are_rolled_back_every_step(model, prompts) -> None:
+    """After each step a speculating sequence holds exactly the blocks of its verified tokens: the rejected
+    drafts' slots and unused lookahead slots went back to the pool."""
+    llm = LLM(model, block_size=4, speculative=DRAFT)
+    eng = llm.engine
+    for i, p in enumerate(prompts[:6]):
+        eng.add_request(str(i), None, GREEDY, prompt_token_ids=p)
+    while eng.has_unfinished_requests():
+        eng.step()
+        for seq in eng.scheduler.running:
+            assert len(seq.block_table) == -(-seq.num_computed // 4)
+            assert seq.num_computed == seq.num_tokens - 1 and not seq.draft
+    assert eng.stats["spec_accepted"] < eng.stats["spec_proposed"]  # some drafts were rejected
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
 def test_prefix_cache_hits_after_speculation(model, prompts) -> None:
     """Blocks named while speculating hold the right K/V: a second pass over the same prompts reuses them
     and still decodes the same tokens."""

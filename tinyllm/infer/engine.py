@@ -287,6 +287,15 @@ class LLMEngine:
             seq = sched.seqs[i]
             seq.draft = seq.draft[:seq.lookahead]
             sched.num_new[i] = 1 + len(seq.draft)
+            self._trim(seq, seq.num_computed + sched.num_new[i])  # slots reserved for drafts not proposed
+
+    def _trim(self, seq: Sequence, tokens: int) -> None:
+        """Give back the blocks past the first `tokens` positions (fresh lookahead blocks, never shared)."""
+        bm = self.block_manager
+        keep = -(-tokens // bm.block_size)
+        for b in seq.block_table[keep:]:
+            bm.decref(b)
+        del seq.block_table[keep:]
 
     def _step(self, outputs: list[RequestOutput]) -> None:
         if self.drafter is not None:
@@ -406,12 +415,8 @@ class LLMEngine:
                 return  # its blocks are freed already
             if i < len(emitted) - 1:
                 seq.num_computed += 1  # an accepted draft token: its K/V were written by this forward
-        bm = self.block_manager
-        keep = -(-seq.num_computed // bm.block_size)
-        for b in seq.block_table[keep:]:  # the rejected drafts' fresh blocks
-            bm.decref(b)
-        del seq.block_table[keep:]
-        bm.commit_full_blocks(seq)
+        self._trim(seq, seq.num_computed)  # the rejected drafts' slots
+        self.block_manager.commit_full_blocks(seq)
         seq.draft_computed = min(seq.draft_computed, seq.num_computed)
 
     def _append(self, seq: Sequence, smp: Sampled) -> None:
