@@ -14,8 +14,9 @@ temperature. Not covered: retries and rate limits (the `openai` client's own), v
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,11 +48,24 @@ class OpenAIChat:
         except ImportError as e:
             raise ImportError("OpenAIChat needs the openai package: pip install openai") from e
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
+        self.base_url, self._api_error = base_url, openai.APIError
         self.temperature = temperature
         self.model = model or self._first_model()
 
+    @contextlib.contextmanager
+    def _endpoint(self) -> Iterator[None]:
+        """The client's errors (refused connection, 5xx, a body that is not the API's JSON) as one
+        EndpointError naming the URL, so a dead server is a user's error and not a traceback."""
+        from tinyllm.rag.pipeline import EndpointError
+
+        try:
+            yield
+        except self._api_error as e:
+            raise EndpointError(f"{self.base_url}: {type(e).__name__}: {e}") from e
+
     def _first_model(self) -> str:
-        models = self.client.models.list().data
+        with self._endpoint():
+            models = self.client.models.list().data
         if not models:
             raise ValueError("the endpoint serves no models; pass model=...")
         return models[0].id
@@ -68,6 +82,10 @@ class OpenAIChat:
             kw["stop"] = stop
         if max_tokens is not None:
             kw["max_tokens"] = max_tokens
+        with self._endpoint():
+            return self._chat(kw, on_text)
+
+    def _chat(self, kw: dict[str, Any], on_text: Callable[[str], None] | None) -> ChatReply:
         if on_text is None:
             msg = self.client.chat.completions.create(**kw).choices[0].message
             calls = [c.model_dump() for c in (msg.tool_calls or [])]

@@ -188,7 +188,11 @@ def read_mc_file(path: str | Path, subject: str = "") -> list[dict[str, Any]]:
     if p.suffix == ".jsonl":
         for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
-                docs.append(_mc_row(json.loads(line), f"{p}:{n}", subject))
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not JSON ({e})") from e
+                docs.append(_mc_row(row, f"{p}:{n}", subject))
         return docs
     if p.suffix != ".csv":
         raise ValueError(f"{p}: expected a .csv or .jsonl file")
@@ -302,7 +306,10 @@ def json_task(path: str | Path) -> Task:
     """A local JSON/JSONL multiple-choice task (lm-eval's `dataset_path: json` tasks): MMLU template."""
     p = Path(path)
     if p.suffix == ".json":
-        rows = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not JSON ({e})") from e
         docs = [_mc_row(r, f"{p}[{i}]", p.stem) for i, r in enumerate(rows)]
     else:
         docs = read_mc_file(p)
