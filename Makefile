@@ -43,7 +43,7 @@ AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCT
 	NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL" TINYLLM_NATIVE_ISA=avx2
 AVX2_TESTS := tests/test_capability.py tests/infer/test_cpu_kernels.py tests/infer/test_quant.py \
 	tests/train/test_loop.py tests/train/test_optim.py tests/model/test_decoder_parity.py tests/rag/test_embed.py \
-	tests/recipes/test_tiny_zh.py
+	tests/recipes/test_tiny_zh.py tests/infer/test_ggml_linear.py tests/infer/test_decode_fast.py
 test-avx2: $(DEV_STAMP)
 	env $(AVX2_ENV) $(BIN)/python -m pytest -q -x -m "not slow" --timeout 900 $(AVX2_TESTS)
 	rm -rf build/avx2-recipe
