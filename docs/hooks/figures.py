@@ -297,53 +297,14 @@ def paged_blocks() -> plt.Figure:
 
 
 def pipeline_schedule(stages: int, micro: int, kind: str, backward: int = 2) -> list[tuple[int, str, int, int]]:
-    """(stage, 'F'|'B', microbatch, start time) for GPipe (all forwards, then all backwards) or 1F1B
-    (stage s warms up with stages − s − 1 forwards, then alternates one forward and one backward).
+    """(stage, 'F'|'B', microbatch, start time) for GPipe or 1F1B, as the training code's own schedule
+    (`tinyllm.train.parallel.pipeline.schedule`) plays out in its simulator: a forward takes 1 time unit, a
+    backward `backward`."""
+    from tinyllm.train.parallel.pipeline import schedule, simulate
 
-    A forward takes 1 time unit, a backward `backward`; an op starts when its stage is free and its input is
-    ready: F(s, j) after F(s−1, j); B(s, j) after B(s+1, j), or after F(last, j) on the last stage."""
     if kind not in ("gpipe", "1f1b"):
         raise ValueError(f"kind must be 'gpipe' or '1f1b', got {kind!r}")
-    orders = []
-    for s in range(stages):
-        if kind == "gpipe":
-            orders.append([("F", j) for j in range(micro)] + [("B", j) for j in range(micro)])
-            continue
-        warm = min(stages - s - 1, micro)
-        order = [("F", j) for j in range(warm)]
-        f, b = warm, 0
-        while b < micro:
-            if f < micro:
-                order.append(("F", f))
-                f += 1
-            order.append(("B", b))
-            b += 1
-        orders.append(order)
-    done: dict[tuple[str, int, int], int] = {}
-    free = [0] * stages
-    pos = [0] * stages
-    out = []
-    while any(pos[s] < len(orders[s]) for s in range(stages)):
-        progressed = False
-        for s in range(stages):
-            if pos[s] == len(orders[s]):
-                continue
-            op, j = orders[s][pos[s]]
-            dep = ("F", s - 1, j) if op == "F" else (("B", s + 1, j) if s < stages - 1 else ("F", s, j))
-            if op == "F" and s == 0:
-                ready = 0
-            elif dep in done:
-                ready = done[dep]
-            else:
-                continue
-            start = max(free[s], ready)
-            free[s] = done[(op, s, j)] = start + (1 if op == "F" else backward)
-            out.append((s, op, j, start))
-            pos[s] += 1
-            progressed = True
-        if not progressed:
-            raise RuntimeError("pipeline schedule deadlocked")
-    return out
+    return [(o.stage, o.kind, o.micro, int(o.start)) for o in simulate(schedule(kind, stages, micro), 1.0, backward)]
 
 
 def peak_activations(ops: list[tuple[int, str, int, int]], stage: int) -> int:
