@@ -8,8 +8,6 @@ build: `TINYLLM_NATIVE_ISA`, a request the CPU cannot run, `TINYLLM_NATIVE=0`.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,26 +19,6 @@ from tinyllm.model.config import ModelConfig
 from tinyllm.model.hf import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _isas_under_test() -> tuple[str, ...]:
-    """Every build the CPU runs, from the one `TINYLLM_NATIVE_ISA` asks for down (a run imitating an AVX2-only
-    machine tests avx2 and portable)."""
-    try:
-        top, _ = cpu_kernels.resolve_isa()
-    except ValueError:  # a bad value is the subject of its own test below
-        return cpu_kernels.supported_isas()
-    return cpu_kernels.ISAS[cpu_kernels.ISAS.index(top):]
-
-
-@pytest.fixture(scope="module", params=_isas_under_test())
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each build the CPU runs, made the active path for the tests that take it (built once, cached on disk)."""
-    saved = dict(cpu_kernels._state)
-    if not cpu_kernels.load(request.param):
-        pytest.skip(f"native kernels unavailable: {cpu_kernels.kernel_status()}")
-    yield request.param
-    cpu_kernels._state.update(saved)
 
 
 @pytest.fixture

@@ -26,15 +26,7 @@ def _run(llm: LLM, prompts: list[list[int]], n: int = 12) -> list[tuple[list[int
                                                               strict=True)]) for o in outs]
 
 
-def _isas() -> tuple[str, ...]:
-    try:
-        top, _ = cpu_kernels.resolve_isa()
-    except ValueError:
-        return cpu_kernels.supported_isas()
-    return cpu_kernels.ISAS[cpu_kernels.ISAS.index(top):]
-
-
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
 def test_fast_path_equals_fused_twin(llm, isa, monkeypatch) -> None:
     saved = dict(cpu_kernels._state)
     assert cpu_kernels.load(isa)

@@ -5,8 +5,6 @@ file's own blocks decodes the same greedy tokens as the engine over the dequanti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -21,23 +19,6 @@ from tinyllm.model.gguf import dequantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TYPES = ["Q4_0", "Q4_1", "Q8_0"]
-
-
-def _isas() -> tuple[str, ...]:
-    try:  # from the build TINYLLM_NATIVE_ISA asks for down, as in test_cpu_kernels
-        top, _ = cpu_kernels.resolve_isa()
-    except ValueError:
-        return cpu_kernels.supported_isas()
-    return cpu_kernels.ISAS[cpu_kernels.ISAS.index(top):]
-
-
-@pytest.fixture(scope="module", params=_isas())
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    saved = dict(cpu_kernels._state)
-    if not cpu_kernels.load(request.param):
-        pytest.skip(f"native kernels unavailable: {cpu_kernels.kernel_status()}")
-    yield request.param
-    cpu_kernels._state.update(saved)
 
 
 def _blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:

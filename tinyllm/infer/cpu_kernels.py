@@ -85,6 +85,17 @@ def supported_isas() -> tuple[str, ...]:
     return ISAS[ISAS.index(capability.cpu_isa()):]
 
 
+def isas_to_test() -> tuple[str, ...]:
+    """The builds a test of the kernels should run: from the one `TINYLLM_NATIVE_ISA` asks for (else the widest
+    the CPU has) down to portable, so a run imitating an AVX2-only machine tests avx2 and portable. An invalid
+    request yields every supported build (the bad value is the subject of its own test)."""
+    try:
+        top, _ = resolve_isa()
+    except ValueError:
+        return supported_isas()
+    return ISAS[ISAS.index(top):]
+
+
 def resolve_isa(requested: str | None = None) -> tuple[str, str | None]:
     """The build to load and, when the request had to be lowered, why. `requested` (else `TINYLLM_NATIVE_ISA`,
     else nothing) may name any level the CPU runs; one it lacks falls back to the widest it has."""
