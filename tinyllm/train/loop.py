@@ -31,7 +31,9 @@ bit-exactly in fp32.
 Data parallelism (notes ch.04) enters through one hook: `train(..., parallel=ParallelConfig(...))` under
 torchrun joins the process group and lets a `train/parallel/strategy.py` object wrap the model and own the
 optimizer, the gradient sync, clipping and the step; `batch_size` stays the *global* micro-batch (each rank
-takes its rows), so N ranks reproduce the single-process run. Only rank 0 writes metrics, plots and
+takes its rows), so N ranks reproduce the single-process run. Pipeline and context parallel strategies run a
+step's k micro-batches themselves (`forward_backward`: the k are the pipeline's micro-batches, or each is cut
+along the sequence), and evaluate through `eval_loss`. Only rank 0 writes metrics, plots and
 checkpoints (the full weights, gathered where sharded). Without a parallel config the loop is single-process
 code and never touches torch.distributed.
 """
@@ -285,6 +287,9 @@ class _Run:
         else:
             self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas), kind=cfg.optimizer)
         self.main = self.par is None or self.par.rank == 0
+        if cfg.compile and self.par is not None and hasattr(self.par, "forward_backward"):
+            raise ValueError(f"compile=True with parallel strategy {self.par.name!r}: pipeline and context parallel "
+                             "run their stages/ring eagerly (drop --compile)")
         self.fwd = torch.compile(model) if cfg.compile else model
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         self.data = task.train_batches()
@@ -336,23 +341,30 @@ class _Run:
         k = self.cfg.grad_accum_steps
         total, tokens, metrics = 0.0, 0, {}
         par = self.par
-        for i in range(k):
-            batch = next(self.data)
-            if par is not None:
-                batch = par.local_batch(batch)
-            batch = _to_device(batch, self.device)
-            with par.micro(i, k) if par is not None else contextlib.nullcontext():
-                with self.autocast:
-                    loss, metrics = self.task.loss(self.fwd, batch)
-                if par is None:
-                    (loss / k).backward()
-                else:
-                    par.backward(loss, k)
-            total += loss.item()
-            first = _first_tensor(batch)
-            tokens += int(metrics.get("tokens", first.numel() if first is not None else 0))
+        if par is not None and hasattr(par, "forward_backward"):  # pipeline / context parallel run the k themselves
+            batches = [_to_device(par.local_batch(next(self.data)), self.device) for _ in range(k)]
+            total, tokens, metrics = par.forward_backward(self.task, batches, self.autocast)
+            first = _first_tensor(batches[0])
             if self.flops_per_token is None and first is not None:
                 self.flops_per_token = model_flops_per_token(self.model, first.shape[-1])
+        else:
+            for i in range(k):
+                batch = next(self.data)
+                if par is not None:
+                    batch = par.local_batch(batch)
+                batch = _to_device(batch, self.device)
+                with par.micro(i, k) if par is not None else contextlib.nullcontext():
+                    with self.autocast:
+                        loss, metrics = self.task.loss(self.fwd, batch)
+                    if par is None:
+                        (loss / k).backward()
+                    else:
+                        par.backward(loss, k)
+                total += loss.item()
+                first = _first_tensor(batch)
+                tokens += int(metrics.get("tokens", first.numel() if first is not None else 0))
+                if self.flops_per_token is None and first is not None:
+                    self.flops_per_token = model_flops_per_token(self.model, first.shape[-1])
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         if par is not None:
             norm = par.clip_grad_norm(max_norm)
@@ -376,8 +388,12 @@ class _Run:
             for i, batch in enumerate(batches):
                 if i == self.cfg.eval_steps:
                     break
+                batch = _to_device(batch, self.device)
+                if self.par is not None and hasattr(self.par, "eval_loss"):  # stages / sequence chunks
+                    losses.append(self.par.eval_loss(self.task, batch, self.autocast))
+                    continue
                 with self.autocast:
-                    loss, _ = self.task.loss(self.fwd, _to_device(batch, self.device))
+                    loss, _ = self.task.loss(self.fwd, batch)
                 losses.append(loss.item())
         finally:
             self.model.train()

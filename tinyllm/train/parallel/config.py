@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from tinyllm.utils import require_int
 
+PP_SCHEDULES = ("1f1b", "gpipe")
 STRATEGIES = ("none", "dp", "zero1", "zero2", "zero3", "fsdp", "deepspeed")
 CHECKPOINTING = ("none", "full", "selective")
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
@@ -31,6 +32,7 @@ class ParallelConfig:
     dp: int = 0
     tp: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # the pipeline's schedule (pipeline.py): 1f1b or gpipe
     sp: bool = False
     cp: int = 1
     ep: int = 1
@@ -45,6 +47,8 @@ class ParallelConfig:
         require_int("dp", self.dp, 0)
         for name in ("tp", "pp", "cp", "ep"):
             require_int(name, getattr(self, name), 1)
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"pp_schedule={self.pp_schedule!r} is not one of {list(PP_SCHEDULES)}")
         if not isinstance(self.sp, bool):
             raise ValueError(f"sp={self.sp!r} must be true or false")
         if self.sp and self.tp == 1:
@@ -97,7 +101,9 @@ class ParallelFields:
         "data-parallel strategy under torchrun: dp (DDP), zero1/2/3 (ours), fsdp (FSDP2), deepspeed; "
         "batch_size stays the global micro-batch", choices=list(STRATEGIES)))
     tp: int = field(default=1, metadata=_h("tensor-parallel degree (model-parallel wrappers)"))
-    pp: int = field(default=1, metadata=_h("pipeline-parallel degree"))
+    pp: int = field(default=1, metadata=_h("pipeline-parallel degree (stages; the micro-batches are the "
+                                           "grad_accum_steps)"))
+    pp_schedule: str = field(default="1f1b", metadata=_h("pipeline schedule of --pp", choices=list(PP_SCHEDULES)))
     sp: bool = field(default=False, metadata=_h("sequence parallel inside the tensor-parallel group"))
     cp: int = field(default=1, metadata=_h("context-parallel degree (ring attention)"))
     ep: int = field(default=1, metadata=_h("expert-parallel degree"))
@@ -109,6 +115,6 @@ class ParallelFields:
         choices=list(CHECKPOINTING)))
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(parallel=self.parallel, tp=self.tp, pp=self.pp, sp=self.sp, cp=self.cp, ep=self.ep,
-                              zero_stage=self.zero_stage, timeout_s=self.dist_timeout_s,
+        return ParallelConfig(parallel=self.parallel, tp=self.tp, pp=self.pp, pp_schedule=self.pp_schedule,
+                              sp=self.sp, cp=self.cp, ep=self.ep, zero_stage=self.zero_stage, timeout_s=self.dist_timeout_s,
                               activation_checkpointing=self.activation_checkpointing)

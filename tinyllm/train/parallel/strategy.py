@@ -13,8 +13,11 @@ object that answers the few questions where strategies differ:
     full_model()     collective: a module holding all the weights on rank 0 (None elsewhere), for HF saving
     optimizer_state() the optimizer's state dict when it is whole on every rank (dp), else None
 
-Model-parallel degrees (tp, pp, cp, ep) belong to tensor.py, pipeline.py, context.py and expert.py; the loop
-accepts them in the config but runs data-parallel strategies only (a clear error otherwise).
+Model-parallel degrees have their own strategies, one axis at a time with plain data parallel around it:
+tensor_strategy.py (--tp, --sp), pipeline_strategy.py (--pp), context_strategy.py (--cp), expert_strategy.py
+(--ep). The pipeline and context strategies run a step's micro-batches themselves (`forward_backward(task,
+batches, autocast)`, and `eval_loss(task, batch, autocast)` for evaluation); other combinations get a clear
+error.
 """
 
 from __future__ import annotations
@@ -262,10 +265,19 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
             )
 
             return ExpertParallelStrategy(module, list(params), opt_args)
+        if pcfg.model_parallel == pcfg.pp and pcfg.parallel in ("dp", "none"):  # PP, plain DP around it
+            from tinyllm.train.parallel.pipeline_strategy import PipelineParallelStrategy
+
+            return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule)
+        if pcfg.model_parallel == pcfg.cp and pcfg.parallel in ("dp", "none"):  # CP, plain DP around it
+            from tinyllm.train.parallel.context_strategy import ContextParallelStrategy
+
+            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
-                         "the training loop runs tensor parallel (with --parallel dp or none), expert parallel over all "
-                         "ranks (--ep = WORLD_SIZE) and the data-parallel strategies; apply the pipeline/context "
-                         "wrappers (train/parallel/pipeline.py, context.py) in your own script")
+                         "the training loop runs one model-parallel axis at a time — tensor (--tp, with --sp), "
+                         "pipeline (--pp) or context parallel (--cp), each with --parallel dp or none around it — "
+                         "expert parallel over all ranks (--ep = WORLD_SIZE) and the data-parallel strategies; "
+                         "combine the wrappers of train/parallel/ in your own script for the rest")
     params = list(params)
     if pcfg.parallel in ("dp", "none"):
         return DDPStrategy(module, params, opt_args, pcfg.bucket_mb)

@@ -1,0 +1,199 @@
+"""THE training loop with `--pp` (pipeline parallel) and `--cp` (context parallel) equals the same loop in one
+process (float64; same global batch and order; accumulation = the pipeline's micro-batches, clipping, cosine
+schedule): losses on every rank, tokens, and the full weights rank 0 assembles; tied and untied embeddings;
+GPipe and 1F1B; SFT-style labels with ignored positions and a sequence that does not divide by cp; dp × pp and
+dp × cp on 4 ranks; `torchrun ... pretrain --pp 2` / `--cp 2` save the single-process run's checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from _ref import SEQ, global_batches, tiny_model
+from _spawn import run_ranks
+from test_strategy import ACCUM, GBS, STEPS, _cfg, _compare
+
+from tinyllm.train.loop import train
+from tinyllm.train.parallel.config import ParallelConfig
+
+
+class _Task:
+    """(x, y) batches, or {"input_ids", "labels"} with some labels ignored and an odd length (sft=True)."""
+
+    def __init__(self, batches: list, eval_batches: list | None = None) -> None:
+        self.batches, self.evals = batches, eval_batches
+
+    def train_batches(self):
+        return itertools.cycle(self.batches)
+
+    def eval_batches(self):
+        return self.evals
+
+    def loss(self, model, batch):
+        x, y = (batch["input_ids"], batch["labels"]) if isinstance(batch, dict) else batch
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return loss, {"tokens": int((y != -100).sum())}
+
+    def trainable_parameters(self, model):
+        return model.named_parameters()
+
+
+def _sft_like(batches: list[tuple]) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for j, (x, y) in enumerate(batches):
+        y = y[:, :SEQ - 3].clone()  # 13 tokens: not a multiple of 2
+        y[torch.rand(y.shape, generator=g) < 0.4] = -100
+        if j % 3 == 0:
+            y[:, :7] = -100  # a prompt: the first sequence chunk of cp=2 has no labelled token
+        out.append({"input_ids": x[:, :SEQ - 3], "labels": y})
+    return out
+
+
+def _run(out: Path, parallel: ParallelConfig | None, sft: bool = False, evals: bool = False, **over) -> dict:
+    batches = [b for step in global_batches(STEPS, ACCUM, GBS, learnable=True) for b in step]
+    if sft:
+        batches = _sft_like(batches)
+    model = tiny_model(seed=0, dtype=torch.float64, **over)
+    cfg = _cfg(out)
+    if evals:
+        cfg.eval_steps, cfg.eval_interval = 2, 2
+    res = train(model, _Task(batches, batches[:2] if evals else None), cfg, parallel=parallel)
+    weights = {k: v.detach().cpu().clone() for k, v in res.model.state_dict().items()} if res.model else None
+    return {"losses": res.losses, "weights": weights, "tokens": res.tokens, "eval": res.eval_losses}
+
+
+CASES = {  # name: (ParallelConfig kwargs, _run kwargs)
+    "pp-1f1b": (dict(pp=2), dict(evals=True)),
+    "pp-gpipe-untied": (dict(pp=2, pp_schedule="gpipe"), dict(tie_word_embeddings=False)),
+    "pp-sft": (dict(pp=2), dict(sft=True, num_hidden_layers=3)),
+    "cp": (dict(cp=2), dict(evals=True)),
+    "cp-sft-untied": (dict(cp=2), dict(sft=True, tie_word_embeddings=False)),
+}
+
+
+def _ranks(rank: int, world: int, root: str, names: tuple[str, ...]) -> dict:
+    out = {}
+    for name in names:
+        pkw, rkw = CASES[name]
+        strategy = "dp" if world > 2 else "none"
+        out[name] = _run(Path(root) / name, ParallelConfig(strategy, **pkw), **rkw)
+    return out
+
+
+def _check(tmp_path: Path, per_rank: list[dict], names: tuple[str, ...]) -> None:
+    for name in names:
+        want = _run(tmp_path / f"single-{name}", None, **CASES[name][1])
+        got = [{name: r[name]} for r in per_rank]
+        _compare(got, want, rtol=1e-10, atol=1e-12)
+        for r in per_rank:
+            assert r[name]["eval"].keys() == want["eval"].keys()
+            for s, v in want["eval"].items():
+                assert r[name]["eval"][s] == pytest.approx(v, rel=1e-10), (name, s)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("pp")])
+def test_loop_pipeline_parallel_equals_single_process(tmp_path: Path, name: str):
+    per_rank = run_ranks(_ranks, 2, args=(str(tmp_path), (name,)), timeout_s=240)
+    _check(tmp_path, per_rank, (name,))
+    assert (tmp_path / name / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("cp")])
+def test_loop_context_parallel_equals_single_process(tmp_path: Path, name: str):
+    per_rank = run_ranks(_ranks, 2, args=(str(tmp_path), (name,)), timeout_s=240)
+    _check(tmp_path, per_rank, (name,))
+
+
+@pytest.mark.slow  # 4 processes on a 2-core machine
+def test_loop_dp_times_pp_and_dp_times_cp_on_4_ranks(tmp_path: Path):
+    names = ("pp-1f1b", "cp-sft-untied")
+    per_rank = run_ranks(_ranks, 4, args=(str(tmp_path), names), timeout_s=400)
+    _check(tmp_path, per_rank, names)
+
+
+def _bad(rank: int, world: int, root: str) -> str:
+    try:
+        _run(Path(root), ParallelConfig("none", pp=2), num_local_experts=4)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_pipeline_refuses_moe_clearly(tmp_path: Path):
+    msgs = run_ranks(_bad, 2, args=(str(tmp_path),), timeout_s=120)
+    assert all("MoE" in m for m in msgs), msgs
+
+
+
+# ------------------------------------------------------------------ under torchrun, through the CLI
+@pytest.fixture(scope="module")
+def pp_run(tmp_path_factory) -> dict:
+    """Token shards, the single-process pretraining run and `torchrun --nproc-per-node 2 ... --pp 2` of it."""
+    import numpy as np
+    from test_parallel_cli import COMMON, _flags, torchrun
+
+    from tinyllm.data.text import write_token_shards
+    from tinyllm.train.pretrain import PretrainConfig, run_pretrain
+
+    root = tmp_path_factory.mktemp("ppcp")
+    rng = np.random.default_rng(0)
+    docs = [[int(t) for t in rng.integers(0, 40, int(rng.integers(10, 40)))] for _ in range(120)]
+    write_token_shards(docs, root / "shards", vocab_size=48, eos_token_id=47, shard_tokens=500, val_fraction=0.1,
+                       progress=False)
+    data = str(root / "shards")
+    torch.set_num_threads(1)
+    ref = run_pretrain(PretrainConfig(data_dir=data, out_dir=str(root / "ref"), **COMMON))
+    res = torchrun(["pretrain", "--data-dir", data, "--out-dir", str(root / "pp"), "--pp", "2", *_flags(COMMON)])
+    return {"root": root, "data": data, "ref": ref, "res": res}
+
+
+def _assert_same_checkpoint(got_dir: Path, want_dir: Path) -> None:
+    from tinyllm.model.hf import load_model
+
+    want, got = load_model(want_dir).state_dict(), load_model(got_dir).state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=2e-5, msg=k)
+
+
+def test_torchrun_pretrain_with_pp_equals_single_process(pp_run):
+    import numpy as np
+    from test_parallel_cli import _losses
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm.model.hf import load_model
+
+    root, res = pp_run["root"], pp_run["res"]
+    assert res.returncode == 0, res.stderr[-3000:]
+    np.testing.assert_allclose(_losses(root / "pp"), pp_run["ref"].losses, rtol=2e-5)
+    _assert_same_checkpoint(root / "pp" / "final", root / "ref" / "final")
+    _assert_same_checkpoint(root / "pp" / "checkpoints" / "step-000003", root / "ref" / "checkpoints" / "step-000003")
+    hf = AutoModelForCausalLM.from_pretrained(root / "pp" / "final", dtype=torch.float32).eval()
+    ids = torch.randint(0, 48, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_model(root / "pp" / "final").eval()(ids), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_torchrun_pretrain_with_cp_continues_the_pp_checkpoint(pp_run):
+    """The checkpoint the pipeline run saved, continued under context parallel, equals its single-process
+    continuation (one layout's checkpoint loads under another)."""
+    import numpy as np
+    from test_parallel_cli import COMMON, _flags, _losses, torchrun
+
+    from tinyllm.train.pretrain import PretrainConfig, run_pretrain
+
+    root, data = pp_run["root"], pp_run["data"]
+    assert pp_run["res"].returncode == 0, pp_run["res"].stderr[-3000:]
+    more = dict(COMMON, max_steps=3, save_interval=0, warmup_steps=0)
+    init = str(root / "pp" / "final")
+    res = torchrun(["pretrain", "--data-dir", data, "--out-dir", str(root / "cp"), "--cp", "2", "--init-from", init,
+                    *_flags(more)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = run_pretrain(PretrainConfig(data_dir=data, out_dir=str(root / "one"), init_from=init, **more))
+    np.testing.assert_allclose(_losses(root / "cp"), single.losses, rtol=2e-5)
+    _assert_same_checkpoint(root / "cp" / "final", root / "one" / "final")

@@ -1,0 +1,180 @@
+"""The training loop's strategy for context parallel: `tinyllm pretrain|sft --cp C [--parallel dp]` under torchrun.
+
+The N ranks form a grid dp × cp (`init_device_mesh`, cp the inner axis). Every rank of a context-parallel group
+holds the whole model and the same rows of each global micro-batch (its data-parallel slice), and keeps one
+contiguous chunk of the sequence: rank r of C takes tokens [r·T/C, (r+1)·T/C) (a batch whose T does not divide
+by C is padded at the end with ignored labels, which the causal mask keeps from touching earlier tokens).
+Every attention layer becomes a ring (`context.context_parallel`), and the model runs at the chunk's global
+positions (RoPE offset by r·T/C), so each rank's hidden states are exactly the full-sequence model's on its
+chunk.
+
+The task's loss is the mean over the chunk's labelled tokens; each rank weights it by w = n_rank / n (its share
+of the *global* micro-batch's labelled tokens, counted locally — every rank reads the whole global batch before
+keeping its rows), so Σ_ranks w·loss is the mean over all tokens of the micro-batch and the gradients summed over
+the world are the single process's — exactly, even when SFT masks leave the chunks and the data-parallel slices
+unequal counts (plain data parallel averages per-rank means there). After the last micro-batch one all-reduce
+sums the gradients over the world, then clipping runs on the replicated gradients. The loss and token count
+reported are summed over the world. Checkpoints are the (replicated) full model, written by rank 0 as a fresh plain
+module: the ring is a property of the run, not of the weights.
+
+Contiguous chunks only (context.py has no zig-zag order): under the causal mask the last rank of the ring does
+C times the attention work of the first. Not covered: padding masks, sliding windows and ALiBi in the ring,
+tensor or pipeline parallel beside it, torch.compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tinyllm.train.losses import IGNORE_INDEX
+from tinyllm.train.optim import build_optimizer
+from tinyllm.train.parallel import dist as tdist
+from tinyllm.train.parallel.context import context_parallel
+from tinyllm.train.parallel.pipeline_strategy import input_ids_of
+from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
+
+
+def labels_of(batch: Any) -> torch.Tensor | None:
+    """The labels of a task's batch: the second of an (input_ids, labels) tuple or "labels" (None: all count)."""
+    if isinstance(batch, dict):
+        return batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    return None
+
+
+class _ChunkPositions(nn.Module):
+    """Runs the model on a sequence chunk at its global positions [offset, offset + T_chunk)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module  # `module`: train.losses.model_lm_loss finds the CausalLM (and its head) through it
+        self.offset = 0
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        if positions is None:
+            b, t = input_ids.shape
+            positions = torch.arange(self.offset, self.offset + t, device=input_ids.device).expand(b, t)
+        return self.module(input_ids, positions, *args, **kwargs)
+
+
+class ContextParallelStrategy(Strategy):
+    name = "cp"
+
+    def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
+                 cp: int) -> None:
+        super().__init__(module, params, opt_args)
+        if not hasattr(module, "config") or not hasattr(getattr(module, "model", None), "layers"):
+            raise ValueError(f"context parallel rewires the attention of a tinyllm CausalLM, not a "
+                             f"{type(module).__name__}")
+        if getattr(module.config, "num_local_experts", 0):
+            raise ValueError("context parallel with an MoE model: the router's auxiliary losses are not additive "
+                             "over sequence chunks (train MoE with --ep or --parallel dp)")
+        world = dist.get_world_size()
+        self.dp, self.cp = world // cp, cp
+        self.cp_group = self.dp_group = None
+        if self.dp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self._comm_device().type, (self.dp, cp), mesh_dim_names=("dp", "cp"))
+            self.cp_group, self.dp_group = mesh.get_group("cp"), mesh.get_group("dp")
+        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else self.rank
+        self.world = 1  # the loop counts tokens × world: forward_backward already sums them over every rank
+        context_parallel(module, self.cp_group)
+        self.model = _ChunkPositions(module)
+        self.optimizer = build_optimizer(params, **opt_args)
+        self._global_counts: list[int] = []
+
+    def local_batch(self, batch: Any) -> Any:
+        labels = labels_of(batch)
+        # the global micro-batch's labelled tokens: each rank's weight is its share of them (exact for SFT too)
+        self._global_counts.append(int((labels != IGNORE_INDEX).sum()) if labels is not None
+                                   else input_ids_of(batch).numel())
+        return _slice_rows(batch, self.dp_rank, self.dp)
+
+    def chunk(self, batch: Any) -> tuple[Any, int]:
+        """(this rank's sequence chunk of `batch`, its labelled tokens); sets the position offset."""
+        ids = input_ids_of(batch)
+        if ids.dim() != 2:
+            raise ValueError(f"context parallel splits [B, T] token ids, got shape {tuple(ids.shape)}")
+        b, t = ids.shape
+        n = -(-t // self.cp)
+        labels = labels_of(batch)
+
+        def cut(x: Any, fill: int) -> Any:
+            if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (b, t)):
+                return x
+            if n * self.cp != t:
+                pad = x.new_full((b, n * self.cp - t, *x.shape[2:]), fill)
+                x = torch.cat([x, pad], dim=1)
+            return x[:, self.cp_rank * n:(self.cp_rank + 1) * n].clone()
+
+        if isinstance(batch, dict):
+            out: Any = {k: cut(v, IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
+        elif isinstance(batch, (tuple, list)):
+            out = type(batch)(cut(v, IGNORE_INDEX if j == 1 else 0) for j, v in enumerate(batch))
+        else:
+            out = cut(batch, 0)
+        self.model.offset = self.cp_rank * n
+        if labels is None:
+            return out, b * min(n, max(t - self.cp_rank * n, 0))
+        mine = labels_of(out)
+        count = int((mine != IGNORE_INDEX).sum())
+        if count == 0:
+            # a chunk without labelled tokens (an SFT prompt, padding) still runs forward and backward — the ring
+            # is collective — but a mean over no tokens is 0/0: one stand-in label keeps the loss finite, and
+            # its weight 0 keeps it out of the values and gradients
+            mine[0, 0] = 0
+        return out, count
+
+    def _sum(self, values: list[float], group: Any) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        with tdist.collective_guard("context-parallel loss all-reduce"):
+            dist.all_reduce(t, group=group)
+        return t.tolist()
+
+    def forward_backward(self, task: Any, batches: list[Any], autocast: Any) -> tuple[float, int, dict]:
+        """Each micro-batch's chunk forward and backward, its loss weighted by the chunk's share of the global
+        micro-batch's labelled tokens; returns (Σ micro-batch losses, tokens, task metrics) of the whole run."""
+        k = len(batches)
+        counts, self._global_counts = self._global_counts[-k:], []
+        total, tokens, metrics = 0.0, 0, {}
+        for batch, everyone in zip(batches, counts, strict=True):
+            part, mine = self.chunk(batch)
+            w = mine / max(everyone, 1)
+            with autocast:
+                loss, metrics = task.loss(self.model, part)
+            (loss * (w / k)).backward()
+            total += loss.item() * w if mine else 0.0
+            tokens += int(metrics.get("tokens", input_ids_of(part).numel())) if mine else 0
+        total, tok = self._sum([total, tokens], None)
+        return total, int(tok), metrics
+
+    @torch.no_grad()
+    def eval_loss(self, task: Any, batch: Any, autocast: Any) -> float:
+        """The whole eval batch on every data-parallel replica, its sequence split over the ring."""
+        labels = labels_of(batch)
+        everyone = int((labels != IGNORE_INDEX).sum()) if labels is not None else input_ids_of(batch).numel()
+        part, mine = self.chunk(batch)
+        with autocast:
+            loss, _ = task.loss(self.model, part)
+        return self._sum([loss.item() * mine / max(everyone, 1) if mine else 0.0], self.cp_group)[0]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        with tdist.collective_guard("context-parallel gradient all-reduce"):
+            for p in dict.fromkeys(p for _, p in self.params):
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)  # the weights already make the sum over every rank the global mean
+        return float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm))
+
+    def mean(self, x: float) -> float:
+        return x  # forward_backward summed the weighted losses over every rank
+
+    def full_model(self) -> nn.Module | None:
+        return _copy_with(self.module, self.full_state_dict()) if self.rank == 0 else None

@@ -1,0 +1,229 @@
+"""The training loop's strategy for pipeline parallel: `tinyllm pretrain|sft --pp P [--parallel dp]` under torchrun.
+
+The N ranks form a grid dp × pp (`init_device_mesh`, pp the inner axis: a pipeline is P consecutive ranks). Rank
+s of a pipeline holds stage s of the model (`pipeline.PipelineStage`: the embeddings on the first stage, a
+balanced run of decoder layers, the final norm, the lm_head and the task's loss on the last). The loop's k
+gradient-accumulation micro-batches are the pipeline's micro-batches: every rank draws the same k global
+micro-batches from the data (same seed), keeps its data-parallel rows, and runs its stage's list of ops of the
+schedule (`pp_schedule`: 1F1B by default, or GPipe) — forward of micro-batch i receives the activation from the
+previous stage and sends its own on; backward receives the activation's gradient from the next stage and sends
+its input's gradient back. Each rank knows every micro-batch's [B, T] from its own copy of the batch, so only
+tensors travel.
+
+After the schedule: the loss (and the task's token count) goes from the last stage to every stage of its
+pipeline (a broadcast), gradients are averaged over the data-parallel group, the tied embedding's two copies
+(first stage: embed_tokens, last stage: lm_head) add each other's gradient, and clipping uses the global norm
+over all stages (`pipeline.clip_grad_norm_`). Both copies of a tied matrix then take the same AdamW step, so
+they stay equal. Checkpoints merge the stages (`pipeline.gather_pipeline_state_dict`) into one full HF model
+written by rank 0. Evaluation runs forward-only through the pipeline, each eval batch one micro-batch.
+
+Not covered: tensor or context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
+stages, freeing the layers a stage does not own (they stay allocated, unused, on every rank).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tinyllm.train.optim import build_optimizer
+from tinyllm.train.parallel import dist as tdist
+from tinyllm.train.parallel.pipeline import (
+    PipelineStage,
+    _peer,
+    clip_grad_norm_,
+    gather_pipeline_state_dict,
+    schedule,
+    sync_tied_grads,
+)
+from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
+
+
+def input_ids_of(batch: Any) -> torch.Tensor:
+    """The token ids of a task's batch: a tensor, the first of a tuple (pretraining's (x, y)), or "input_ids"."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(f"cannot find the token ids in a batch of type {type(batch).__name__}: model-parallel "
+                     "training needs a tensor, an (input_ids, labels) tuple or a dict with 'input_ids'")
+
+
+class _StageAsModel(nn.Module):
+    """What the task's loss sees on the last stage: a module whose forward ignores the token ids it is given
+    and runs the stage on the activation received from the previous stage (set in `x`), returning logits."""
+
+    def __init__(self, stage: PipelineStage) -> None:
+        super().__init__()
+        self.stage = stage
+        self.x: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("hidden_only") or kwargs.get("cache") is not None or args:
+            raise ValueError("under pipeline parallel the task's loss gets logits from model(input_ids) only")
+        return self.stage(self.x)
+
+
+class PipelineParallelStrategy(Strategy):
+    name = "pp"
+
+    def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
+                 pp: int, kind: str = "1f1b") -> None:
+        super().__init__(module, params, opt_args)
+        cfg = getattr(module, "config", None)
+        if cfg is None or not hasattr(module, "model") or not hasattr(module.model, "layers"):
+            raise ValueError(f"pipeline parallel cuts a tinyllm CausalLM into stages, not a {type(module).__name__}")
+        if getattr(cfg, "num_local_experts", 0):
+            raise ValueError("pipeline parallel with an MoE model: the auxiliary losses live on every stage and "
+                             "are not collected (train MoE with --ep or --parallel dp)")
+        if cfg.num_hidden_layers < pp:
+            raise ValueError(f"pp={pp} stages but the model has num_hidden_layers={cfg.num_hidden_layers}")
+        schedule(kind, pp, 1)  # validates the schedule's name
+        world = dist.get_world_size()
+        self.dp, self.pp, self.kind = world // pp, pp, kind
+        self.pp_group = self.dp_group = None
+        if self.dp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self._comm_device().type, (self.dp, pp), mesh_dim_names=("dp", "pp"))
+            self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.s = dist.get_rank(self.pp_group) if self.pp_group is not None else self.rank
+        self.world = self.dp  # the loop counts tokens × world: the stages of a pipeline share their rows
+        self.stage = PipelineStage(module, self.s, pp)
+        self.first, self.last = self.stage.is_first, self.stage.is_last
+        self.view = _StageAsModel(self.stage)
+        self.model = self.stage
+        trainable = {id(p) for _, p in params}
+        embed_trainable = id(module.model.embed_tokens.weight) in trainable
+        own = [(n, p) for n, p in self.stage.named_parameters()
+               if id(p) in trainable or (n == "lm_head.weight" and self.stage.tied and embed_trainable)]
+        self.params = own
+        self.optimizer = build_optimizer(own, **opt_args) if own else _NoOptimizer()
+        self.dtype = next(module.parameters()).dtype
+        self.device = next(module.parameters()).device
+
+    # ---------------------------------------------------------------- point to point
+    def _send(self, t: torch.Tensor, stage: int, tag: int) -> Any:
+        return dist.isend(t.contiguous(), _peer(self.pp_group, stage), group=self.pp_group, tag=tag)
+
+    def _recv(self, shape: tuple[int, ...], stage: int, tag: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+        with tdist.collective_guard(f"pipeline recv from stage {stage}"):
+            dist.recv(buf, _peer(self.pp_group, stage), group=self.pp_group, tag=tag)
+        return buf
+
+    def _from_last_stage(self, payload: Any) -> Any:
+        box = [payload]
+        with tdist.collective_guard("pipeline loss broadcast"):
+            dist.broadcast_object_list(box, src=_peer(self.pp_group, self.pp - 1), group=self.pp_group)
+        return box[0]
+
+    # ---------------------------------------------------------------- the loop's hooks
+    def local_batch(self, batch: Any) -> Any:
+        return _slice_rows(batch, self.dp_rank, self.dp)
+
+    def forward_backward(self, task: Any, batches: list[Any], autocast: Any) -> tuple[float, int, dict]:
+        """Run the schedule over the k micro-batches; returns (Σ micro-batch losses, tokens, task metrics) of this
+        pipeline's rows, the same on every stage."""
+        k = len(batches)
+        hidden = self.stage.config.hidden_size
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        sends: list = []
+        total, tokens, metrics = 0.0, 0, {}
+        for kind, i in schedule(self.kind, self.pp, k)[self.s]:
+            ids = input_ids_of(batches[i])
+            shape = (*ids.shape, hidden)
+            if kind == "F":
+                x = ids if self.first else self._recv(shape, self.s - 1, i).requires_grad_()
+                with autocast:
+                    if self.last:
+                        self.view.x = x
+                        loss, metrics = task.loss(self.view, batches[i])
+                        self.view.x = None
+                        out = loss / k
+                    else:
+                        out = self.stage(x)
+                if self.last:
+                    total += loss.item()
+                    tokens += int(metrics.get("tokens", ids.numel()))
+                else:
+                    sends.append(self._send(out.detach().to(self.dtype), self.s + 1, i))
+                inputs[i], outputs[i] = x, out
+            else:
+                out = outputs.pop(i)
+                grad = None if self.last else self._recv(shape, self.s + 1, k + i).to(out.dtype)
+                torch.autograd.backward(out, grad)
+                x = inputs.pop(i)
+                if not self.first:
+                    sends.append(self._send(x.grad, self.s - 1, k + i))
+        with tdist.collective_guard("pipeline sends"):
+            for w in sends:
+                w.wait()
+        total, tokens, metrics = self._from_last_stage((total, tokens, metrics) if self.last else None)
+        return total, tokens, metrics
+
+    @torch.no_grad()
+    def eval_loss(self, task: Any, batch: Any, autocast: Any) -> float:
+        """Forward only: the whole eval batch as one micro-batch through the stages; the last stage's loss."""
+        ids = input_ids_of(batch)
+        x = ids if self.first else self._recv((*ids.shape, self.stage.config.hidden_size), self.s - 1, 0)
+        value = None
+        with autocast:
+            if self.last:
+                self.view.x = x
+                value = task.loss(self.view, batch)[0].item()
+                self.view.x = None
+            else:
+                out = self.stage(x)
+        if not self.last:
+            with tdist.collective_guard("pipeline send"):
+                self._send(out.to(self.dtype), self.s + 1, 0).wait()
+        return self._from_last_stage(value)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        if self.dp_group is not None:
+            with tdist.collective_guard("data-parallel gradient all-reduce"):
+                for _, p in self.params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=self.dp_group)
+                        p.grad /= self.dp
+        sync_tied_grads(self.stage, self.pp_group)
+        return float(clip_grad_norm_(self.stage, max_norm, self.pp_group))
+
+    def mean(self, x: float) -> float:
+        if self.dp_group is None:
+            return x  # every stage of the one pipeline holds the same (broadcast) loss
+        t = torch.tensor([x], dtype=torch.float64, device=self._comm_device())
+        with tdist.collective_guard("loss all-reduce"):
+            dist.all_reduce(t, group=self.dp_group)
+        return t.item() / self.dp
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return gather_pipeline_state_dict(self.stage.state_dict(), self.pp_group, tied=self.stage.tied)
+
+    def full_model(self) -> nn.Module | None:
+        state = self.full_state_dict()  # a collective over the pipeline: every stage takes part
+        return _copy_with(self.module, state) if self.rank == 0 else None
+
+
+class _NoOptimizer:
+    """A stage without trainable parameters (everything it holds is frozen)."""
+
+    def __init__(self) -> None:
+        self.param_groups: list = []
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
