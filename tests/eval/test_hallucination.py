@@ -134,3 +134,18 @@ def test_inews_fact_set() -> None:
         H.inews_fact_set(n=0)
     rng = random.Random(0)
     assert H.change_number("拍出26套房产", rng) not in (None, "拍出26套房产") and H.change_number("无数字", rng) is None
+
+
+def test_score_fact_set_end_to_end(tiny: Path) -> None:
+    from tinyllm.eval.lm import TinyLM
+    from tinyllm.model.hf import load_model
+    from tinyllm.tokenizer import load_tokenizer
+
+    facts = H.inews_fact_set(n=4)
+    r = H.score_fact_set(TinyLM(load_model(tiny), load_tokenizer(tiny)), facts, k=2, max_gen_toks=3)
+    assert set(r["auroc"]) == set(r["scores"]) and r["n"] == 8
+    assert all(len(s) == 8 for s in r["scores"].values())
+    assert all(0.0 <= a <= 1.0 for a in r["auroc"].values())
+    assert {len(v) for v in r["samples"].values()} == {2} and len(r["samples"]) == 4
+    # one AUROC per corruption kind present
+    assert set(r["auroc_by_kind"]["mean_entropy"]) == {f["kind"] for f in facts if f["label"]}
