@@ -17,7 +17,9 @@ from tinyllm.recipes.tool_calc import (
     ToolCalcConfig,
     _examples,
     conversations,
+    length_bucketed_batches,
     make_question,
+    run_recipe,
 )
 from tinyllm.serve.chat_format import render_chat_tools
 from tinyllm.serve.tool_calls import parse_tool_calls
@@ -73,3 +75,37 @@ def test_questions_and_config():
     assert max(len(e.split("+")[0]) for _, e in qs if "+" in e) > 15
     with pytest.raises(ValueError, match="steps=0"):
         ToolCalcConfig(steps=0)
+    with pytest.raises(ValueError, match=r"without_fraction=1\.5"):
+        ToolCalcConfig(without_fraction=1.5)
+    with pytest.raises(ValueError, match="heads=3"):
+        ToolCalcConfig(heads=3)
+
+
+def test_digits_are_single_tokens(tok):
+    """Copying an operand into the call is then a token-by-token copy."""
+    n = "81728738271872871871672"
+    assert [tok.decode([i]) for i in tok.encode(f"What is {n}?")][2:-1] == [" ", *n]
+
+
+def test_length_bucketed_batches():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(1000)]
+    batches = length_bucketed_batches(lengths, 8, seed=0, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert len(batches) == 125 and len(set(flat)) == 1000  # every example once per epoch
+    pad = sum(max(lengths[i] for i in b) * 8 - sum(lengths[i] for i in b) for b in batches)
+    assert pad < 0.05 * sum(lengths)  # little padding
+    assert batches != length_bucketed_batches(lengths, 8, seed=0, epoch=1)
+    with pytest.raises(ValueError, match="batch_size=8"):
+        length_bucketed_batches([3, 4], 8, seed=0, epoch=0)
+
+
+def test_tiny_run_writes_both_accuracies_and_well_formed_calls(tmp_path):
+    """A tiny scale of the recipe: the report has both numbers and the model's first step is a parsed call."""
+    cfg = ToolCalcConfig(out=str(tmp_path), train_questions=300, eval_questions=3, steps=250, batch_size=16, lr=3e-3,
+                         hidden_size=64)
+    run_recipe(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n"] == 3 and 0 <= report["accuracy_with_tool"] <= 1 and 0 <= report["accuracy_without_tool"] <= 1
+    assert "Action: calculator(" in report["long_addition"]["trace"]
+    assert (tmp_path / "model" / "config.json").exists()

@@ -1,16 +1,20 @@
 """A tiny model taught to use a calculator tool (notes ch.08 tool use: the multi-digit addition "simple hard
 problem", 81728738271872871871672 + 28781729836746721; Toolformer's idea at toy scale).
 
-`tinyllm recipe tool-calc [--out runs/tool-calc] [--steps 600]`:
+`tinyllm recipe tool-calc [--out runs/tool-calc] [--steps 8000]`:
 
 1. data      -- synthetic questions (English and Chinese phrasings) about multi-digit +, -, × with 2-24 digit
                 operands and unit conversions (km→m, h→min, kg→g, m→cm, cm→m, min→s). Each becomes two
                 conversations: *with the tool* (a system turn lists the tools; the assistant writes a
                 `<tool_call>` with the expression, the calculator's result comes back as `<tool_response>`,
-                the assistant answers with it) and *without* (the assistant answers directly);
-2. tokenizer -- byte-level BPE on the rendered conversations (digits pre-split in threes);
-3. sft       -- a ~1M-parameter LLaMA-style model trained from scratch on both kinds with assistant-only
-                loss, through THE training loop (`tinyllm.train.loop` with `SFTTask`);
+                the assistant answers with it) and, for a share of them, *without* (the assistant answers
+                directly; enough to measure the difference, not so many that they eat the training budget);
+2. tokenizer -- byte-level BPE on the rendered conversations, one token per digit (the Qwen pre-tokenizer),
+                so copying an operand into the call is a token-by-token copy;
+3. sft       -- a ~0.5M-parameter, 2-layer LLaMA-style model trained from scratch with assistant-only loss,
+                through THE training loop (`tinyllm.train.loop`), batches of similar length (little padding).
+                Copying random digit strings needs an induction-style circuit; it appears late (the loss
+                plateaus for ~2000 steps) and a lower peak LR (1e-3) forms it sooner than 3e-3;
 4. evaluate  -- on held-out questions (another seed): with the tool, the function-calling agent
                 (`FunctionCallingAgent` + `LocalChat` + the real calculator) must end with the exact answer;
                 without it, the model's direct reply must equal it. Plus the notes' long-addition example.
@@ -18,7 +22,7 @@ problem", 81728738271872871871672 + 28781729836746721; Toolformer's idea at toy 
                 `tools`, `tool_calls` and `role: tool` messages, so `tinyllm serve` offers it function calling).
 
 The chat template is this recipe's own (Hermes `<tool_call>` convention, tools listed by name), so training
-text and the agent's prompts are rendered by the same template. A few minutes on 2 CPU cores.
+text and the agent's prompts are rendered by the same template. About ten minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -60,19 +64,25 @@ _UNITS = [("How many meters are in {x} km?", "{x}*1000"), ("{x}公里是多少�
 @dataclass
 class ToolCalcConfig:
     out: str = field(default="runs/tool-calc", metadata={"help": "output directory"})
-    train_questions: int = field(default=4000, metadata={"help": "synthetic training questions"})
+    train_questions: int = field(default=20000, metadata={"help": "synthetic training questions"})
     eval_questions: int = field(default=100, metadata={"help": "held-out questions per mode"})
-    steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "conversations per step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    without_fraction: float = field(default=0.3, metadata={"help": "share of questions also trained without the tool"})
+    steps: int = field(default=8000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "conversations per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     hidden_size: int = field(default=128, metadata={"help": "model width"})
-    layers: int = field(default=4, metadata={"help": "decoder layers"})
+    layers: int = field(default=2, metadata={"help": "decoder layers"})
+    heads: int = field(default=4, metadata={"help": "attention heads (as many key/value heads)"})
     seed: int = field(default=0, metadata={"help": "seed of the data, the model and the order"})
 
     def __post_init__(self) -> None:
-        for name in ("train_questions", "eval_questions", "steps", "batch_size", "hidden_size", "layers"):
+        for name in ("train_questions", "eval_questions", "steps", "batch_size", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of heads={self.heads}")
+        if not 0 <= self.without_fraction <= 1:
+            raise ValueError(f"without_fraction={self.without_fraction} must be in [0, 1]")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
 
@@ -135,12 +145,49 @@ def _examples(convs: list[list[dict[str, Any]]], tok: Any) -> list[Any]:
     return out
 
 
+def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of batches of example indices: shuffled, then sorted by length within windows of 64 batches
+    (so a batch pads little), the batches in shuffled order; a last short batch is dropped."""
+    import numpy as np
+
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    window = batch_size * 64
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i: i + window].tolist(), key=lambda j: lengths[j])
+        batches += [chunk[k: k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ValueError(f"{len(lengths)} examples make no batch of batch_size={batch_size}")
+    return [batches[b] for b in np.random.default_rng([seed, epoch, 1]).permutation(len(batches))]
+
+
+def _sft_task_class() -> type:
+    from tinyllm.data.sft import pad_collate
+    from tinyllm.train.sft import SFTTask
+
+    class _LengthBucketedSFT(SFTTask):
+        def train_batches(self) -> Any:
+            lengths = [len(e.ids) for e in self.train_examples]
+            epoch = 0
+            while True:
+                for b in length_bucketed_batches(lengths, self.batch_size, self.seed, epoch):
+                    yield pad_collate([self.train_examples[j] for j in b], self.pad_id)
+                epoch += 1
+
+    return _LengthBucketedSFT
+
+
+def length_bucketed_task(*args: Any) -> Any:
+    """`SFTTask` whose training batches come from `length_bucketed_batches` (endless, epoch after epoch)."""
+    return _sft_task_class()(*args)
+
+
 def evaluate_model(model_dir: Path, questions: list[tuple[str, str]]) -> dict[str, Any]:
     from tinyllm.agent.backends import LocalChat
     from tinyllm.agent.function_calling import FunctionCallingAgent
     from tinyllm.agent.tools import builtin_tools
 
-    chat = LocalChat(str(model_dir), tool_prompt="template", max_tokens=64)
+    chat = LocalChat(str(model_dir), tool_prompt="template", max_tokens=128)
     agent = FunctionCallingAgent(chat, builtin_tools(["calc"]), max_steps=3)
     with_tool = without = 0
     samples = []
@@ -168,7 +215,6 @@ def run_recipe(cfg: ToolCalcConfig) -> int:
     from tinyllm.model.hf import build_model, save_pretrained
     from tinyllm.tokenizer import train_bpe
     from tinyllm.train.loop import TrainConfig, train
-    from tinyllm.train.sft import SFTTask
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,24 +228,28 @@ def run_recipe(cfg: ToolCalcConfig) -> int:
         q = make_question(held)
         if q[0] not in seen:
             eval_q.append(q)
-    convs = [c for q, e in train_q for c in conversations(q, e)]
+    pick = random.Random(cfg.seed + 1)
+    convs = []
+    for q, e in train_q:
+        with_tool, without = conversations(q, e)
+        convs += [with_tool, without] if pick.random() < cfg.without_fraction else [with_tool]
     from tinyllm.tokenizer.chat import apply_chat_template
 
     texts = [apply_chat_template(c, TEMPLATE, add_generation_prompt=False) for c in convs[:2000]]
-    tok = train_bpe(texts, 600, special_tokens=SPECIALS, show_progress=False, eos_token="<|im_end|>",
-                    pad_token="<|endoftext|>", chat_template=TEMPLATE)
+    tok = train_bpe(texts, 600, pattern="qwen", special_tokens=SPECIALS, show_progress=False,
+                    eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TEMPLATE)
     examples = _examples(convs, tok)
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
-                       num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                        max_position_embeddings=256, tie_word_embeddings=True)
     model = build_model(mcfg)
     pad = tok.encode("<|endoftext|>", allowed_special="all")[0]
     tcfg = TrainConfig(out_dir=str(out / "train"), max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       min_lr=cfg.lr / 10, warmup_steps=min(50, cfg.steps // 10), weight_decay=0.0,
+                       min_lr=cfg.lr / 10, warmup_steps=min(100, cfg.steps // 10), weight_decay=0.0,
                        eval_interval=0, eval_steps=0, save_interval=0, seed=cfg.seed, device="cpu",
                        precision="fp32", progress=False, log_interval=50)
-    result = train(model, SFTTask(examples, [], cfg.batch_size, pad, cfg.seed), tcfg)
+    result = train(model, length_bucketed_task(examples, [], cfg.batch_size, pad, cfg.seed), tcfg)
     model_dir = out / "model"
     save_pretrained(model.eval(), model_dir)
     tok.save(model_dir)
