@@ -28,6 +28,8 @@ Ulysses-style all-to-all head/sequence exchange.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -185,11 +187,13 @@ def cp_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, 
     return loss * (mine / count.clamp(min=1)).item()
 
 
-def all_reduce_grads(model: nn.Module, group: dist.ProcessGroup | None, average: bool = False) -> None:
-    """Sum (or average) every gradient over `group` (tied weights once)."""
+def all_reduce_grads(model: nn.Module | Iterable[torch.Tensor], group: dist.ProcessGroup | None,
+                     average: bool = False) -> None:
+    """Sum (or average) every gradient over `group` (tied weights once); `model` is a module or its parameters."""
     n = dist.get_world_size(group)
+    params = model.parameters() if isinstance(model, nn.Module) else model
     with collective_guard("gradient all-reduce"):
-        for p in dict.fromkeys(model.parameters()):
+        for p in dict.fromkeys(params):
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)
                 if average:

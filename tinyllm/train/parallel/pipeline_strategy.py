@@ -31,6 +31,7 @@ from torch import nn
 
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
+from tinyllm.train.parallel.context import all_reduce_grads
 from tinyllm.train.parallel.pipeline import (
     PipelineStage,
     _peer,
@@ -189,11 +190,7 @@ class PipelineParallelStrategy(Strategy):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         if self.dp_group is not None:
-            with tdist.collective_guard("data-parallel gradient all-reduce"):
-                for _, p in self.params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, group=self.dp_group)
-                        p.grad /= self.dp
+            all_reduce_grads([p for _, p in self.params], self.dp_group, average=True)
         sync_tied_grads(self.stage, self.pp_group)
         return float(clip_grad_norm_(self.stage, max_norm, self.pp_group))
 

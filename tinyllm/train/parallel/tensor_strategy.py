@@ -22,6 +22,7 @@ from torch import nn
 
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
+from tinyllm.train.parallel.context import all_reduce_grads
 from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
 
 
@@ -59,11 +60,7 @@ class TensorParallelStrategy(Strategy):
         from tinyllm.train.parallel.tensor import clip_grad_norm_
 
         if self.dp_group is not None:
-            with tdist.collective_guard("data-parallel gradient all-reduce"):
-                for _, p in self.params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, group=self.dp_group)
-                        p.grad /= self.dp
+            all_reduce_grads([p for _, p in self.params], self.dp_group, average=True)
         return float(clip_grad_norm_([p for _, p in self.params], max_norm, self.tp_group))
 
     def mean(self, x: float) -> float:
