@@ -15,9 +15,8 @@ Notes ch.01 分词 / jieba分词用法及原理. The mechanism, step by step:
    M(iddle) E(nd) S(ingle), observations = characters, Viterbi over log start/transition/emission probabilities
    (unseen emission = −3.14e100; allowed predecessors B:{E,S} M:{M,B} S:{S,E} E:{B,M}; the path ends in E or S).
    This is how 杭研 in 他来到了网易杭研大厦 is found although no dictionary has it.
-5. **Blocks.** Text is first split into runs of "word" characters (Han, ASCII letters/digits, `+#&._%-`) and the
-   rest; each whitespace character (or a CR LF pair) is a token, and so is every other character. Without HMM,
-   adjacent single ASCII letters/digits of the route are glued back into one token ("iPhone", "2024").
+5. **Blocks** (`seg_blocks.Patterns`): word-character runs go through steps 1–4, every other character is a token;
+   without HMM, adjacent single ASCII letters/digits of the route are glued back ("iPhone", "2024").
 
 Modes: precise (the route), full (every dictionary word of the DAG — jieba's `cut_all`), search (precise, plus
 every dictionary 2-gram of words longer than 2 and 3-gram of words longer than 3, emitted before the word).
@@ -37,13 +36,12 @@ import itertools
 import json
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm.atomic import atomic_open
+from tinyllm.nlp.seg_blocks import CORPUS_PATTERNS, JIEBA_PATTERNS, NUMBER, USERDICT, Patterns, read_dict_file
 from tinyllm.nlp.seg_eval import PRF, read_segmented, segmentation_prf  # noqa: F401 (re-exported)
 from tinyllm.nlp.seg_hmm import HMM, MIN_FLOAT, STATES, _bmes, _package_dir, jieba_hmm  # noqa: F401
 
@@ -51,85 +49,10 @@ MODES = ("precise", "full", "search")
 FORMAT = "tinyllm-segmenter"
 
 
-@dataclass(frozen=True)
-class Patterns:
-    """The character classes that cut text into blocks (jieba's regexes by default).
-
-    block: runs segmented by the dictionary; the rest is split by `skip` (each whitespace character or CR LF
-    pair is a token; other characters become single tokens, or whole runs in full mode). hmm: inside an OOV
-    buffer, runs given to the Viterbi decoder; the rest of the buffer is split into `hmm_skip` matches
-    (numbers like 3.14%) and the characters between them. eng: characters glued together in the no-HMM precise and the full modes.
-    number: if set, every match inside a block (a digit run like １９９８ or ５８．１) is replaced by the one
-    placeholder character NUMBER before the dictionary and the HMM see it, and restored in the output — so a
-    corpus-trained model learns "NUMBER年", "NUMBER万", "NUMBER％" once instead of every number it saw.
-    """
-
-    block: str = "[\u4e00-\u9fd5a-zA-Z0-9+#&\\._%\\-]+"
-    skip: str = "\r\n|\\s"
-    hmm: str = "[\u4e00-\u9fd5]+"
-    hmm_skip: str = "[a-zA-Z0-9]+(?:\\.\\d+)?%?"
-    eng: str = "a-zA-Z0-9"
-    number: str | None = None
-
-    def compile(self) -> tuple:
-        return _compile(self)
-
-
-NUMBER = "\ue000"  # placeholder character for a digit run (private-use code point, never in real text)
-
-
-@functools.lru_cache(maxsize=8)
-def _compile(p: Patterns) -> tuple:
-    try:
-        eng = re.compile(f"[{p.eng}]")
-        compiled = [re.compile(f"({x})") for x in (p.block, p.skip, p.hmm, p.hmm_skip)]
-        number = re.compile(p.number) if p.number else None
-    except re.error as e:
-        raise ValueError(f"bad segmentation pattern in {p}: {e}") from None
-    eng_chars = frozenset(ch for ch in map(chr, range(0x10000)) if eng.match(ch))
-    return (*compiled, eng_chars, number)
-
-
-JIEBA_PATTERNS = Patterns()
-# For a corpus-trained model: full-width digits/letters and the People's-Daily number and dash characters (．％·／—…－) join
-# the dictionary blocks and the HMM, since the corpus (not a hand-made rule) knows how they form words.
-_FW = "\uff10-\uff19\uff21-\uff3a\uff41-\uff5a"
-_DIGIT = "0-9\uff10-\uff19"
-CORPUS_PATTERNS = Patterns(
-    block=f"[{NUMBER}\u3007\u4e00-\u9fd5{_FW}a-zA-Z0-9+#&\\._%\\-\uff0e\uff05\u00b7\uff0f\u2014\u2026\uff0d]+",
-    hmm=f"[{NUMBER}\u3007\u4e00-\u9fd5{_FW}\uff0e\uff05\u00b7\uff0f]+",
-    number=f"[{_DIGIT}]+(?:[.\uff0e\u00b7:\uff1a\uff0f/][{_DIGIT}]+)*")
-
-
 @functools.lru_cache(maxsize=1)
 def _jieba_prototype() -> Segmenter:
-    freq, total, tags = _read_dict_file(_package_dir("jieba") / "dict.txt")
+    freq, total, tags = read_dict_file(_package_dir("jieba") / "dict.txt")
     return Segmenter(freq, jieba_hmm(), total=total, tags=tags)
-
-
-def _read_dict_file(path: str | os.PathLike) -> tuple[dict[str, int], int, dict[str, str]]:
-    """jieba's `dict.txt` format: `word freq [tag]` per line. A repeated word keeps its last count, and every
-    line adds to the total (as jieba's `gen_pfdict` does)."""
-    freq: dict[str, int] = {}
-    tags: dict[str, str] = {}
-    total = 0
-    text = Path(path).read_text(encoding="utf-8").lstrip("\ufeff")
-    for lineno, line in enumerate(text.split("\n"), 1):
-        parts = line.strip().split(" ")
-        if parts == [""]:
-            continue
-        try:
-            word, count = parts[0], int(parts[1])
-        except (IndexError, ValueError):
-            raise ValueError(f"invalid dictionary entry in {path} at line {lineno}: {line.strip()!r}") from None
-        freq[word] = count
-        total += count
-        if len(parts) > 2:
-            tags[word] = parts[2]
-    return freq, total, tags
-
-
-_USERDICT = re.compile(r"^(.+?)( [0-9]+)?( [a-z]+)?$")
 
 
 class Segmenter:
@@ -165,7 +88,7 @@ class Segmenter:
     def from_dict_file(cls, path: str | os.PathLike, hmm: HMM | None = None,
                        patterns: Patterns = JIEBA_PATTERNS) -> Segmenter:
         """A dictionary in jieba's `dict.txt` format: one `word freq [tag]` per line (UTF-8)."""
-        freq, total, tags = _read_dict_file(path)
+        freq, total, tags = read_dict_file(path)
         return cls(freq, hmm, total=total, tags=tags, patterns=patterns)
 
     @classmethod
@@ -340,7 +263,7 @@ class Segmenter:
             line = line.strip().lstrip("\ufeff")
             if not line:
                 continue
-            word, freq, tag = _USERDICT.match(line).groups()  # type: ignore[union-attr]
+            word, freq, tag = USERDICT.match(line).groups()  # type: ignore[union-attr]
             self.add_word(word, int(freq) if freq else None, tag.strip() if tag else None)
 
     # ------------------------------------------------------------------ DAG and route
