@@ -12,10 +12,10 @@ import pytest
 from tinyllm.agent.calculator import evaluate
 from tinyllm.recipes.tool_calc import (
     CALC_TOOL,
-    SPECIALS,
     TEMPLATE,
     ToolCalcConfig,
     _examples,
+    build_tokenizer,
     conversations,
     length_bucketed_batches,
     make_question,
@@ -23,16 +23,15 @@ from tinyllm.recipes.tool_calc import (
 )
 from tinyllm.serve.chat_format import render_chat_tools
 from tinyllm.serve.tool_calls import parse_tool_calls
-from tinyllm.tokenizer import apply_chat_template, train_bpe
+from tinyllm.tokenizer import apply_chat_template
 
 
 @pytest.fixture(scope="module")
 def tok():
     rng = random.Random(0)
-    convs = [c for _ in range(200) for c in conversations(*make_question(rng))]
+    convs = [c for _ in range(3000) for c in conversations(*make_question(rng))]
     texts = [apply_chat_template(c, TEMPLATE, add_generation_prompt=False) for c in convs]
-    return train_bpe(texts, 400, special_tokens=SPECIALS, show_progress=False, eos_token="<|im_end|>",
-                     pad_token="<|endoftext|>", chat_template=TEMPLATE)
+    return build_tokenizer(texts, ToolCalcConfig().vocab_size)
 
 
 def test_training_text_equals_agent_prompts(tok):
@@ -79,12 +78,27 @@ def test_questions_and_config():
         ToolCalcConfig(without_fraction=1.5)
     with pytest.raises(ValueError, match="heads=3"):
         ToolCalcConfig(heads=3)
+    with pytest.raises(ValueError, match="pattern='gpt5'"):
+        ToolCalcConfig(pattern="gpt5")
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        ToolCalcConfig(optimizer="sgd")
 
 
-def test_digits_are_single_tokens(tok):
-    """Copying an operand into the call is then a token-by-token copy."""
-    n = "81728738271872871871672"
-    assert [tok.decode([i]) for i in tok.encode(f"What is {n}?")][2:-1] == [" ", *n]
+def test_operands_split_alike_in_question_call_and_answer(tok):
+    """Digits go in left-aligned groups of three wherever a number appears, so copying an operand into the
+    call (and the result into the answer) is a token-by-token copy of the same tokens."""
+    a, b = "81728738271872871871672", "28781729836746721"
+    groups = [a[i: i + 3] for i in range(0, len(a), 3)]
+    pieces = [tok.decode([i]) for i in tok.encode(f"What is {a} + {b}?")]
+    assert pieces[3: 3 + len(groups)] == groups
+    call = tok.encode(json.dumps({"expression": f"{a}+{b}"}))
+    ids_a, ids_b = tok.encode(a), tok.encode(b)
+    assert ids_a == tok.encode(" " + a)[1:] and len(ids_a) == len(groups)
+    text = [tok.decode([i]) for i in call]
+    start = text.index(groups[0])
+    assert call[start: start + len(ids_a)] == ids_a and call[start + len(ids_a) + 1: start + len(ids_a) + 1 + len(ids_b)] == ids_b
+    s = evaluate(f"{a}+{b}")
+    assert tok.encode(f"<tool_response>\n{s}\n")[-len(tok.encode(s)) - 1: -1] == tok.encode(s)
 
 
 def test_length_bucketed_batches():
@@ -102,7 +116,7 @@ def test_length_bucketed_batches():
 
 def test_tiny_run_writes_both_accuracies_and_well_formed_calls(tmp_path):
     """A tiny scale of the recipe: the report has both numbers and the model's first step is a parsed call."""
-    cfg = ToolCalcConfig(out=str(tmp_path), train_questions=300, eval_questions=3, steps=250, batch_size=16, lr=3e-3,
+    cfg = ToolCalcConfig(out=str(tmp_path), train_questions=300, eval_questions=3, steps=250, batch_size=16, lr=1e-2,
                          hidden_size=64)
     run_recipe(cfg)
     report = json.loads((tmp_path / "report.json").read_text())

@@ -9,12 +9,16 @@ problem", 81728738271872871871672 + 28781729836746721; Toolformer's idea at toy 
                 `<tool_call>` with the expression, the calculator's result comes back as `<tool_response>`,
                 the assistant answers with it) and, for a share of them, *without* (the assistant answers
                 directly; enough to measure the difference, not so many that they eat the training budget);
-2. tokenizer -- byte-level BPE on the rendered conversations, one token per digit (the Qwen pre-tokenizer),
-                so copying an operand into the call is a token-by-token copy;
-3. sft       -- a ~0.5M-parameter, 2-layer LLaMA-style model trained from scratch with assistant-only loss,
-                through THE training loop (`tinyllm.train.loop`), batches of similar length (little padding).
-                Copying random digit strings needs an induction-style circuit; it appears late (the loss
-                plateaus for ~2000 steps); a low peak LR forms it sooner (measured: 5e-4 > 1e-3 > 2e-3 > 3e-3);
+2. tokenizer -- byte-level BPE on the rendered conversations with GPT-4's pre-tokenizer: digits in groups of
+                up to three, and a vocabulary (1800) large enough that every 3-digit group is one token. An
+                operand is split the same way in the question, in the call and in the tool's response, so
+                copying it is a token-by-token copy of tokens that rarely repeat within a number (with one
+                token per digit each digit recurs ~2-3 times in a 24-digit operand and copies slip);
+3. sft       -- a ~0.6M-parameter, 2-layer LLaMA-style model trained from scratch with assistant-only loss,
+                through THE training loop (`tinyllm.train.loop`), batches of similar length (little padding),
+                Muon on the hidden matrices. Copying random strings at a varying offset needs an
+                induction-style circuit that appears after a loss plateau; Muon leaves the plateau after
+                ~1500 steps where AdamW needs ~3500 (measured: 100 % vs 64 % held-out accuracy after 8000);
 4. evaluate  -- on held-out questions (another seed): with the tool, the function-calling agent
                 (`FunctionCallingAgent` + `LocalChat` + the real calculator) must end with the exact answer;
                 without it, the model's direct reply must equal it. Plus the notes' long-addition example.
@@ -74,6 +78,11 @@ class ToolCalcConfig:
     layers: int = field(default=2, metadata={"help": "decoder layers"})
     heads: int = field(default=4, metadata={"help": "attention heads (as many key/value heads)"})
     seed: int = field(default=0, metadata={"help": "seed of the data, the model and the order"})
+    pattern: str = field(default="gpt4", metadata={"help": "pre-tokenizer: gpt4 (digits in groups of up to 3) or "
+                                                           "qwen (one token per digit)"})
+    vocab_size: int = field(default=1800, metadata={"help": "BPE vocabulary size"})
+    optimizer: str = field(default="muon", metadata={"help": "muon (Muon on the hidden matrices, AdamW on the rest) "
+                                                             "or adamw"})
 
     def __post_init__(self) -> None:
         for name in ("train_questions", "eval_questions", "steps", "batch_size", "hidden_size", "layers", "heads"):
@@ -83,6 +92,15 @@ class ToolCalcConfig:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of heads={self.heads}")
         if not 0 <= self.without_fraction <= 1:
             raise ValueError(f"without_fraction={self.without_fraction} must be in [0, 1]")
+        from tinyllm.tokenizer.pretokenize import PATTERNS
+        from tinyllm.train.optim import OPTIMIZERS
+
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern={self.pattern!r} is not one of {sorted(PATTERNS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size={self.vocab_size} must be >= 300 (256 bytes, the specials and some merges)")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
 
@@ -119,6 +137,14 @@ def conversations(question: str, expr: str) -> tuple[list[dict[str, Any]], list[
                  {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
     without = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return with_tool, without
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, pattern: str = "gpt4") -> Any:
+    """The recipe's BPE over rendered conversations, with its specials and chat template."""
+    from tinyllm.tokenizer import train_bpe
+
+    return train_bpe(texts, vocab_size, pattern=pattern, special_tokens=SPECIALS, show_progress=False,
+                     eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TEMPLATE)
 
 
 def _examples(convs: list[list[dict[str, Any]]], tok: Any) -> list[Any]:
@@ -213,7 +239,6 @@ def run_recipe(cfg: ToolCalcConfig) -> int:
     from tinyllm.atomic import atomic_write_json
     from tinyllm.model.config import ModelConfig
     from tinyllm.model.hf import build_model, save_pretrained
-    from tinyllm.tokenizer import train_bpe
     from tinyllm.train.loop import TrainConfig, train
 
     out = Path(cfg.out)
@@ -235,9 +260,8 @@ def run_recipe(cfg: ToolCalcConfig) -> int:
         convs += [with_tool, without] if pick.random() < cfg.without_fraction else [with_tool]
     from tinyllm.tokenizer.chat import apply_chat_template
 
-    texts = [apply_chat_template(c, TEMPLATE, add_generation_prompt=False) for c in convs[:2000]]
-    tok = train_bpe(texts, 600, pattern="qwen", special_tokens=SPECIALS, show_progress=False,
-                    eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TEMPLATE)
+    texts = [apply_chat_template(c, TEMPLATE, add_generation_prompt=False) for c in convs[:6000]]
+    tok = build_tokenizer(texts, cfg.vocab_size, cfg.pattern)
     examples = _examples(convs, tok)
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
@@ -248,7 +272,7 @@ def run_recipe(cfg: ToolCalcConfig) -> int:
     tcfg = TrainConfig(out_dir=str(out / "train"), max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                        min_lr=cfg.lr / 10, warmup_steps=min(100, cfg.steps // 10), weight_decay=0.0,
                        eval_interval=0, eval_steps=0, save_interval=0, seed=cfg.seed, device="cpu",
-                       precision="fp32", progress=False, log_interval=50)
+                       precision="fp32", progress=False, log_interval=50, optimizer=cfg.optimizer)
     result = train(model, length_bucketed_task(examples, [], cfg.batch_size, pad, cfg.seed), tcfg)
     model_dir = out / "model"
     save_pretrained(model.eval(), model_dir)
