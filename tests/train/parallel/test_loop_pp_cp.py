@@ -63,7 +63,8 @@ def _run(out: Path, parallel: ParallelConfig | None, sft: bool = False, evals: b
         cfg.eval_steps, cfg.eval_interval = 2, 2
     res = train(model, _Task(batches, batches[:2] if evals else None), cfg, parallel=parallel)
     weights = {k: v.detach().cpu().clone() for k, v in res.model.state_dict().items()} if res.model else None
-    return {"losses": res.losses, "weights": weights, "tokens": res.tokens, "eval": res.eval_losses}
+    held = sum(p.numel() for p in model.parameters())
+    return {"losses": res.losses, "weights": weights, "tokens": res.tokens, "eval": res.eval_losses, "held": held}
 
 
 CASES = {  # name: (ParallelConfig kwargs, _run kwargs)
@@ -71,7 +72,8 @@ CASES = {  # name: (ParallelConfig kwargs, _run kwargs)
     "pp-gpipe-untied": (dict(pp=2, pp_schedule="gpipe"), dict(tie_word_embeddings=False)),
     "pp-sft": (dict(pp=2), dict(sft=True, num_hidden_layers=3)),
     "cp": (dict(cp=2), dict(evals=True)),
-    "cp-sft-untied": (dict(cp=2), dict(sft=True, tie_word_embeddings=False)),
+    "cp-sft-untied": (dict(cp=2), dict(sft=True, tie_word_embeddings=False)),  # zig-zag, 13 tokens padded to 16
+    "cp-contiguous-sft": (dict(cp=2, cp_layout="contiguous"), dict(sft=True)),
 }
 
 
@@ -100,6 +102,10 @@ def test_loop_pipeline_parallel_equals_single_process(tmp_path: Path, name: str)
     per_rank = run_ranks(_ranks, 2, args=(str(tmp_path), (name,)), timeout_s=240)
     _check(tmp_path, per_rank, (name,))
     assert (tmp_path / name / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors").exists()
+    # each rank keeps only its stage: about half the layers, and the embeddings or the head, not both
+    model_kw = {k: v for k, v in CASES[name][1].items() if k not in ("sft", "evals")}
+    full = sum(p.numel() for p in tiny_model(seed=0, **model_kw).parameters())
+    assert all(r[name]["held"] < 0.75 * full for r in per_rank), ([r[name]["held"] for r in per_rank], full)
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("cp")])

@@ -23,6 +23,7 @@ from tinyllm.utils import require_int
 PP_SCHEDULES = ("1f1b", "gpipe")
 STRATEGIES = ("none", "dp", "zero1", "zero2", "zero3", "fsdp", "deepspeed")
 CHECKPOINTING = ("none", "full", "selective")
+CP_LAYOUTS = ("zigzag", "contiguous")  # context-parallel chunk orders (context.chunk_ids)
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
@@ -35,6 +36,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # the pipeline's schedule (pipeline.py): 1f1b or gpipe
     sp: bool = False
     cp: int = 1
+    cp_layout: str = "zigzag"  # the ring's chunk order (context.py): zigzag (balanced) or contiguous
     ep: int = 1
     zero_stage: int = 2  # DeepSpeed only; our ZeRO takes the stage from the strategy name
     bucket_mb: float = 25.0  # gradient all-reduce / reduce-scatter bucket size (DDP's default)
@@ -49,6 +51,8 @@ class ParallelConfig:
             require_int(name, getattr(self, name), 1)
         if self.pp_schedule not in PP_SCHEDULES:
             raise ValueError(f"pp_schedule={self.pp_schedule!r} is not one of {list(PP_SCHEDULES)}")
+        if self.cp_layout not in CP_LAYOUTS:
+            raise ValueError(f"cp_layout={self.cp_layout!r} is not one of {list(CP_LAYOUTS)}")
         if not isinstance(self.sp, bool):
             raise ValueError(f"sp={self.sp!r} must be true or false")
         if self.sp and self.tp == 1:
@@ -106,6 +110,9 @@ class ParallelFields:
     pp_schedule: str = field(default="1f1b", metadata=_h("pipeline schedule of --pp", choices=list(PP_SCHEDULES)))
     sp: bool = field(default=False, metadata=_h("sequence parallel inside the tensor-parallel group"))
     cp: int = field(default=1, metadata=_h("context-parallel degree (ring attention)"))
+    cp_layout: str = field(default="zigzag", metadata=_h(
+        "sequence chunks of --cp: zigzag (rank r holds chunks r and 2C-1-r of 2C: equal causal work) or "
+        "contiguous (rank r holds tokens [rT/C, (r+1)T/C))", choices=list(CP_LAYOUTS)))
     ep: int = field(default=1, metadata=_h("expert-parallel degree"))
     zero_stage: int = field(default=2, metadata=_h("ZeRO stage of --parallel deepspeed", choices=[0, 1, 2, 3]))
     dist_timeout_s: float = field(default=120.0, metadata=_h("seconds any collective may wait before the run "
@@ -116,5 +123,6 @@ class ParallelFields:
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(parallel=self.parallel, tp=self.tp, pp=self.pp, pp_schedule=self.pp_schedule,
-                              sp=self.sp, cp=self.cp, ep=self.ep, zero_stage=self.zero_stage, timeout_s=self.dist_timeout_s,
+                              sp=self.sp, cp=self.cp, cp_layout=self.cp_layout, ep=self.ep, zero_stage=self.zero_stage,
+                              timeout_s=self.dist_timeout_s,
                               activation_checkpointing=self.activation_checkpointing)

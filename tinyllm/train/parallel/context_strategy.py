@@ -1,12 +1,13 @@
 """The training loop's strategy for context parallel: `tinyllm pretrain|sft --cp C [--parallel dp]` under torchrun.
 
 The N ranks form a grid dp × cp (`init_device_mesh`, cp the inner axis). Every rank of a context-parallel group
-holds the whole model and the same rows of each global micro-batch (its data-parallel slice), and keeps one
-contiguous chunk of the sequence: rank r of C takes tokens [r·T/C, (r+1)·T/C) (a batch whose T does not divide
-by C is padded at the end with ignored labels, which the causal mask keeps from touching earlier tokens).
-Every attention layer becomes a ring (`context.context_parallel`), and the model runs at the chunk's global
-positions (RoPE offset by r·T/C), so each rank's hidden states are exactly the full-sequence model's on its
-chunk.
+holds the whole model and the same rows of each global micro-batch (its data-parallel slice), and keeps its
+chunks of the sequence (`--cp-layout`): zigzag (default) — rank r of C takes chunks r and 2C−1−r of 2C, so every
+rank does the same attention work under the causal mask — or contiguous — tokens [r·T/C, (r+1)·T/C), the last
+rank doing C times the first one's work. A batch whose T does not divide into the chunks is padded at the end
+with ignored labels, which the causal mask keeps from touching earlier tokens. Every attention layer becomes a
+ring (`context.context_parallel`), and the model runs at the tokens' global positions (RoPE at those positions),
+so each rank's hidden states are exactly the full-sequence model's on its tokens.
 
 The task's loss is the mean over the chunk's labelled tokens; each rank weights it by w = n_rank / n (its share
 of the *global* micro-batch's labelled tokens, counted locally — every rank reads the whole global batch before
@@ -17,8 +18,7 @@ sums the gradients over the world, then clipping runs on the replicated gradient
 reported are summed over the world. Checkpoints are the (replicated) full model, written by rank 0 as a fresh plain
 module: the ring is a property of the run, not of the weights.
 
-Contiguous chunks only (context.py has no zig-zag order): under the causal mask the last rank of the ring does
-C times the attention work of the first. Not covered: padding masks, sliding windows and ALiBi in the ring,
+Not covered: padding masks, sliding windows and ALiBi in the ring,
 tensor or pipeline parallel beside it, torch.compile.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 from tinyllm.train.losses import IGNORE_INDEX
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
-from tinyllm.train.parallel.context import context_parallel
+from tinyllm.train.parallel.context import chunk_ids, context_parallel, local_positions
 from tinyllm.train.parallel.pipeline_strategy import input_ids_of
 from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
 
@@ -48,18 +48,17 @@ def labels_of(batch: Any) -> torch.Tensor | None:
 
 
 class _ChunkPositions(nn.Module):
-    """Runs the model on a sequence chunk at its global positions [offset, offset + T_chunk)."""
+    """Runs the model on a rank's tokens at their global positions (`positions`, set per batch)."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module  # `module`: train.losses.model_lm_loss finds the CausalLM (and its head) through it
-        self.offset = 0
+        self.positions: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
-        if positions is None:
-            b, t = input_ids.shape
-            positions = torch.arange(self.offset, self.offset + t, device=input_ids.device).expand(b, t)
+        if positions is None and self.positions is not None:
+            positions = self.positions.to(input_ids.device).expand(input_ids.shape[0], -1)
         return self.module(input_ids, positions, *args, **kwargs)
 
 
@@ -67,7 +66,7 @@ class ContextParallelStrategy(Strategy):
     name = "cp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 cp: int) -> None:
+                 cp: int, layout: str = "zigzag") -> None:
         super().__init__(module, params, opt_args)
         if not hasattr(module, "config") or not hasattr(getattr(module, "model", None), "layers"):
             raise ValueError(f"context parallel rewires the attention of a tinyllm CausalLM, not a "
@@ -86,7 +85,9 @@ class ContextParallelStrategy(Strategy):
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else self.rank
         self.world = 1  # the loop counts tokens × world: forward_backward already sums them over every rank
-        context_parallel(module, self.cp_group)
+        self.layout = layout
+        self.segments = len(chunk_ids(0, 1, layout))  # chunks per rank (validates the layout)
+        context_parallel(module, self.cp_group, layout)
         self.model = _ChunkPositions(module)
         self.optimizer = build_optimizer(params, **opt_args)
         self._global_counts: list[int] = []
@@ -99,21 +100,23 @@ class ContextParallelStrategy(Strategy):
         return _slice_rows(batch, self.dp_rank, self.dp)
 
     def chunk(self, batch: Any) -> tuple[Any, int]:
-        """(this rank's sequence chunk of `batch`, its labelled tokens); sets the position offset."""
+        """(this rank's tokens of `batch`, its labelled tokens); sets their positions."""
         ids = input_ids_of(batch)
         if ids.dim() != 2:
             raise ValueError(f"context parallel splits [B, T] token ids, got shape {tuple(ids.shape)}")
         b, t = ids.shape
-        n = -(-t // self.cp)
+        chunks = self.cp * self.segments
+        padded = -(-t // chunks) * chunks
+        idx = local_positions(padded, self.cp_rank, self.cp, self.layout)
         labels = labels_of(batch)
 
         def cut(x: Any, fill: int) -> Any:
             if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (b, t)):
                 return x
-            if n * self.cp != t:
-                pad = x.new_full((b, n * self.cp - t, *x.shape[2:]), fill)
+            if padded != t:
+                pad = x.new_full((b, padded - t, *x.shape[2:]), fill)
                 x = torch.cat([x, pad], dim=1)
-            return x[:, self.cp_rank * n:(self.cp_rank + 1) * n].clone()
+            return x[:, idx.to(x.device)]
 
         if isinstance(batch, dict):
             out: Any = {k: cut(v, IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
@@ -121,9 +124,9 @@ class ContextParallelStrategy(Strategy):
             out = type(batch)(cut(v, IGNORE_INDEX if j == 1 else 0) for j, v in enumerate(batch))
         else:
             out = cut(batch, 0)
-        self.model.offset = self.cp_rank * n
+        self.model.positions = idx
         if labels is None:
-            return out, b * min(n, max(t - self.cp_rank * n, 0))
+            return out, b * int((idx < t).sum())
         mine = labels_of(out)
         count = int((mine != IGNORE_INDEX).sum())
         if count == 0:

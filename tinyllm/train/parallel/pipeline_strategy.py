@@ -17,8 +17,11 @@ over all stages (`pipeline.clip_grad_norm_`). Both copies of a tied matrix then 
 they stay equal. Checkpoints merge the stages (`pipeline.gather_pipeline_state_dict`) into one full HF model
 written by rank 0. Evaluation runs forward-only through the pipeline, each eval batch one micro-batch.
 
+Every rank builds the whole model (same seed, so each stage starts from the single-process weights) and then frees
+what its stage does not hold (`release_unowned`): a rank keeps about 1/P of the decoder layers.
+
 Not covered: tensor or context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
-stages, freeing the layers a stage does not own (they stay allocated, unused, on every rank).
+stages, building only the stage's layers in the first place (the whole model exists briefly on every rank).
 """
 
 from __future__ import annotations
@@ -53,6 +56,19 @@ def input_ids_of(batch: Any) -> torch.Tensor:
         return batch[0]
     raise ValueError(f"cannot find the token ids in a batch of type {type(batch).__name__}: model-parallel "
                      "training needs a tensor, an (input_ids, labels) tuple or a dict with 'input_ids'")
+
+
+def release_unowned(module: nn.Module, stage: nn.Module) -> int:
+    """Free the storage of every parameter of `module` that `stage` does not hold (other stages' layers, the
+    embeddings or head this stage lacks): each becomes an empty tensor. Returns the number of elements freed."""
+    keep = {id(p) for p in stage.parameters()}
+    freed = 0
+    for p in module.parameters():
+        if id(p) not in keep and p.numel():
+            freed += p.numel()
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            p.grad = None
+    return freed
 
 
 class _StageAsModel(nn.Module):
@@ -108,6 +124,7 @@ class PipelineParallelStrategy(Strategy):
         self.optimizer = build_optimizer(own, **opt_args) if own else _NoOptimizer()
         self.dtype = next(module.parameters()).dtype
         self.device = next(module.parameters()).device
+        self.freed = release_unowned(module, self.stage)
 
     # ---------------------------------------------------------------- point to point
     def _send(self, t: torch.Tensor, stage: int, tag: int) -> Any:

@@ -272,7 +272,7 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
         if pcfg.model_parallel == pcfg.cp and pcfg.parallel in ("dp", "none"):  # CP, plain DP around it
             from tinyllm.train.parallel.context_strategy import ContextParallelStrategy
 
-            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp)
+            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp, pcfg.cp_layout)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
                          "the training loop runs one model-parallel axis at a time — tensor (--tp, with --sp), "
                          "pipeline (--pp) or context parallel (--cp), each with --parallel dp or none around it — "
