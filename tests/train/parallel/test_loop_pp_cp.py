@@ -2,16 +2,17 @@
 process (float64; same global batch and order; accumulation = the pipeline's micro-batches, clipping, cosine
 schedule): losses on every rank, tokens, and the full weights rank 0 assembles; tied and untied embeddings;
 GPipe and 1F1B; SFT-style labels with ignored positions and a sequence that does not divide by cp; dp × pp and
-dp × cp on 4 ranks; `torchrun ... pretrain --pp 2` / `--cp 2` save the single-process run's checkpoint."""
+dp × cp on 4 ranks; zig-zag and contiguous cp chunks; a run resumed under dp and under cp continues the
+uninterrupted one; `torchrun ... pretrain --pp 2` / `--cp 2` save the single-process run's checkpoint."""
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from _ref import SEQ, global_batches, tiny_model
+from _ref import SEQ, assert_close_dicts, global_batches, tiny_model
 from _spawn import run_ranks
 from test_strategy import ACCUM, GBS, STEPS, _cfg, _compare
 
@@ -26,7 +27,7 @@ class _Task:
         self.batches, self.evals = batches, eval_batches
 
     def train_batches(self):
-        return itertools.cycle(self.batches)
+        return _Cursor(self.batches)
 
     def eval_batches(self):
         return self.evals
@@ -39,6 +40,26 @@ class _Task:
 
     def trainable_parameters(self, model):
         return model.named_parameters()
+
+
+class _Cursor:
+    """The batches in a cycle, resumable: its state is the position."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.i = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = int(state["i"])
 
 
 def _sft_like(batches: list[tuple]) -> list[dict]:
@@ -119,6 +140,43 @@ def test_loop_dp_times_pp_and_dp_times_cp_on_4_ranks(tmp_path: Path):
     names = ("pp-1f1b", "cp-sft-untied")
     per_rank = run_ranks(_ranks, 4, args=(str(tmp_path), names), timeout_s=400)
     _check(tmp_path, per_rank, names)
+
+
+def _resume_ranks(rank: int, world: int, root: str) -> dict:
+    """An uninterrupted run saving at step 2 and STEPS, and a run resumed from step 2 (a differently initialised
+    model: the weights and optimizer state must come from the checkpoint), under plain dp and under cp."""
+    import shutil
+
+    from tinyllm.train.parallel.dist import barrier
+
+    out = {}
+    batches = _sft_like([b for step in global_batches(STEPS, ACCUM, GBS, learnable=True) for b in step])
+    for name, pcfg in (("dp", ParallelConfig("dp")), ("cp", ParallelConfig("none", cp=2))):
+        full_dir, res_dir = Path(root) / f"{name}-full", Path(root) / f"{name}-resumed"
+        full = train(tiny_model(seed=0, dtype=torch.float64), _Task(batches),
+                     dataclasses.replace(_cfg(full_dir), save_interval=2), parallel=pcfg)
+        if rank == 0:
+            ck = f"step-{2:06d}"
+            shutil.copytree(full_dir / "checkpoints" / ck, res_dir / "checkpoints" / ck)
+            (res_dir / "checkpoints" / "latest").write_text(ck + "\n")
+        barrier("test checkpoint copy")
+        resumed = train(tiny_model(seed=5, dtype=torch.float64), _Task(batches),
+                        dataclasses.replace(_cfg(res_dir), save_interval=2, resume=True), parallel=pcfg)
+        weights = [{k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()} if r.model else None
+                   for r in (full, resumed)]
+        out[name] = {"full": full.losses, "resumed": resumed.losses, "start": resumed.start_step,
+                     "weights": weights}
+    return out
+
+
+def test_resume_under_dp_and_cp_continues_the_uninterrupted_run(tmp_path: Path):
+    for rank, r in enumerate(run_ranks(_resume_ranks, 2, args=(str(tmp_path),), timeout_s=240)):
+        for name, got in r.items():
+            assert got["start"] == 2, name
+            torch.testing.assert_close(torch.tensor(got["resumed"]), torch.tensor(got["full"][2:]), rtol=1e-12,
+                                       atol=0, msg=name)
+            if rank == 0:
+                assert_close_dicts(got["weights"][1], got["weights"][0], rtol=1e-12, atol=1e-14)
 
 
 def _bad(rank: int, world: int, root: str) -> str:

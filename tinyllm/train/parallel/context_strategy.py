@@ -16,7 +16,8 @@ the world are the single process's — exactly, even when SFT masks leave the ch
 unequal counts (plain data parallel averages per-rank means there). After the last micro-batch one all-reduce
 sums the gradients over the world, then clipping runs on the replicated gradients. The loss and token count
 reported are summed over the world. Checkpoints are the (replicated) full model, written by rank 0 as a fresh plain
-module: the ring is a property of the run, not of the weights.
+module: the ring is a property of the run, not of the weights. The optimizer is replicated too, so its state
+goes into the checkpoint and `--resume` continues a `--cp` run exactly.
 
 Not covered: padding masks, sliding windows and ALiBi in the ring,
 tensor or pipeline parallel beside it, torch.compile.
@@ -178,6 +179,9 @@ class ContextParallelStrategy(Strategy):
 
     def mean(self, x: float) -> float:
         return x  # forward_backward summed the weighted losses over every rank
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()  # replicated on every rank: checkpoints resume under --cp
 
     def full_model(self) -> nn.Module | None:
         return _copy_with(self.module, self.full_state_dict()) if self.rank == 0 else None
