@@ -308,11 +308,14 @@ class _Run:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             raise FileNotFoundError(f"resume=True but {self.out / 'checkpoints'} holds no checkpoint")
-        if self.par is not None and self.par.optimizer_state() is None:
-            raise ValueError(f"resume=True with parallel={self.par.name!r}: its optimizer state is sharded and "
-                             "checkpoints keep only the full weights; resume under --parallel dp, or start a new "
-                             f"run with --init-from {path}")
-        state = ckpt.load_checkpoint(path, self.model, self.opt)
+        if self.par is None:
+            state = ckpt.load_checkpoint(path, self.model, self.opt)
+        elif not self.par.resumable:
+            raise ValueError(f"resume=True with parallel={self.par.name!r}: its optimizer state stays sharded and "
+                             "checkpoints keep only the full weights; resume under --parallel dp, zero1/2/3 or --cp, "
+                             f"or start a new run with --init-from {path}")
+        else:
+            state = self.par.load_checkpoint(path)
         if state.get("data") is not None:
             self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
@@ -324,9 +327,10 @@ class _Run:
             return ckpt.save_checkpoint(self.out, step, self.model, self.opt, trainer_state,
                                         dataclasses.asdict(self.cfg), self.cfg.keep_last)
         full = self.par.full_model()  # a collective: every rank takes part, rank 0 gets the module
+        opt_state = self.par.optimizer_state()  # a collective too where the state is sharded (ZeRO)
         path = None
         if full is not None:
-            path = ckpt.save_checkpoint(self.out, step, full, _StateOnly(self.par.optimizer_state()), trainer_state,
+            path = ckpt.save_checkpoint(self.out, step, full, _StateOnly(opt_state), trainer_state,
                                         dataclasses.asdict(self.cfg), self.cfg.keep_last)
         from tinyllm.train.parallel.dist import barrier
 

@@ -65,6 +65,7 @@ class _ChunkPositions(nn.Module):
 
 class ContextParallelStrategy(Strategy):
     name = "cp"
+    resumable = True
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
                  cp: int, layout: str = "zigzag") -> None:

@@ -11,7 +11,10 @@ object that answers the few questions where strategies differ:
     backward(loss, k), clip_grad_norm(max_norm), step()
     mean(x)          a logged number averaged over the data-parallel ranks
     full_model()     collective: a module holding all the weights on rank 0 (None elsewhere), for HF saving
-    optimizer_state() the optimizer's state dict when it is whole on every rank (dp), else None
+    optimizer_state() collective: the optimizer state as a plain single-process optimizer's state dict (dp and cp
+                     hold it whole; ZeRO gathers its shards into that layout), else None
+    resumable, load_checkpoint(path)   whether `--resume` works, and loading a checkpoint's weights and optimizer
+                     state into this rank's pieces (returns the trainer state)
 
 Model-parallel degrees have their own strategies, one axis at a time with plain data parallel around it:
 tensor_strategy.py (--tp, --sp), pipeline_strategy.py (--pp), context_strategy.py (--cp), expert_strategy.py
@@ -120,9 +123,25 @@ class Strategy:
     def optimizer_state(self) -> dict | None:
         return None
 
+    resumable = False
+
+    def load_checkpoint(self, path: Any) -> dict:
+        from tinyllm.train import checkpoint as ckpt
+
+        state = ckpt.load_checkpoint(path, self.module)
+        self.load_optimizer_state(state["optimizer"], path)
+        return state
+
+    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+        if opt.get("sharded"):
+            raise ValueError(f"{path}: this checkpoint holds no optimizer state (written by a strategy whose state "
+                             f"stays sharded); continue from it with --init-from {path} instead of --resume")
+        self.optimizer.load_state_dict(opt)
+
 
 class DDPStrategy(Strategy):
     name = "dp"
+    resumable = True
 
     def __init__(self, module, params, opt_args, bucket_mb: float = 25.0):
         super().__init__(module, params, opt_args)
@@ -147,6 +166,7 @@ class ZeROStrategy(Strategy):
             raise ValueError(f"optimizer={opt_args['kind']!r} with parallel=zero{stage}: our ZeRO shards AdamW "
                              "only (Muon orthogonalises whole matrices)")
         self.name = f"zero{stage}"
+        self.resumable = True
         self.stage = stage
         self.optimizer = ZeRO(module, stage, lr=opt_args["lr"], weight_decay=opt_args["weight_decay"],
                               betas=opt_args["betas"], bucket_mb=bucket_mb, named_params=params)
@@ -160,6 +180,22 @@ class ZeROStrategy(Strategy):
 
     def full_state_dict(self):
         return self.optimizer.full_state_dict()
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.full_optimizer_state()  # collective: the shards gathered into AdamW's layout
+
+    def load_checkpoint(self, path: Any) -> dict:
+        from tinyllm.train import checkpoint as ckpt
+
+        state: dict = {}
+        self.optimizer.load_full_state_dict(lambda m: state.update(ckpt.load_checkpoint(path, m)))
+        self.load_optimizer_state(state["optimizer"], path)
+        return state
+
+    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+        if opt.get("sharded"):
+            super().load_optimizer_state(opt, path)
+        self.optimizer.load_full_optimizer_state(opt)
 
     def full_model(self):
         if self.stage < 3:

@@ -24,6 +24,10 @@ final norm, lm_head — tied weights included) is the root unit, gathered for th
     bucket of layer i:  [ rank0 shard | rank1 shard ]     forward:  all_gather → compute → free
                                                           backward: all_gather → grads → reduce_scatter → free
 
+Checkpoints: `full_optimizer_state()` gathers the shards into the state dict of a plain AdamW over the same
+parameters and `load_full_optimizer_state` cuts it again, so a checkpoint moves between data parallel and any
+stage or world size (`load_full_state_dict` does the same for the weights).
+
 Equal to the single-process run on the global batch (tests, float64). Not covered: fp16/bf16 compute copies with
 fp32 masters (we train in the parameters' dtype; bf16 autocast works on top), CPU offload, prefetching the next
 unit's all-gather, and Muon (it needs whole matrices: ZeRO here takes AdamW only).
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -127,6 +131,9 @@ class ZeRO:
         shard_groups = [{"params": [b.shard for b in self.buckets if b.group_idx == gi],
                          "weight_decay": g["weight_decay"]} for gi, g in enumerate(groups)]
         self.optimizer = _adamw(shard_groups, lr, betas, eps)
+        # the plain optimizer's parameter order (train.optim.param_groups): the layout of a full optimizer state
+        self._order = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+        self._group_sizes = [len(g["params"]) for g in groups]
         self._callback_queued = False
         if stage >= 2:
             for b in self.buckets:
@@ -270,6 +277,81 @@ class ZeRO:
         for b in self.buckets:
             self._free(b)
         return sd
+
+    def load_full_state_dict(self, load: Callable[[nn.Module], object]) -> None:
+        """Every rank: `load(module)` writes whole weights into the model (e.g. a checkpoint's); the buckets and
+        this rank's shards follow."""
+        for b in self.buckets:
+            self._gather(b)
+        load(self.module)
+        with torch.no_grad():
+            for b in self.buckets:
+                b.shard.copy_(b.full[self.rank * b.shard_numel:(self.rank + 1) * b.shard_numel])
+                self._free(b)
+
+    def full_optimizer_state(self) -> dict:
+        """A collective. The optimizer state of a plain AdamW over the same parameters (`train.optim.param_groups`
+        order: what `build_optimizer` saves under data parallel), the shards all-gathered and cut per parameter —
+        so a ZeRO checkpoint resumes under dp, or under another stage or world size, and the other way round."""
+        shard = self.optimizer.state_dict()
+        state: dict[int, dict] = {}
+        for j, b in enumerate(self.buckets_in_optimizer_order()):
+            st = shard["state"].get(j)
+            if not st:
+                continue
+            full = {}
+            for key, t in st.items():
+                if isinstance(t, torch.Tensor) and t.numel() == b.shard_numel and t.dim() == 1:
+                    buf = torch.empty(b.full.numel(), dtype=t.dtype, device=t.device)
+                    with collective_guard("ZeRO optimizer-state all-gather"):
+                        _all_gather(buf, t.contiguous(), group=self.group)
+                    full[key] = buf
+            offset = 0
+            for p in b.params:
+                n = p.numel()
+                # every tensor its own copy: a "step" shared between parameters would be advanced once per parameter
+                state[self._order[id(p)]] = {k: full[k][offset:offset + n].view(p.shape).cpu().clone() if k in full
+                                             else v.clone() if isinstance(v, torch.Tensor) else v
+                                             for k, v in st.items()}
+                offset += n
+        groups, start = [], 0
+        for g, size in zip(shard["param_groups"], self._group_sizes):
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + size))})
+            start += size
+        return {"state": state, "param_groups": groups}
+
+    def load_full_optimizer_state(self, full: dict) -> None:
+        """The inverse of `full_optimizer_state`: each rank keeps its slice of every bucket's state."""
+        if len(full.get("param_groups", ())) != len(self._group_sizes) or \
+                [len(g["params"]) for g in full["param_groups"]] != self._group_sizes:
+            raise ValueError("the checkpoint's optimizer state has groups of "
+                             f"{[len(g['params']) for g in full.get('param_groups', ())]} parameters; this model's "
+                             f"AdamW has {self._group_sizes}: not the same model or trainable set")
+        state: dict[int, dict] = {}
+        lo = self.rank
+        for j, b in enumerate(self.buckets_in_optimizer_order()):
+            per = [full["state"].get(self._order[id(p)]) for p in b.params]
+            if not any(per):
+                continue
+            if not all(per):
+                raise ValueError("the checkpoint's optimizer state covers only some parameters of a bucket")
+            st = {}
+            for key, v in per[0].items():
+                if isinstance(v, torch.Tensor) and v.shape == b.params[0].shape and key != "step":
+                    flat = torch.cat([x[key].reshape(-1).to(b.shard.device, b.shard.dtype) for x in per])
+                    flat = torch.nn.functional.pad(flat, (0, b.full.numel() - b.numel))
+                    st[key] = flat[lo * b.shard_numel:(lo + 1) * b.shard_numel].clone()
+                else:
+                    st[key] = v.clone() if isinstance(v, torch.Tensor) else v
+            state[j] = st
+        own = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": state, "param_groups": [
+            {**fg, "params": og["params"]} for fg, og in zip(full["param_groups"], own["param_groups"])]})
+
+    def buckets_in_optimizer_order(self) -> list[_Bucket]:
+        """The buckets in the order of the shard optimizer's parameters (its state dict's indices)."""
+        by_shard = {id(b.shard): b for b in self.buckets}
+        return [by_shard[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def shard_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state right now (for the memory check)."""
