@@ -19,8 +19,14 @@ reported are summed over the world. Checkpoints are the (replicated) full model,
 module: the ring is a property of the run, not of the weights. The optimizer is replicated too, so its state
 goes into the checkpoint and `--resume` continues a `--cp` run exactly.
 
-Not covered: padding masks, sliding windows and ALiBi in the ring,
-tensor or pipeline parallel beside it, torch.compile.
+`--cp C --tp T`: the mesh becomes dp × cp × tp (tp innermost); the model is first split by tensor parallel over
+each TP group (`tensor.tensor_parallel`), then its attention becomes the ring over the cp group — the ring
+passes the local heads' K/V only. Losses and gradients are summed over the ranks holding the same TP shard, and
+clipping takes the norm over the shards; checkpoints gather the TP shards; resume is refused (the optimizer
+state is TP-sharded).
+
+Not covered: padding masks, sliding windows and ALiBi in the ring, sequence parallel (`--sp`) or pipeline
+parallel beside it, torch.compile.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ class ContextParallelStrategy(Strategy):
     resumable = True
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 cp: int, layout: str = "zigzag") -> None:
+                 cp: int, layout: str = "zigzag", tp: int = 1) -> None:
         super().__init__(module, params, opt_args)
         if not hasattr(module, "config") or not hasattr(getattr(module, "model", None), "layers"):
             raise ValueError(f"context parallel rewires the attention of a tinyllm CausalLM, not a "
@@ -77,18 +83,35 @@ class ContextParallelStrategy(Strategy):
             raise ValueError("context parallel with an MoE model: the router's auxiliary losses are not additive "
                              "over sequence chunks (train MoE with --ep or --parallel dp)")
         world = dist.get_world_size()
-        self.dp, self.cp = world // cp, cp
-        self.cp_group = self.dp_group = None
-        if self.dp > 1:
+        self.dp, self.cp, self.tp = world // (cp * tp), cp, tp
+        self.cp_group = self.dp_group = self.tp_group = self.replicas = None
+        if world > cp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(self._comm_device().type, (self.dp, cp), mesh_dim_names=("dp", "cp"))
+            # tp innermost (a TP group is tp consecutive ranks: one node), then the ring, then data parallel
+            mesh = init_device_mesh(self._comm_device().type, (self.dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
             self.cp_group, self.dp_group = mesh.get_group("cp"), mesh.get_group("dp")
+            if tp > 1:
+                self.tp_group = mesh.get_group("tp")
+                # the ranks holding the same tensor-parallel shard (every dp and cp index): gradients and losses
+                # are summed over them; every rank creates every such group, in the same order
+                for t in range(tp):
+                    g = dist.new_group(list(range(t, world, tp)))
+                    if self.rank % tp == t:
+                        self.replicas = g
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else self.rank
         self.world = 1  # the loop counts tokens × world: forward_backward already sums them over every rank
         self.layout = layout
         self.segments = len(chunk_ids(0, 1, layout))  # chunks per rank (validates the layout)
+        if tp > 1:
+            from tinyllm.train.parallel.tensor import tensor_parallel
+
+            if any(not p.requires_grad for p in module.parameters()):
+                raise ValueError("tensor parallel trains every parameter: the task freezes some (use --parallel dp)")
+            tensor_parallel(module, self.tp_group)
+            self.params = params = list(module.named_parameters())  # the shards replaced the full parameters
+            self.name, self.resumable = "cp×tp", False  # the optimizer state is tensor-parallel sharded
         context_parallel(module, self.cp_group, layout)
         self.model = _ChunkPositions(module)
         self.optimizer = build_optimizer(params, **opt_args)
@@ -158,7 +181,7 @@ class ContextParallelStrategy(Strategy):
             (loss * (w / k)).backward()
             total += loss.item() * w if mine else 0.0
             tokens += int(metrics.get("tokens", input_ids_of(part).numel())) if mine else 0
-        total, tok = self._sum([total, tokens], None)
+        total, tok = self._sum([total, tokens], self.replicas)  # tensor-parallel ranks computed the same
         return total, int(tok), metrics
 
     @torch.no_grad()
@@ -174,8 +197,12 @@ class ContextParallelStrategy(Strategy):
     def clip_grad_norm(self, max_norm: float) -> float:
         with tdist.collective_guard("context-parallel gradient all-reduce"):
             for p in dict.fromkeys(p for _, p in self.params):
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)  # the weights already make the sum over every rank the global mean
+                if p.grad is not None:  # the weights already make the sum over the replicas the global mean
+                    dist.all_reduce(p.grad, group=self.replicas)
+        if self.tp > 1:
+            from tinyllm.train.parallel.tensor import clip_grad_norm_
+
+            return float(clip_grad_norm_([p for _, p in self.params], max_norm, self.tp_group))
         return float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm))
 
     def mean(self, x: float) -> float:
@@ -184,5 +211,13 @@ class ContextParallelStrategy(Strategy):
     def optimizer_state(self) -> dict | None:
         return self.optimizer.state_dict()  # replicated on every rank: checkpoints resume under --cp
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.tp == 1:
+            return super().full_state_dict()
+        from tinyllm.train.parallel.layout import gather_full_state_dict
+
+        return {k: v.cpu() for k, v in gather_full_state_dict(self.module, self.tp_group).items()}
+
     def full_model(self) -> nn.Module | None:
-        return _copy_with(self.module, self.full_state_dict()) if self.rank == 0 else None
+        state = self.full_state_dict()  # with --tp a collective over the TP group: every rank takes part
+        return _copy_with(self.module, state) if self.rank == 0 else None

@@ -291,6 +291,14 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
                            "(torchrun --nproc_per_node N -m tinyllm ...)")
     deg = pcfg.degrees(dist.get_world_size())
     if pcfg.model_parallel > 1:
+        if pcfg.cp > 1 and pcfg.model_parallel == pcfg.cp * pcfg.tp and pcfg.parallel in ("dp", "none"):
+            # CP (with TP inside each ring position), plain DP around it
+            if pcfg.sp:
+                raise ValueError("--sp with --cp: sequence parallel would split the ring's chunks again over the "
+                                 "tensor-parallel group (not covered); drop --sp")
+            from tinyllm.train.parallel.context_strategy import ContextParallelStrategy
+
+            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp, pcfg.cp_layout, pcfg.tp)
         if pcfg.model_parallel == pcfg.tp and pcfg.parallel in ("dp", "none"):  # TP (+SP), plain DP around it
             from tinyllm.train.parallel.tensor_strategy import TensorParallelStrategy
 
@@ -305,13 +313,9 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
             from tinyllm.train.parallel.pipeline_strategy import PipelineParallelStrategy
 
             return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule)
-        if pcfg.model_parallel == pcfg.cp and pcfg.parallel in ("dp", "none"):  # CP, plain DP around it
-            from tinyllm.train.parallel.context_strategy import ContextParallelStrategy
-
-            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp, pcfg.cp_layout)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
-                         "the training loop runs one model-parallel axis at a time — tensor (--tp, with --sp), "
-                         "pipeline (--pp) or context parallel (--cp), each with --parallel dp or none around it — "
+                         "the training loop runs tensor (--tp, with --sp), pipeline (--pp) or context parallel "
+                         "(--cp, also with --tp inside), each with --parallel dp or none around it — "
                          "expert parallel over all ranks (--ep = WORLD_SIZE) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
     params = list(params)
