@@ -28,6 +28,7 @@ zero-bubble schedules, activation checkpointing inside stages, uneven micro-batc
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,10 +190,7 @@ class PipelineStage(nn.Module):
             self.model.norm = inner.norm
             self.lm_head = model.lm_head
             if self.tied and not self.is_first:  # its own copy; sync_tied_grads keeps the two equal
-                w = model.lm_head.weight
-                self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=w.dtype, device=w.device)
-                with torch.no_grad():
-                    self.lm_head.weight.copy_(model.lm_head.weight)
+                self.lm_head = _own_weight_copy(model.lm_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
@@ -216,6 +214,18 @@ class PipelineStage(nn.Module):
         return h
 
 
+def _own_weight_copy(head: nn.Module) -> nn.Module:
+    """The head module (an nn.Linear, or a tensor-parallel vocabulary shard) with its own copy of the weight: a
+    shallow copy whose parameter table is new, so the copy shares everything but the weight."""
+    out = copy.copy(head)
+    out._parameters = dict(head._parameters)
+    w = head.weight
+    out.weight = nn.Parameter(w.detach().clone())
+    if hasattr(w, "_tp_shard_dim"):
+        out.weight._tp_shard_dim = w._tp_shard_dim  # type: ignore[attr-defined]
+    return out
+
+
 def _peer(group, r: int) -> int:
     return dist.get_global_rank(group, r) if group is not None else r
 
@@ -236,13 +246,21 @@ def sync_tied_grads(stage: PipelineStage, group: dist.ProcessGroup | None) -> No
 
 
 @torch.no_grad()
-def clip_grad_norm_(stage: PipelineStage, max_norm: float, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Clip to the norm over every stage's gradients (the last stage's copy of a tied matrix counted once)."""
+def clip_grad_norm_(stage: PipelineStage, max_norm: float, group: dist.ProcessGroup | None,
+                    tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Clip to the norm over every stage's gradients (the last stage's copy of a tied matrix counted once); with
+    `tp_group`, tensor-parallel shards' squares are summed over it first (replicated parameters counted once)."""
+    from tinyllm.train.parallel.tensor import is_sharded
+
     skip = {id(stage.lm_head.weight)} if stage.tied and stage.is_last and not stage.is_first else set()
     params = [p for p in stage.parameters() if p.grad is not None]
-    sq = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in skip),
-             torch.zeros((), dtype=torch.float64, device=next(stage.parameters()).device))
+    zero = torch.zeros((), dtype=torch.float64, device=next(stage.parameters()).device)
+    sq = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in skip and not is_sharded(p)), zero)
+    shards = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in skip and is_sharded(p)), zero)
     with collective_guard("pipeline gradient-norm all-reduce"):
+        if tp_group is not None:
+            dist.all_reduce(shards, group=tp_group)
+        sq = sq + shards
         dist.all_reduce(sq, group=group)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

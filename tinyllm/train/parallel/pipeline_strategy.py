@@ -20,7 +20,13 @@ written by rank 0. Evaluation runs forward-only through the pipeline, each eval 
 Every rank builds the whole model (same seed, so each stage starts from the single-process weights) and then frees
 what its stage does not hold (`release_unowned`): a rank keeps about 1/P of the decoder layers.
 
-Not covered: tensor or context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
+`--pp P --tp T`: the mesh becomes dp × pp × tp (tp innermost); the whole model is split by tensor parallel
+over each TP group (`tensor.tensor_parallel`) before the stages are cut, so a stage's layers are Megatron
+shards, activations between stages are whole (each TP rank sends its copy to the same TP rank of the next
+stage), the tied head of the last stage is a vocabulary shard like the embedding it copies, clipping sums the
+shards' squares over the TP group and then over the stages, and checkpoints gather TP then PP.
+
+Not covered: sequence parallel (`--sp`) or context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
 stages, building only the stage's layers in the first place (the whole model exists briefly on every rank).
 """
 
@@ -90,7 +96,7 @@ class PipelineParallelStrategy(Strategy):
     name = "pp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 pp: int, kind: str = "1f1b") -> None:
+                 pp: int, kind: str = "1f1b", tp: int = 1) -> None:
         super().__init__(module, params, opt_args)
         cfg = getattr(module, "config", None)
         if cfg is None or not hasattr(module, "model") or not hasattr(module.model, "layers"):
@@ -102,13 +108,23 @@ class PipelineParallelStrategy(Strategy):
             raise ValueError(f"pp={pp} stages but the model has num_hidden_layers={cfg.num_hidden_layers}")
         schedule(kind, pp, 1)  # validates the schedule's name
         world = dist.get_world_size()
-        self.dp, self.pp, self.kind = world // pp, pp, kind
-        self.pp_group = self.dp_group = None
-        if self.dp > 1:
+        self.dp, self.pp, self.tp, self.kind = world // (pp * tp), pp, tp, kind
+        self.pp_group = self.dp_group = self.tp_group = None
+        if world > pp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(self._comm_device().type, (self.dp, pp), mesh_dim_names=("dp", "pp"))
+            # tp innermost (a TP group is tp consecutive ranks: one node), then the stages, then data parallel
+            mesh = init_device_mesh(self._comm_device().type, (self.dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
             self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+            self.tp_group = mesh.get_group("tp") if tp > 1 else None
+        if tp > 1:
+            from tinyllm.train.parallel.tensor import tensor_parallel
+
+            if any(not p.requires_grad for p in module.parameters()):
+                raise ValueError("tensor parallel trains every parameter: the task freezes some (use --parallel dp)")
+            tensor_parallel(module, self.tp_group)  # every layer sharded; the stage then keeps its own
+            params = list(module.named_parameters())
+            self.name = "pp×tp"
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         self.s = dist.get_rank(self.pp_group) if self.pp_group is not None else self.rank
         self.world = self.dp  # the loop counts tokens × world: the stages of a pipeline share their rows
@@ -209,7 +225,7 @@ class PipelineParallelStrategy(Strategy):
         if self.dp_group is not None:
             all_reduce_grads([p for _, p in self.params], self.dp_group, average=True)
         sync_tied_grads(self.stage, self.pp_group)
-        return float(clip_grad_norm_(self.stage, max_norm, self.pp_group))
+        return float(clip_grad_norm_(self.stage, max_norm, self.pp_group, self.tp_group))
 
     def mean(self, x: float) -> float:
         if self.dp_group is None:
@@ -220,7 +236,13 @@ class PipelineParallelStrategy(Strategy):
         return t.item() / self.dp
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return gather_pipeline_state_dict(self.stage.state_dict(), self.pp_group, tied=self.stage.tied)
+        if self.tp > 1:  # the stage's tensor-parallel shards first, then the stages
+            from tinyllm.train.parallel.layout import gather_full_state_dict
+
+            mine = {k: v.cpu() for k, v in gather_full_state_dict(self.stage, self.tp_group).items()}
+        else:
+            mine = self.stage.state_dict()
+        return gather_pipeline_state_dict(mine, self.pp_group, tied=self.stage.tied)
 
     def full_model(self) -> nn.Module | None:
         state = self.full_state_dict()  # a collective over the pipeline: every stage takes part

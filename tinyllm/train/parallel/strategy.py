@@ -309,13 +309,17 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
             )
 
             return ExpertParallelStrategy(module, list(params), opt_args)
-        if pcfg.model_parallel == pcfg.pp and pcfg.parallel in ("dp", "none"):  # PP, plain DP around it
+        if pcfg.pp > 1 and pcfg.model_parallel == pcfg.pp * pcfg.tp and pcfg.parallel in ("dp", "none"):
+            # PP (with TP inside each stage), plain DP around it
+            if pcfg.sp:
+                raise ValueError("--sp with --pp: the activations passed between stages would be sequence shards "
+                                 "(not covered); drop --sp")
             from tinyllm.train.parallel.pipeline_strategy import PipelineParallelStrategy
 
-            return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule)
+            return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule, pcfg.tp)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
                          "the training loop runs tensor (--tp, with --sp), pipeline (--pp) or context parallel "
-                         "(--cp, also with --tp inside), each with --parallel dp or none around it — "
+                         "(--cp), the last two also with --tp inside, each with --parallel dp or none around it — "
                          "expert parallel over all ranks (--ep = WORLD_SIZE) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
     params = list(params)
