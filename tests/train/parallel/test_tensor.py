@@ -186,9 +186,13 @@ def _loop_tp(rank: int, world: int, root: str) -> dict:
 
     from tinyllm.train.parallel.config import ParallelConfig
 
-    strategy = "dp" if world > 2 else "none"  # 4 ranks: two data-parallel replicas of a 2-way TP group
-    return {sp: _run(Path(root) / f"tp-sp{int(sp)}", torch.float64, ParallelConfig(strategy, tp=2, sp=sp))
-            for sp in ((False, True) if world == 2 else (True,))}
+    if world == 2:
+        return {f"sp={sp}": _run(Path(root) / f"tp-sp{int(sp)}", torch.float64, ParallelConfig("none", tp=2, sp=sp))
+                for sp in (False, True)}
+    # 4 ranks: two data-parallel replicas of a 2-way TP group, all-reduced (dp) or ZeRO-sharded over the pair
+    return {name: _run(Path(root) / name, torch.float64, ParallelConfig(strategy, tp=2, sp=sp))
+            for name, strategy, sp in (("tp-sp1", "dp", True), ("zero1-tp", "zero1", False),
+                                       ("zero3-tp-sp", "zero3", True))}
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
@@ -197,7 +201,7 @@ def test_training_loop_with_tensor_parallel_equals_single_process(tmp_path, worl
 
     want = _run(tmp_path / "single", torch.float64, None)
     per_rank = run_ranks(_loop_tp, world, args=(str(tmp_path),), timeout_s=240)
-    _compare([{f"sp={k}": v for k, v in out.items()} for out in per_rank], want, rtol=1e-10, atol=1e-12)
+    _compare(per_rank, want, rtol=1e-10, atol=1e-12)
     assert (tmp_path / "tp-sp1" / "checkpoints" / "step-000004" / "model.safetensors").exists()
 
 

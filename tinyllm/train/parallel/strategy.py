@@ -299,10 +299,12 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
             from tinyllm.train.parallel.context_strategy import ContextParallelStrategy
 
             return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp, pcfg.cp_layout, pcfg.tp)
-        if pcfg.model_parallel == pcfg.tp and pcfg.parallel in ("dp", "none"):  # TP (+SP), plain DP around it
+        if pcfg.model_parallel == pcfg.tp and pcfg.parallel in ("dp", "none", *ZERO_STAGE):
+            # TP (+SP), plain DP or our ZeRO around it
             from tinyllm.train.parallel.tensor_strategy import TensorParallelStrategy
 
-            return TensorParallelStrategy(module, list(params), opt_args, pcfg.tp, pcfg.sp)
+            return TensorParallelStrategy(module, list(params), opt_args, pcfg.tp, pcfg.sp,
+                                          ZERO_STAGE.get(pcfg.parallel, 0))
         if pcfg.model_parallel == pcfg.ep and deg["dp"] == 1 and pcfg.parallel in ("dp", "none"):
             from tinyllm.train.parallel.expert_strategy import (
                 ExpertParallelStrategy,  # every rank: data + experts
@@ -318,8 +320,9 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
 
             return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule, pcfg.tp)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
-                         "the training loop runs tensor (--tp, with --sp), pipeline (--pp) or context parallel "
-                         "(--cp), the last two also with --tp inside, each with --parallel dp or none around it — "
+                         "the training loop runs tensor (--tp, with --sp; --parallel dp, none or zero1-3 around it), "
+                         "pipeline (--pp) or context parallel (--cp), the last two also with --tp inside and "
+                         "--parallel dp or none around them — "
                          "expert parallel over all ranks (--ep = WORLD_SIZE) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
     params = list(params)

@@ -7,6 +7,10 @@ rows of the global micro-batch (its data-parallel slice); after the last micro-b
 over the DP group by a plain all-reduce, then clipped to the global norm over the TP shards. Checkpoints are
 the full model, gathered over the TP group and written by rank 0, so they load anywhere.
 
+`--parallel zero1|zero2|zero3` with `--tp` puts our ZeRO (zero.py) over the data-parallel group in place of the
+plain all-reduce: each TP rank's shards are ZeRO-sharded again over its dp peers, and the gradient norm sums
+over both (TP-sharded elements fully, replicated ones once).
+
 The loss the task computes runs on full logits (the model's forward all-gathers the vocabulary slices); use
 `tensor.tp_lm_loss` in your own loop to keep the logits split.
 """
@@ -30,7 +34,7 @@ class TensorParallelStrategy(Strategy):
     name = "tp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 tp: int, sequence_parallel: bool = False) -> None:
+                 tp: int, sequence_parallel: bool = False, zero_stage: int = 0) -> None:
         super().__init__(module, params, opt_args)
         from tinyllm.train.parallel.tensor import tensor_parallel
 
@@ -48,7 +52,22 @@ class TensorParallelStrategy(Strategy):
         self.world = self.dp  # the loop counts tokens × world: TP ranks share their rows
         tensor_parallel(module, self.tp_group, sequence_parallel)
         self.params = list(module.named_parameters())  # the shards replaced the full parameters
-        self.optimizer = build_optimizer(self.params, **opt_args)
+        self.zero_stage = zero_stage
+        if zero_stage:
+            from tinyllm.train.parallel.zero import ZeRO
+
+            if self.dp_group is None:
+                raise ValueError(f"--parallel zero{zero_stage} with --tp {tp} on {world} ranks: ZeRO shards over "
+                                 "the data-parallel ranks and there is only one (use more ranks or --parallel dp)")
+            if opt_args.get("kind", "adamw") != "adamw":
+                raise ValueError(f"optimizer={opt_args['kind']!r} with parallel=zero{zero_stage}: our ZeRO shards "
+                                 "AdamW only")
+            self.name = f"zero{zero_stage}×tp"
+            self.optimizer = ZeRO(module, zero_stage, lr=opt_args["lr"], weight_decay=opt_args["weight_decay"],
+                                  betas=opt_args["betas"], named_params=self.params, group=self.dp_group,
+                                  norm_group=self.tp_group)
+        else:
+            self.optimizer = build_optimizer(self.params, **opt_args)
 
     def local_batch(self, batch: Any) -> Any:
         return _slice_rows(batch, self.dp_rank, self.dp)
@@ -59,6 +78,8 @@ class TensorParallelStrategy(Strategy):
     def clip_grad_norm(self, max_norm: float) -> float:
         from tinyllm.train.parallel.tensor import clip_grad_norm_
 
+        if self.zero_stage:  # ZeRO reduce-scatters over dp; its norm also sums the TP shards
+            return self.optimizer.clip_grad_norm_(max_norm)
         if self.dp_group is not None:
             all_reduce_grads([p for _, p in self.params], self.dp_group, average=True)
         return float(clip_grad_norm_([p for _, p in self.params], max_norm, self.tp_group))
@@ -74,7 +95,9 @@ class TensorParallelStrategy(Strategy):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from tinyllm.train.parallel.layout import gather_full_state_dict
 
-        return {k: v.cpu() for k, v in gather_full_state_dict(self.module, self.tp_group).items()}
+        gathered = self.optimizer.gathered() if self.zero_stage else contextlib.nullcontext(self.module)
+        with gathered as module:  # ZeRO-3: the units' TP shards back first, then the TP gather
+            return {k: v.cpu() for k, v in gather_full_state_dict(module, self.tp_group).items()}
 
     def full_model(self) -> nn.Module | None:
         state = self.full_state_dict()  # a collective over the TP group: every rank takes part

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,7 @@ class ZeRO:
     def __init__(self, module: nn.Module, stage: int, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, bucket_mb: float = 25.0,
                  named_params: Iterable[tuple[str, nn.Parameter]] | None = None,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, norm_group: dist.ProcessGroup | None = None) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"stage={stage!r} must be 1, 2 or 3")
         if not bucket_mb > 0:
@@ -128,6 +128,16 @@ class ZeRO:
                         b.unit = key
                         self.buckets.append(b)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        # tensor parallel beside ZeRO: the gradient norm also sums over `norm_group`, where elements of
+        # parameters sharded over it count fully and replicated ones (equal on every rank) 1/|group| each
+        self.norm_group = norm_group
+        if norm_group is not None:
+            share = 1.0 / dist.get_world_size(norm_group)
+            for b in self.buckets:
+                w = torch.cat([torch.full((p.numel(),), 1.0 if getattr(p, "_tp_shard_dim", None) is not None
+                                          else share, dtype=torch.float64) for p in b.params])
+                w = torch.nn.functional.pad(w, (0, b.full.numel() - b.numel))
+                b.norm_weight = w[self.rank * b.shard_numel:(self.rank + 1) * b.shard_numel].to(b.full.device)
         shard_groups = [{"params": [b.shard for b in self.buckets if b.group_idx == gi],
                          "weight_decay": g["weight_decay"]} for gi, g in enumerate(groups)]
         self.optimizer = _adamw(shard_groups, lr, betas, eps)
@@ -232,9 +242,14 @@ class ZeRO:
         sq = torch.zeros((), dtype=torch.float64, device=self.buckets[0].full.device)
         for b in self.buckets:
             if b.grad_acc is not None:
-                sq += torch.linalg.vector_norm(b.grad_acc).double() ** 2
+                if self.norm_group is not None:
+                    sq += (b.grad_acc.double() ** 2 * b.norm_weight).sum()
+                else:
+                    sq += torch.linalg.vector_norm(b.grad_acc).double() ** 2
         with collective_guard("ZeRO gradient-norm all-reduce"):
             dist.all_reduce(sq, group=self.group)
+            if self.norm_group is not None:
+                dist.all_reduce(sq, group=self.norm_group)
         norm = float(sq.sqrt())
         if math.isfinite(max_norm):
             coef = min(1.0, max_norm / (norm + 1e-6))
@@ -269,14 +284,21 @@ class ZeRO:
                 p.grad = None
 
     # ------------------------------------------------------------------ state
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank: the whole model's weights (gathers stage-3 units), as CPU clones."""
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        """The module with every stage-3 unit gathered (a collective on entry), freed again on exit."""
         for b in self.buckets:
             self._gather(b)
-        sd = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        for b in self.buckets:
-            self._free(b)
-        return sd
+        try:
+            yield self.module
+        finally:
+            for b in self.buckets:
+                self._free(b)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every rank: the whole model's weights (gathers stage-3 units), as CPU clones."""
+        with self.gathered() as m:
+            return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
     def load_full_state_dict(self, load: Callable[[nn.Module], object]) -> None:
         """Every rank: `load(module)` writes whole weights into the model (e.g. a checkpoint's); the buckets and
