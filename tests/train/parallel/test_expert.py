@@ -153,14 +153,17 @@ def _loop_ep(rank: int, world: int, root: str) -> dict:
 
     from tinyllm.train.parallel.config import ParallelConfig
 
-    return {"ep": _loop_run(Path(root) / "ep", ParallelConfig("none", ep=world), _moe_batches(GBS), GBS, ACCUM)}
+    ep = 2  # 4 ranks: two replicas of a 2-way expert split
+    return {"ep": _loop_run(Path(root) / "ep", ParallelConfig("none" if world == ep else "dp", ep=ep),
+                            _moe_batches(GBS), GBS, ACCUM)}
 
 
-def test_training_loop_with_expert_parallel_equals_accumulating_process(tmp_path):
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_training_loop_with_expert_parallel_equals_accumulating_process(tmp_path, world):
     from test_strategy import ACCUM, GBS, _compare
 
-    # one process, each rank's rows as its own micro-batch: GBS/2 rows, twice the accumulation steps
-    want = _loop_run(tmp_path / "single", None, _moe_batches(GBS // 2), GBS // 2, 2 * ACCUM)
-    per_rank = run_ranks(_loop_ep, 2, args=(str(tmp_path),), timeout_s=180)
+    # one process, each rank's rows as its own micro-batch: GBS/world rows, world× the accumulation steps
+    want = _loop_run(tmp_path / "single", None, _moe_batches(GBS // world), GBS // world, world * ACCUM)
+    per_rank = run_ranks(_loop_ep, world, args=(str(tmp_path),), timeout_s=180)
     _compare(per_rank, want, rtol=1e-10, atol=1e-12)
     assert (tmp_path / "ep" / "checkpoints" / "step-000004" / "model.safetensors").exists()

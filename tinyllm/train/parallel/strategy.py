@@ -305,12 +305,12 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
 
             return TensorParallelStrategy(module, list(params), opt_args, pcfg.tp, pcfg.sp,
                                           ZERO_STAGE.get(pcfg.parallel, 0))
-        if pcfg.model_parallel == pcfg.ep and deg["dp"] == 1 and pcfg.parallel in ("dp", "none"):
+        if pcfg.model_parallel == pcfg.ep and pcfg.parallel in ("dp", "none"):
             from tinyllm.train.parallel.expert_strategy import (
-                ExpertParallelStrategy,  # every rank: data + experts
+                ExpertParallelStrategy,  # every rank: data + experts (replicated over dp when ep < WORLD_SIZE)
             )
 
-            return ExpertParallelStrategy(module, list(params), opt_args)
+            return ExpertParallelStrategy(module, list(params), opt_args, pcfg.ep)
         if pcfg.pp > 1 and pcfg.model_parallel == pcfg.pp * pcfg.tp and pcfg.parallel in ("dp", "none"):
             # PP (with TP inside each stage), plain DP around it
             if pcfg.sp:
@@ -323,7 +323,7 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
                          "the training loop runs tensor (--tp, with --sp; --parallel dp, none or zero1-3 around it), "
                          "pipeline (--pp) or context parallel (--cp), the last two also with --tp inside and "
                          "--parallel dp or none around them — "
-                         "expert parallel over all ranks (--ep = WORLD_SIZE) and the data-parallel strategies; "
+                         "expert parallel (--ep, with --parallel dp or none) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
     params = list(params)
     if pcfg.parallel in ("dp", "none"):
