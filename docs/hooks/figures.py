@@ -4,10 +4,11 @@ Every picture comes from tinyllm itself — the masks from `build_attn_meta`, th
 `AlibiPosition`, the RoPE frequencies from `rope_inv_freq`, the block tables and the batching timeline from a
 real `LLMEngine` run on a tiny random model, the tokenizations from our trained BPE / WordPiece / Unigram and
 the jieba-compatible `Segmenter`, LoRA counts from `lora_parameter_count`, recall@k from `BM25Index` and
-`rag.metrics` — so a picture cannot drift from the code. The main job's loss curves are the one exception:
-they are read from `docs/data/tiny-zh-loss.json` (a recorded run; rerunning the 10-minute recipe per build
-is not worth it). Nothing touches the network; Chinese labels use Noto Sans CJK from the registry package
-`cvttf-notosanscjk-regular` (the `docs` extra).
+`rag.metrics` — so a picture cannot drift from the code. The main job's loss curves and the evaluation results
+are the exceptions: they are read from `docs/data/tiny-zh-loss.json` and `docs/data/eval-results.json` (recorded
+runs; rerunning the 10-minute recipe or the hours-long MMLU run per build is not worth it). Nothing touches
+the network; Chinese labels use Noto Sans CJK from the registry package `cvttf-notosanscjk-regular` (the `docs`
+extra).
 
 The PNGs never land in `docs/`: `on_files` adds them to the build as generated files, so `mkdocs serve` does
 not rebuild itself in a loop and the checkout stays clean. `figure_bytes()` draws them all outside MkDocs
@@ -409,6 +410,44 @@ def recall_chart() -> plt.Figure:
     ax.set_title("title → article retrieval, 400 inews test articles (召回率)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+@figure("eval-results.png")
+def eval_results() -> plt.Figure:
+    """Recorded `bench/mmlu_full.py` summaries (SmolLM2) and `tinyllm eval` figures (tiny-zh)."""
+    data = json.loads((DATA / "eval-results.json").read_text(encoding="utf-8"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    runs = [(k, v) for k, v in data.items() if k.startswith("smollm2_mmlu")]
+    cats = ["stem", "humanities", "social_sciences", "other", "overall"]
+    width = 0.8 / max(len(runs), 1)
+    for j, (_, run) in enumerate(runs):
+        values = [run["categories"].get(c, {}).get("acc", 0.0) if c != "overall" else run["overall"]["acc"]
+                  for c in cats]
+        xs = np.arange(len(cats)) + (j - (len(runs) - 1) / 2) * width
+        bars = left.bar(xs, values, width, label=f"{run['template']} template ({run['overall']['n']:,} questions)")
+        left.bar_label(bars, fmt="%.3f", fontsize=7)
+    left.axhline(0.25, color="grey", ls="--", lw=1, label="chance (4 choices)")
+    card = data.get("smollm2_card_mmlu_cloze")
+    if card:
+        left.axhline(card, color="tab:red", ls=":", lw=1, label=f"model card, MMLU cloze ({card:.3f})")
+    left.set_xticks(range(len(cats)), [c.replace("_", " ") for c in cats])
+    left.set_ylabel("accuracy, 0-shot")
+    left.set_title("SmolLM2-135M-Instruct on all of MMLU (tinyllm eval)")
+    left.legend(fontsize=8, loc="upper right")
+    left.set_ylim(0, 0.45)
+    tz = data.get("tiny_zh", {})
+    names = list(tz.get("tasks", {}))
+    values = [tz["tasks"][n]["value"] for n in names]
+    base = [tz["tasks"][n].get("baseline") for n in names]
+    bars = right.bar(range(len(names)), values, 0.5, label="tiny-zh model")
+    right.bar_label(bars, fmt="%.3f", fontsize=7)
+    right.scatter([i for i, b in enumerate(base) if b is not None], [b for b in base if b is not None],
+                  marker="_", s=600, color="black", label="baseline (majority / chance / lead)", zorder=3)
+    right.set_xticks(range(len(names)), [tz["tasks"][n]["label"] for n in names], fontsize=8)
+    right.set_title("tiny-zh main job, 0-shot (中文任务)")
+    right.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
