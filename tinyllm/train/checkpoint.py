@@ -123,13 +123,15 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module | None,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load weights (and optimizer state) from a checkpoint directory; return the trainer state dict."""
+    """Load weights (and optimizer state) from a checkpoint directory; return the trainer state dict.
+    model=None reads the trainer state only (sharded strategies load the weights their own way)."""
     d = Path(directory)
     if not (d / STATE).exists():
         raise FileNotFoundError(f"{d}: no {STATE}; not a training checkpoint")
-    load_model_weights(model, d)
+    if model is not None:
+        load_model_weights(model, d)
     # weights_only=False: the RNG states are python/numpy objects; only load checkpoints you wrote
     state = torch.load(d / STATE, map_location="cpu", weights_only=False)
     if optimizer is not None:

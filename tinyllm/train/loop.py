@@ -312,8 +312,8 @@ class _Run:
             state = ckpt.load_checkpoint(path, self.model, self.opt)
         elif not self.par.resumable:
             raise ValueError(f"resume=True with parallel={self.par.name!r}: its optimizer state stays sharded and "
-                             "checkpoints keep only the full weights; resume under --parallel dp, zero1/2/3 or --cp, "
-                             f"or start a new run with --init-from {path}")
+                             "checkpoints keep only the full weights; resume under --parallel dp, zero1/2/3, --tp, "
+                             f"--pp, --cp or --ep (AdamW), or start a new run with --init-from {path}")
         else:
             state = self.par.load_checkpoint(path)
         if state.get("data") is not None:

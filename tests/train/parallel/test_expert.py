@@ -126,14 +126,15 @@ def test_ep2_times_dp2_on_4_ranks():
 
 
 # ------------------------------------------------------------------ the training loop with --ep
-def _loop_run(out, parallel, batches, batch_size: int, accum: int) -> dict:
+def _loop_run(out, parallel, batches, batch_size: int, accum: int, **over) -> dict:
     from test_strategy import _cfg, _Task
 
     from tinyllm.train.loop import train as loop_train
 
     cfg = _cfg(out)
     cfg.batch_size, cfg.grad_accum_steps = batch_size, accum
-    res = loop_train(tiny_model(seed=0, model_type="mixtral", **MOE), _Task(batches), cfg, parallel=parallel)
+    res = loop_train(tiny_model(seed=0, model_type="mixtral", **{**MOE, **over}), _Task(batches), cfg,
+                     parallel=parallel)
     weights = {k: v.detach().cpu().clone() for k, v in res.model.state_dict().items()} if res.model else None
     return {"losses": res.losses, "weights": weights, "tokens": res.tokens}
 
@@ -167,3 +168,25 @@ def test_training_loop_with_expert_parallel_equals_accumulating_process(tmp_path
     per_rank = run_ranks(_loop_ep, world, args=(str(tmp_path),), timeout_s=180)
     _compare(per_rank, want, rtol=1e-10, atol=1e-12)
     assert (tmp_path / "ep" / "checkpoints" / "step-000004" / "model.safetensors").exists()
+
+
+SPARSE = dict(num_local_experts=8, num_experts_per_tok=1)  # a rank's micro-batch leaves some experts idle
+
+
+def _loop_dp_moe(rank: int, world: int, root: str) -> dict:
+    from pathlib import Path
+
+    from test_strategy import ACCUM, GBS
+
+    from tinyllm.train.parallel.config import ParallelConfig
+
+    return {"dp": _loop_run(Path(root) / "dp", ParallelConfig("dp"), _moe_batches(GBS), GBS, ACCUM, **SPARSE)}
+
+
+def test_data_parallel_moe_with_idle_experts_equals_accumulating_process(tmp_path):
+    """An expert no token chose gets no gradient on that rank: torch DDP must be told to expect unused
+    parameters, or the ranks' bucketed all-reduces stop matching and gloo aborts."""
+    from test_strategy import ACCUM, GBS, _compare
+
+    want = _loop_run(tmp_path / "single", None, _moe_batches(GBS // 2), GBS // 2, 2 * ACCUM, **SPARSE)
+    _compare(run_ranks(_loop_dp_moe, 2, args=(str(tmp_path),), timeout_s=180), want, rtol=1e-10, atol=1e-12)

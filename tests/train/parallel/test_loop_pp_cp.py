@@ -2,8 +2,8 @@
 process (float64; same global batch and order; accumulation = the pipeline's micro-batches, clipping, cosine
 schedule): losses on every rank, tokens, and the full weights rank 0 assembles; tied and untied embeddings;
 GPipe and 1F1B; SFT-style labels with ignored positions and a sequence that does not divide by cp; dp × pp and
-dp × cp on 4 ranks; zig-zag and contiguous cp chunks; a run resumed under dp, cp and ZeRO-1/3 continues the
-uninterrupted one, and across dp / ZeRO (the gathered optimizer state); `torchrun ... pretrain --pp 2` / `--cp 2` save the single-process run's checkpoint."""
+dp × cp on 4 ranks; zig-zag and contiguous cp chunks; a run resumed under dp, cp, ZeRO-1/3, tp, pp and ep continues the
+uninterrupted one, and across layouts (the optimizer state gathered by parameter name); 4 ranks: tp × pp, cp × tp, ZeRO × tp; `torchrun ... pretrain --pp 2` / `--cp 2` save the single-process run's checkpoint."""
 
 from __future__ import annotations
 
@@ -147,13 +147,26 @@ def test_loop_dp_times_pp_dp_times_cp_and_tp_inside_cp_and_pp_on_4_ranks(tmp_pat
     assert all(r["tp-pp"]["held"] < 0.5 * full for r in per_rank)  # half the layers, each half its weights
 
 
-RESUMES = {  # name: (strategy of the uninterrupted run, strategy of the resumed one)
-    "dp": (ParallelConfig("dp"), ParallelConfig("dp")),
-    "cp": (ParallelConfig("none", cp=2), ParallelConfig("none", cp=2)),
-    "zero1": (ParallelConfig("zero1"), ParallelConfig("zero1")),
-    "zero3": (ParallelConfig("zero3"), ParallelConfig("zero3")),
-    "zero2-to-dp": (ParallelConfig("zero2"), ParallelConfig("dp")),  # the gathered state in AdamW's layout
-    "dp-to-zero3": (ParallelConfig("dp"), ParallelConfig("zero3")),
+MOE_EXPORTABLE = {"num_local_experts": 4, "model_type": "mixtral"}  # checkpoints are HF folders
+RESUMES = {  # name: (strategy of the uninterrupted run, strategy of the resumed one, model overrides)
+    "dp": (ParallelConfig("dp"), ParallelConfig("dp"), {}),
+    "cp": (ParallelConfig("none", cp=2), ParallelConfig("none", cp=2), {}),
+    "zero1": (ParallelConfig("zero1"), ParallelConfig("zero1"), {}),
+    "zero3": (ParallelConfig("zero3"), ParallelConfig("zero3"), {}),
+    "zero2-to-dp": (ParallelConfig("zero2"), ParallelConfig("dp"), {}),  # the gathered state in AdamW's layout
+    "dp-to-zero3": (ParallelConfig("dp"), ParallelConfig("zero3"), {}),
+    "tp": (ParallelConfig("none", tp=2), ParallelConfig("none", tp=2), {}),  # the shards' moments by name
+    "tp-to-dp": (ParallelConfig("none", tp=2), ParallelConfig("dp"), {}),
+    "pp": (ParallelConfig("none", pp=2), ParallelConfig("none", pp=2), {}),  # tied: the last stage's copy
+    "dp-to-pp-untied": (ParallelConfig("dp"), ParallelConfig("none", pp=2), {"tie_word_embeddings": False}),
+    "pp-to-tp": (ParallelConfig("none", pp=2), ParallelConfig("none", tp=2), {}),
+    "ep": (ParallelConfig("none", ep=2), ParallelConfig("none", ep=2), MOE_EXPORTABLE),
+    "ep-to-dp": (ParallelConfig("none", ep=2), ParallelConfig("dp"), MOE_EXPORTABLE),
+}
+RESUMES_4 = {  # 4 ranks
+    "tp-pp": (ParallelConfig("dp", pp=2, tp=2), ParallelConfig("dp", pp=2, tp=2), {}),
+    "cp-tp-to-zero1-tp": (ParallelConfig("dp", cp=2, tp=2), ParallelConfig("zero1", tp=2), {}),
+    "zero3-tp-to-pp": (ParallelConfig("zero3", tp=2), ParallelConfig("dp", pp=2), {}),
 }
 
 
@@ -166,18 +179,20 @@ def _resume_ranks(rank: int, world: int, root: str, names: tuple[str, ...]) -> d
     from tinyllm.train.parallel.dist import barrier
 
     out = {}
-    batches = _sft_like([b for step in global_batches(STEPS, ACCUM, GBS, learnable=True) for b in step])
+    # full rows: every rank's slice holds the same number of tokens, so the data-parallel mean of rank means is the
+    # global mean and a run may change its number of data-parallel ranks on resume (tp=2 → dp=2)
+    batches = [b for step in global_batches(STEPS, ACCUM, GBS, learnable=True) for b in step]
     for name in names:
-        first, then = RESUMES[name]
+        first, then, over = {**RESUMES, **RESUMES_4}[name]
         full_dir, res_dir = Path(root) / f"{name}-full", Path(root) / f"{name}-resumed"
-        full = train(tiny_model(seed=0, dtype=torch.float64), _Task(batches),
+        full = train(tiny_model(seed=0, dtype=torch.float64, **over), _Task(batches),
                      dataclasses.replace(_cfg(full_dir), save_interval=2), parallel=first)
         if rank == 0:
             ck = f"step-{2:06d}"
             shutil.copytree(full_dir / "checkpoints" / ck, res_dir / "checkpoints" / ck)
             (res_dir / "checkpoints" / "latest").write_text(ck + "\n")
         barrier("test checkpoint copy")
-        resumed = train(tiny_model(seed=5, dtype=torch.float64), _Task(batches),
+        resumed = train(tiny_model(seed=5, dtype=torch.float64, **over), _Task(batches),
                         dataclasses.replace(_cfg(res_dir), save_interval=2, resume=True), parallel=then)
         weights = [{k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()} if r.model else None
                    for r in (full, resumed)]
@@ -186,16 +201,24 @@ def _resume_ranks(rank: int, world: int, root: str, names: tuple[str, ...]) -> d
     return out
 
 
-def test_resume_continues_the_uninterrupted_run_under_dp_cp_zero_and_across_them(tmp_path: Path):
-    names = tuple(RESUMES)
-    for rank, r in enumerate(run_ranks(_resume_ranks, 2, args=(str(tmp_path), names), timeout_s=300)):
+def _check_resumes(per_rank: list[dict], table: dict) -> None:
+    for rank, r in enumerate(per_rank):
         for name, got in r.items():
             assert got["start"] == 2, name
-            tol = 1e-12 if RESUMES[name][0] == RESUMES[name][1] else 1e-10  # across strategies: other sum orders
+            tol = 1e-12 if table[name][0] == table[name][1] else 1e-10  # across strategies: other sum orders
             torch.testing.assert_close(torch.tensor(got["resumed"]), torch.tensor(got["full"][2:]), rtol=tol,
                                        atol=0, msg=f"{name}: resumed {got['resumed']}, uninterrupted {got['full']}")
             if rank == 0:
                 assert_close_dicts(got["weights"][1], got["weights"][0], rtol=tol, atol=tol / 100)
+
+
+def test_resume_continues_the_uninterrupted_run_under_every_layout_and_across_them(tmp_path: Path):
+    _check_resumes(run_ranks(_resume_ranks, 2, args=(str(tmp_path), tuple(RESUMES)), timeout_s=400), RESUMES)
+
+
+@pytest.mark.slow  # 4 processes on a 2-core machine
+def test_resume_under_tp_pp_cp_zero_combinations_on_4_ranks(tmp_path: Path):
+    _check_resumes(run_ranks(_resume_ranks, 4, args=(str(tmp_path), tuple(RESUMES_4)), timeout_s=500), RESUMES_4)
 
 
 def _bad(rank: int, world: int, root: str) -> str:

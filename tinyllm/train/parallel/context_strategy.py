@@ -22,8 +22,8 @@ goes into the checkpoint and `--resume` continues a `--cp` run exactly.
 `--cp C --tp T`: the mesh becomes dp × cp × tp (tp innermost); the model is first split by tensor parallel over
 each TP group (`tensor.tensor_parallel`), then its attention becomes the ring over the cp group — the ring
 passes the local heads' K/V only. Losses and gradients are summed over the ranks holding the same TP shard, and
-clipping takes the norm over the shards; checkpoints gather the TP shards; resume is refused (the optimizer
-state is TP-sharded).
+clipping takes the norm over the shards; checkpoints gather the TP shards and their optimizer moments
+(`strategy.ModelParallelResume`), so `--resume` works under cp × tp as under any other layout.
 
 Not covered: padding masks, sliding windows and ALiBi in the ring, sequence parallel (`--sp`) or pipeline
 parallel beside it, torch.compile.
@@ -41,8 +41,9 @@ from tinyllm.train.losses import IGNORE_INDEX
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
 from tinyllm.train.parallel.context import chunk_ids, context_parallel, local_positions
+from tinyllm.train.parallel.layout import adamw_order
 from tinyllm.train.parallel.pipeline_strategy import input_ids_of
-from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
+from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows
 
 
 def labels_of(batch: Any) -> torch.Tensor | None:
@@ -69,9 +70,8 @@ class _ChunkPositions(nn.Module):
         return self.module(input_ids, positions, *args, **kwargs)
 
 
-class ContextParallelStrategy(Strategy):
+class ContextParallelStrategy(ModelParallelResume, Strategy):
     name = "cp"
-    resumable = True
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
                  cp: int, layout: str = "zigzag", tp: int = 1) -> None:
@@ -83,6 +83,7 @@ class ContextParallelStrategy(Strategy):
             raise ValueError("context parallel with an MoE model: the router's auxiliary losses are not additive "
                              "over sequence chunks (train MoE with --ep or --parallel dp)")
         world = dist.get_world_size()
+        self._full_order = adamw_order(params)  # the single-process AdamW's indices, for checkpoints
         self.dp, self.cp, self.tp = world // (cp * tp), cp, tp
         self.cp_group = self.dp_group = self.tp_group = self.replicas = None
         if world > cp:
@@ -100,6 +101,7 @@ class ContextParallelStrategy(Strategy):
                     if self.rank % tp == t:
                         self.replicas = g
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self._tp_state_group = self.tp_group
         self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else self.rank
         self.world = 1  # the loop counts tokens × world: forward_backward already sums them over every rank
         self.layout = layout
@@ -111,7 +113,7 @@ class ContextParallelStrategy(Strategy):
                 raise ValueError("tensor parallel trains every parameter: the task freezes some (use --parallel dp)")
             tensor_parallel(module, self.tp_group)
             self.params = params = list(module.named_parameters())  # the shards replaced the full parameters
-            self.name, self.resumable = "cp×tp", False  # the optimizer state is tensor-parallel sharded
+            self.name = "cp×tp"
         context_parallel(module, self.cp_group, layout)
         self.model = _ChunkPositions(module)
         self.optimizer = build_optimizer(params, **opt_args)
@@ -207,9 +209,6 @@ class ContextParallelStrategy(Strategy):
 
     def mean(self, x: float) -> float:
         return x  # forward_backward summed the weighted losses over every rank
-
-    def optimizer_state(self) -> dict | None:
-        return self.optimizer.state_dict()  # replicated on every rank: checkpoints resume under --cp
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.tp == 1:

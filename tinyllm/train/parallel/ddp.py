@@ -37,10 +37,14 @@ from tinyllm.train.parallel.dist import collective_guard
 
 
 def wrap_ddp(model: nn.Module, bucket_mb: float = 25.0, device: torch.device | None = None) -> nn.Module:
-    """torch DDP around `model` (already on its device). On CUDA it pins the replica to `device`."""
+    """torch DDP around `model` (already on its device). On CUDA it pins the replica to `device`. A mixture of
+    experts skips an expert that no token of a micro-batch chose, so its parameters get no gradient on that rank:
+    DDP must look for unused parameters there, or the ranks' all-reduce buckets stop matching."""
     dev = device or next(model.parameters()).device
     ids = [dev.index] if dev.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_mb)
+    moe = bool(getattr(getattr(model, "config", None), "num_local_experts", 0))
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_mb,
+                                               find_unused_parameters=moe)
 
 
 def broadcast_module(module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:

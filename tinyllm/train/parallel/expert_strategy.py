@@ -21,10 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from tinyllm.train.optim import build_optimizer
-from tinyllm.train.parallel.strategy import Strategy, _copy_with
+from tinyllm.train.parallel.layout import adamw_order
+from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with
 
 
-class ExpertParallelStrategy(Strategy):
+class ExpertParallelStrategy(ModelParallelResume, Strategy):
     name = "ep"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
@@ -33,6 +34,7 @@ class ExpertParallelStrategy(Strategy):
         from tinyllm.train.parallel.expert import expert_parallel
 
         world = dist.get_world_size()
+        self._full_order = adamw_order(params)  # the single-process AdamW's indices, for checkpoints
         ep = ep or world
         self.ep_group = self.replicas = None  # None: the one ep group is the world
         if ep < world:
@@ -46,6 +48,7 @@ class ExpertParallelStrategy(Strategy):
         local = {id(p) for p in module.parameters()}
         self.params = [(n, p) for n, p in params if id(p) in local]  # other ranks' experts left this one
         self.optimizer = build_optimizer(self.params, **opt_args)
+        self._merge_state, self._merge_state_group = True, self.ep_group  # each rank adds its experts' states
 
     def clip_grad_norm(self, max_norm: float) -> float:
         from tinyllm.train.parallel.expert import clip_grad_norm_, sync_grads

@@ -15,7 +15,9 @@ pipeline (a broadcast), gradients are averaged over the data-parallel group, the
 (first stage: embed_tokens, last stage: lm_head) add each other's gradient, and clipping uses the global norm
 over all stages (`pipeline.clip_grad_norm_`). Both copies of a tied matrix then take the same AdamW step, so
 they stay equal. Checkpoints merge the stages (`pipeline.gather_pipeline_state_dict`) into one full HF model
-written by rank 0. Evaluation runs forward-only through the pipeline, each eval batch one micro-batch.
+written by rank 0, with the optimizer state of the single-process AdamW (the stages' pieces merged by parameter
+name, `strategy.ModelParallelResume`), so `--resume` works under any pp, tp or dp layout. Evaluation runs
+forward-only through the pipeline, each eval batch one micro-batch.
 
 Every rank builds the whole model (same seed, so each stage starts from the single-process weights) and then frees
 what its stage does not hold (`release_unowned`): a rank keeps about 1/P of the decoder layers.
@@ -49,7 +51,8 @@ from tinyllm.train.parallel.pipeline import (
     schedule,
     sync_tied_grads,
 )
-from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
+from tinyllm.train.parallel.layout import adamw_order
+from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows
 
 
 def input_ids_of(batch: Any) -> torch.Tensor:
@@ -92,7 +95,7 @@ class _StageAsModel(nn.Module):
         return self.stage(self.x)
 
 
-class PipelineParallelStrategy(Strategy):
+class PipelineParallelStrategy(ModelParallelResume, Strategy):
     name = "pp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
@@ -107,6 +110,7 @@ class PipelineParallelStrategy(Strategy):
         if cfg.num_hidden_layers < pp:
             raise ValueError(f"pp={pp} stages but the model has num_hidden_layers={cfg.num_hidden_layers}")
         schedule(kind, pp, 1)  # validates the schedule's name
+        self._full_order = adamw_order(params)  # the single-process AdamW's indices, for checkpoints
         world = dist.get_world_size()
         self.dp, self.pp, self.tp, self.kind = world // (pp * tp), pp, tp, kind
         self.pp_group = self.dp_group = self.tp_group = None
@@ -141,6 +145,9 @@ class PipelineParallelStrategy(Strategy):
         self.dtype = next(module.parameters()).dtype
         self.device = next(module.parameters()).device
         self.freed = release_unowned(module, self.stage)
+        self._tp_state_group, self._merge_state, self._merge_state_group = self.tp_group, True, self.pp_group
+        if self.stage.tied:
+            self._state_alias = {"lm_head.weight": "model.embed_tokens.weight"}  # the last stage's copy
 
     # ---------------------------------------------------------------- point to point
     def _send(self, t: torch.Tensor, stage: int, tag: int) -> Any:

@@ -12,7 +12,8 @@ object that answers the few questions where strategies differ:
     mean(x)          a logged number averaged over the data-parallel ranks
     full_model()     collective: a module holding all the weights on rank 0 (None elsewhere), for HF saving
     optimizer_state() collective: the optimizer state as a plain single-process optimizer's state dict (dp and cp
-                     hold it whole; ZeRO gathers its shards into that layout), else None
+                     hold it whole; ZeRO gathers its shards into that layout; the model-parallel strategies gather
+                     their pieces by parameter name: `ModelParallelResume`), else None
     resumable, load_checkpoint(path)   whether `--resume` works, and loading a checkpoint's weights and optimizer
                      state into this rank's pieces (returns the trainer state)
 
@@ -137,6 +138,93 @@ class Strategy:
             raise ValueError(f"{path}: this checkpoint holds no optimizer state (written by a strategy whose state "
                              f"stays sharded); continue from it with --init-from {path} instead of --resume")
         self.optimizer.load_state_dict(opt)
+
+
+class ModelParallelResume:
+    """`--resume` for strategies whose ranks hold pieces of the model (tensor, pipeline, expert parallel and their
+    combinations): checkpoints carry the plain single-process AdamW state (layout.py's optimizer-state helpers
+    gather the pieces by parameter name), and loading cuts it again, so a run resumes under the same layout or
+    another one (dp, ZeRO, a different tp or pp).
+
+    A strategy sets `_full_order` (`layout.adamw_order` of the loop's parameters, taken before any sharding),
+    `_tp_state_group` (its tensor-parallel group), `_merge_state` / `_merge_state_group` (whether and over which
+    ranks disjoint pieces merge: stages, expert ranks), `_state_alias` (local copies that read another
+    parameter's state) and implements `_load_full_weights(sd)`."""
+
+    _full_order: tuple[list[str], list[int]] = ([], [])
+    _tp_state_group: Any = None
+    _merge_state = False
+    _merge_state_group: Any = None
+    _state_alias: dict[str, str] = {}
+
+    @property
+    def resumable(self) -> bool:  # type: ignore[override]
+        return self.opt_args.get("kind", "adamw") == "adamw"  # Muon's state is nested per optimizer
+
+    def _local_plain(self) -> dict:
+        zero = getattr(self, "zero_stage", 0)
+        return self.optimizer.full_optimizer_state() if zero else self.optimizer.state_dict()
+
+    def _load_local_plain(self, sd: dict) -> None:
+        if getattr(self, "zero_stage", 0):
+            self.optimizer.load_full_optimizer_state(sd)
+        else:
+            self.optimizer.load_state_dict(sd)
+
+    def optimizer_state(self) -> dict | None:
+        from tinyllm.train.parallel import layout
+
+        if not self.resumable:
+            return None
+        local = self._local_plain()  # a collective under ZeRO
+        order, _ = layout.adamw_order(self.params)
+        named = layout.named_optimizer_state(local, order) if local.get("param_groups") else {}
+        full = layout.gather_named_state(named, dict(self.params), self._tp_state_group, self._merge_state,
+                                         self._merge_state_group)
+        template = local["param_groups"][0] if local.get("param_groups") else {}
+        return layout.plain_optimizer_state(full, *self._full_order, template, self.opt_args["weight_decay"])
+
+    def load_checkpoint(self, path: Any) -> dict:
+        from tinyllm.model.hf import hf_to_tinyllm, read_hf_weights
+        from tinyllm.train import checkpoint as ckpt
+
+        state = ckpt.load_checkpoint(path, None)
+        self._load_full_weights(hf_to_tinyllm(self.module.config, read_hf_weights(path)))
+        self.load_optimizer_state(state["optimizer"], path)
+        return state
+
+    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+        from tinyllm.train.parallel import layout
+
+        if opt.get("sharded"):
+            Strategy.load_optimizer_state(self, opt, path)  # raises: nothing to resume from
+        full = layout.named_optimizer_state(opt, self._full_order[0])
+        local = layout.cut_named_state(full, dict(self.params), self._tp_state_group, self._state_alias)
+        order, sizes = layout.adamw_order(self.params)
+        if not order:
+            return
+        own = self._local_plain()
+        template = own["param_groups"][0] if own.get("param_groups") else {}
+        self._load_local_plain(layout.plain_optimizer_state(local, order, sizes, template,
+                                                            self.opt_args["weight_decay"]))
+
+    def _load_full_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's pieces of the full state dict `sd` in (its TP slices; under ZeRO the buckets follow)."""
+        from tinyllm.train.parallel.layout import load_full_state_dict
+
+        target = getattr(self, "stage", None) or self.module  # a pipeline rank holds its stage only
+        sd = {**{k: sd[v] for k, v in self._state_alias.items() if v in sd}, **sd}
+        missing = [k for k in target.state_dict() if k not in sd]
+        if missing:
+            raise KeyError(f"the checkpoint lacks {missing[:5]}: not the same model")
+
+        def load(module: nn.Module) -> None:
+            load_full_state_dict(module, sd, self._tp_state_group, strict=False)
+
+        if getattr(self, "zero_stage", 0):
+            self.optimizer.load_full_state_dict(load)
+        else:
+            load(target)
 
 
 class DDPStrategy(Strategy):

@@ -11,6 +11,9 @@ the full model, gathered over the TP group and written by rank 0, so they load a
 plain all-reduce: each TP rank's shards are ZeRO-sharded again over its dp peers, and the gradient norm sums
 over both (TP-sharded elements fully, replicated ones once).
 
+`--resume` (`strategy.ModelParallelResume`): checkpoints carry the single-process AdamW state, the TP shards'
+moments gathered by parameter name, so a run resumes under any tp, with or without ZeRO, or under plain dp.
+
 The loss the task computes runs on full logits (the model's forward all-gathers the vocabulary slices); use
 `tensor.tp_lm_loss` in your own loop to keep the logits split.
 """
@@ -27,10 +30,11 @@ from torch import nn
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
 from tinyllm.train.parallel.context import all_reduce_grads
-from tinyllm.train.parallel.strategy import Strategy, _copy_with, _slice_rows
+from tinyllm.train.parallel.layout import adamw_order
+from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows
 
 
-class TensorParallelStrategy(Strategy):
+class TensorParallelStrategy(ModelParallelResume, Strategy):
     name = "tp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
@@ -41,6 +45,7 @@ class TensorParallelStrategy(Strategy):
         if any(not p.requires_grad for p in module.parameters()):
             raise ValueError("tensor parallel trains every parameter: the task freezes some (use --parallel dp)")
         world = dist.get_world_size()
+        self._full_order = adamw_order(params)  # the single-process AdamW's indices, for checkpoints
         self.dp = world // tp
         self.tp_group = self.dp_group = None
         if self.dp > 1:
@@ -49,6 +54,7 @@ class TensorParallelStrategy(Strategy):
             mesh = init_device_mesh(self._comm_device().type, (self.dp, tp), mesh_dim_names=("dp", "tp"))
             self.tp_group, self.dp_group = mesh.get_group("tp"), mesh.get_group("dp")
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self._tp_state_group = self.tp_group
         self.world = self.dp  # the loop counts tokens × world: TP ranks share their rows
         tensor_parallel(module, self.tp_group, sequence_parallel)
         self.params = list(module.named_parameters())  # the shards replaced the full parameters
