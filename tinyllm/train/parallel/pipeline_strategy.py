@@ -43,6 +43,7 @@ from torch import nn
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
 from tinyllm.train.parallel.context import all_reduce_grads
+from tinyllm.train.parallel.layout import adamw_order
 from tinyllm.train.parallel.pipeline import (
     PipelineStage,
     _peer,
@@ -51,7 +52,6 @@ from tinyllm.train.parallel.pipeline import (
     schedule,
     sync_tied_grads,
 )
-from tinyllm.train.parallel.layout import adamw_order
 from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows
 
 

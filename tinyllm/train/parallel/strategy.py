@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -155,7 +155,7 @@ class ModelParallelResume:
     _tp_state_group: Any = None
     _merge_state = False
     _merge_state_group: Any = None
-    _state_alias: dict[str, str] = {}
+    _state_alias: ClassVar[dict[str, str]] = {}  # instances assign their own
 
     @property
     def resumable(self) -> bool:  # type: ignore[override]
