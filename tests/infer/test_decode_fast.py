@@ -1,6 +1,7 @@
 """The batch-1 decode fast path (one native call per layer) against its twin, FusedForward over the same
-GGUF-block modules: same greedy tokens and log-probabilities equal to rounding on SmolLM2-135M, on every
-native build this CPU runs; it serves only a lone decoding sequence and only the models it reproduces."""
+modules (GGUF blocks, or fp32 matrices): same greedy tokens and log-probabilities equal to rounding on
+SmolLM2-135M, on every native build this CPU runs; it serves only a lone decoding sequence and only the models
+it reproduces."""
 
 from __future__ import annotations
 
@@ -26,8 +27,28 @@ def _run(llm: LLM, prompts: list[list[int]], n: int = 12) -> list[tuple[list[int
                                                               strict=True)]) for o in outs]
 
 
+@pytest.fixture(scope="module")
+def llm_fp32() -> LLM:
+    return LLM(smollm2_path(), max_model_len=128, max_num_seqs=4)  # the GGUF dequantized to fp32 nn.Linear
+
+
 @pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
-def test_fast_path_equals_fused_twin(llm, isa, monkeypatch) -> None:
+def test_f32_matvec_equals_torch(isa) -> None:
+    saved = dict(cpu_kernels._state)
+    assert cpu_kernels.load(isa)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n, k in ((7, 5), (64, 576), (1537, 100), (3, 33)):  # row tails, K tails of every vector width
+            w, x = torch.randn(n, k, generator=g), torch.randn(k, generator=g)
+            torch.testing.assert_close(cpu_kernels.f32_matvec(x, w), w @ x, rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_kernels._state.update(saved)
+
+
+@pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
+@pytest.mark.parametrize("weights", ["gguf", "fp32"])
+def test_fast_path_equals_fused_twin(llm, llm_fp32, isa, weights, monkeypatch) -> None:
+    llm = llm if weights == "gguf" else llm_fp32
     saved = dict(cpu_kernels._state)
     assert cpu_kernels.load(isa)
     try:
@@ -57,7 +78,7 @@ def test_batches_keep_the_fused_path(llm, monkeypatch) -> None:
     assert [t for t, _ in both] == [t for t, _ in _run(llm, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], n=4)]
 
 
-def test_only_gguf_block_models_are_served(llm) -> None:
+def test_only_models_it_reproduces_are_served(llm) -> None:
     runner = llm.engine.runner
     assert decode_fast.supports(runner.model, runner.fused, runner.cache.kv)
     assert not decode_fast.supports(runner.model, runner.fused, runner.cache.kv.to(torch.bfloat16))
@@ -68,4 +89,7 @@ def test_only_gguf_block_models_are_served(llm) -> None:
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
     plain = LLM(build_model(cfg), max_model_len=32, max_num_seqs=1)
-    assert plain.engine.runner.decode1 is None  # fp32 nn.Linear weights: FusedForward only
+    assert plain.engine.runner.decode1 is not None  # fp32 nn.Linear weights: the native fp32 stream
+    biased = LLM(build_model(ModelConfig(**{**cfg.__dict__, "attention_bias": True})), max_model_len=32,
+                 max_num_seqs=1)
+    assert biased.engine.runner.decode1 is None  # biases: FusedForward only

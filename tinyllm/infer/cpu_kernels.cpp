@@ -396,7 +396,7 @@ at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor
 // meet x[32b .. 32b+15] and x[32b+16 .. 32b+31] without any shuffle. The codes become floats in registers
 // only; x stays fp32 (llama.cpp rounds x to int8 instead), so the result is the dequantized matmul's up to
 // summation order.
-enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+enum GgmlType : int64_t { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
 
 static inline int64_t ggml_block_bytes(int64_t type) {
   return type == kQ4_0 ? 18 : type == kQ4_1 ? 20 : type == kQ8_0 ? 34 : 0;
@@ -585,16 +585,90 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
 }
 
 
+// ---------------------------------------------------------------- fp32 weights: y[n] = Σ_k w[n, k] · x[k]
+// The batch-1 fp32 path reads 4 bytes per weight, so it is a stream over memory: four rows at a time (four
+// independent FMA chains, each load of x serving four rows) and the next rows prefetched, split over threads.
+static inline void dot4_f32(const float* x, const float* w, int64_t K, float* out, const float* next) {
+  int64_t k = 0;
+#if defined(TINYLLM_AVX512)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 16 <= K; k += 16) {
+    prefetch4(next, 4 * K, 4 * k, 4 * k + 64);
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k), a0);
+    a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + K + k), a1);
+    a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 2 * K + k), a2);
+    a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 3 * K + k), a3);
+  }
+  out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+#elif defined(TINYLLM_AVX2)
+  __m256 a[4], b[4];
+  for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    prefetch4(next, 4 * K, 4 * k, 4 * k + 64);
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * K + k), a[r]);
+      b[r] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * K + k + 8), b[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum256(_mm256_add_ps(a[r], b[r]));
+#else
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  prefetch4(next, 4 * K, 0, 4 * K);
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t j = 0; j < K; ++j) {
+    a0 += x[j] * w[j]; a1 += x[j] * w[K + j]; a2 += x[j] * w[2 * K + j]; a3 += x[j] * w[3 * K + j];
+  }
+  out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
+  k = K;
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * w[r * K + k];
+}
+
+static void f32_matvec_impl(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 16 * K - 1) / (16 * K));  // blocks of 4 rows
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n0 = q * 4;
+      if (n0 + 4 <= N) {
+        dot4_f32(x, w + n0 * K, K, y + n0, n0 + 4 * ahead + 4 <= N ? w + (n0 + 4 * ahead) * K : nullptr);
+      } else {
+        for (int64_t n = n0; n < N; ++n) {
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < K; ++k) acc += x[k] * w[n * K + k];
+          y[n] = acc;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "x must be float32 [K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) == x.size(0),
+              "w must be float32 [N, K] with K = x's length");
+  x = x.contiguous(); w = w.contiguous();
+  auto y = at::empty({w.size(0)}, x.options());
+  f32_matvec_impl(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), w.size(1), w.size(0));
+  return y;
+}
+
 // ---------------------------------------------------------------- one decoder layer of a batch-1 decode step
-// The whole pre-norm LLaMA layer for one token, weights as GGUF blocks (any of Q4_0/Q4_1/Q8_0 per matrix), in
+// The whole pre-norm LLaMA layer for one token, weights as GGUF blocks (any of Q4_0/Q4_1/Q8_0 per matrix) or
+// plain fp32 [N, K] matrices (type 0, ggml's F32 id), in
 // one call: at batch 1 the torch path spends as long on ~25 op dispatches per layer as on the weights.
 //   y = rms(x)·ln1;  q, k, v = Wq y, Wk y, Wv y;  rope(q), rope(k) (rotate-half, cos/sin of this position, sin
 //   signed as [−sin₁, sin₂]);  k, v → pool slot of `pos`;  a = paged attention over tokens 0..pos;
 //   x += Wo a;  y = rms(x)·ln2;  x += Wd (silu(Wg y) ⊙ Wu y)
 // The torch twin is FusedForward over the same GGMLLinear modules (same matrix-vector kernel).
 static void ggml_mv(int64_t type, const float* x, const at::Tensor& w, float* y, int64_t K) {
-  const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t N = w.size(0);
+  if (type == kF32) return f32_matvec_impl(x, w.data_ptr<float>(), y, K, N);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
   if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, wp, y, 1, K, N);
   else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, wp, y, 1, K, N);
   else ggml_matvec_impl<kQ8_0>(x, wp, y, 1, K, N);
@@ -633,6 +707,12 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   const int64_t K[7] = {d, d, d, H * D, d, d, I};
   const int64_t Nexp[7] = {H * D, Hkv * D, Hkv * D, d, I, I, d};
   for (int i = 0; i < 7; ++i) {
+    if (types[i] == kF32) {
+      TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous() && w[i].dim() == 2 &&
+                      w[i].size(0) == Nexp[i] && w[i].size(1) == K[i],
+                  "weight ", i, " (fp32) must be a contiguous float32 [", Nexp[i], ", ", K[i], "] matrix");
+      continue;
+    }
     const int64_t bytes = ggml_block_bytes(types[i]);
     TORCH_CHECK(bytes > 0 && w[i].scalar_type() == at::kByte && w[i].is_contiguous() && w[i].dim() == 2 &&
                     K[i] % 32 == 0 && w[i].size(0) == Nexp[i] && w[i].size(1) == K[i] / 32 * bytes,
@@ -686,4 +766,5 @@ TINYLLM_LIBRARY(TINYLLM_NS, m) {
   m.def("wo_int4", &wo_int4);
   m.def("ggml_matvec", &ggml_matvec);
   m.def("decode_layer", &decode_layer);
+  m.def("f32_matvec", &f32_matvec);
 }

@@ -230,6 +230,13 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
 
 
 GGML_NATIVE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # ggml type ids `ggml_linear` runs as stored
+F32_TYPE = 0  # ggml's F32 id: `decode_layer` takes a plain float32 [N, K] matrix under it
+
+
+def f32_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] fp32 · x [K] → [N] (four rows at a time, prefetched, over the threads): the batch-1 fp32 kernel
+    of `decode_layer`, exposed for its test against torch. Requires `load()`."""
+    return _ops().f32_matvec(x.float(), w)
 
 
 def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
@@ -242,8 +249,8 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps1: fl
                  weights: list[torch.Tensor], types: list[int], cos: torch.Tensor, sin: torch.Tensor,
                  kv_layer: torch.Tensor, table: torch.Tensor, pos: int, scale: float, heads: int,
                  window: int | None = None) -> None:
-    """One pre-norm LLaMA layer for one token, in place on x [d] fp32: RMSNorm, q/k/v from GGUF blocks
-    (`weights` q, k, v, o, gate, up, down with ggml type ids `types`), RoPE with this position's cos and
+    """One pre-norm LLaMA layer for one token, in place on x [d] fp32: RMSNorm, q/k/v from GGUF blocks or fp32
+    matrices (`weights` q, k, v, o, gate, up, down with ggml type ids `types`, `F32_TYPE` for fp32), RoPE with this position's cos and
     signed sin [D], K/V written to the fp32 pool layer `kv_layer` at `pos` through block `table`, paged
     attention over positions 0..pos, o-projection and residual, RMSNorm, SwiGLU MLP and residual."""
     _ops().decode_layer(x, ln1, ln2, float(eps1), float(eps2), weights, types, cos, sin, kv_layer, table, int(pos),

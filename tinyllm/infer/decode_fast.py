@@ -9,10 +9,12 @@ blocks, RoPE, the K/V write into the paged pool, paged attention, o-projection, 
 into preallocated state, so a step is the embedding row, 30 calls, the final norm and the LM head.
 
 It serves only what it reproduces: a model `FusedForward` supports whose seven projections per layer are all
-native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks) without biases, SiLU gating, and an fp32 paged pool. The
+native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks) or plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
+a prefetched four-row stream: batch-1 fp32 decode reads every weight once per token), without biases, SiLU
+gating, and an fp32 paged pool. The
 runner uses it when the step is exactly one sequence decoding one token; everything else (prefill, batches,
 speculative verification) keeps `FusedForward`, which is the reference twin: tests show the same greedy
-tokens and logits equal to rounding. Not covered: fp32 / int8 / int4 (`QuantLinear`) weights, bf16 pools.
+tokens and logits equal to rounding. Not covered: bf16/fp16 weights, int8 / int4 (`QuantLinear`), bf16 pools.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from tinyllm.infer import cpu_kernels
-from tinyllm.infer.cpu_kernels import GGML_NATIVE_TYPES
+from tinyllm.infer.cpu_kernels import F32_TYPE, GGML_NATIVE_TYPES
 from tinyllm.infer.fused import FusedForward, _rms
 from tinyllm.infer.ggml_linear import GGMLLinear
 
@@ -36,10 +38,25 @@ def supports(model: nn.Module, fused: FusedForward | None, kv: torch.Tensor) -> 
     if getattr(model.config, "hidden_act", "silu") not in ("silu", "swish"):
         return False
     for layer in model.model.layers:
-        mods = [layer.get_submodule(p) for p in _PROJ]
-        if not all(isinstance(m, GGMLLinear) and m.native and m.bias is None for m in mods):
+        if not all(_native(layer.get_submodule(p)) for p in _PROJ):
             return False
     return cpu_kernels.load()
+
+
+def _native(m: nn.Module) -> bool:
+    if getattr(m, "bias", None) is not None:
+        return False
+    if isinstance(m, GGMLLinear):
+        return m.native
+    return (type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+            and m.weight.is_contiguous())
+
+
+def _weight(m: nn.Module) -> tuple[torch.Tensor, int]:
+    """The tensor and type id `decode_layer` reads for projection `m`."""
+    if isinstance(m, GGMLLinear):
+        return m.blocks, GGML_NATIVE_TYPES[m.ggml_type]
+    return m.weight.detach(), F32_TYPE
 
 
 class DecodeStep:
@@ -53,8 +70,9 @@ class DecodeStep:
         self.layers = []
         for layer, lay in zip(model.model.layers, fused.layers, strict=True):
             mods = [layer.get_submodule(p) for p in _PROJ]
+            weights, types = zip(*(_weight(m) for m in mods), strict=True)
             self.layers.append((lay.ln1.float().contiguous(), lay.ln2.float().contiguous(), lay.eps1, lay.eps2,
-                                [m.blocks for m in mods], [GGML_NATIVE_TYPES[m.ggml_type] for m in mods]))
+                                list(weights), list(types)))
         self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
 
     def __call__(self, token: int, pos: int, block_table: list[int], kv: torch.Tensor) -> torch.Tensor:
