@@ -87,6 +87,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m256-L4": dict(num_hidden_layers=4, optimizer="muon"),
     "m128-L8": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
                     num_hidden_layers=8, optimizer="muon"),
+    # round 3, on an AVX2-only CPU (fp32, compute-bound: a narrower model buys tokens there): the recipe's default
+    # (d192 × 4 layers, Muon, WSD) against narrower ones and smaller batches, each at its own CPU token budget
+    **{f"cpu-{k}": {**dict(num_hidden_layers=4, optimizer="muon", schedule="wsd", min_lr=0.0), **v} for k, v in {
+        "d192": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2),
+        "d192-b8": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
+                        batch_size=8),
+        "d160": dict(hidden_size=160, intermediate_size=432, num_attention_heads=5, num_key_value_heads=1),
+        "d128-L6": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=6),
+        "d128": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2),
+        "d160-b8": dict(hidden_size=160, intermediate_size=432, num_attention_heads=5, num_key_value_heads=1,
+                        batch_size=8),
+        "d128-b8": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+                        batch_size=8),
+    }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
 }

@@ -82,16 +82,30 @@ class Scale:
     optimizer: str = "muon"
     sft_lr: float = 1e-3
     replay_fraction: float = 0.25  # share of SFT examples that are pretraining windows (keeps the LM)
-    min_steps: int = 150  # fewer useful pretraining steps than this: re-plan (precision, batch)
+    # fewer pretraining steps than this: re-plan (precision, halved batch). At a CPU's token budget more, smaller
+    # steps win: on an AVX2-only EPYC (fp32, ~1.3 M tokens in the budget) batch 8 × 662 steps reached 6.30 bits/char
+    # against 6.46 for batch 16 × 313 (`bench/speedrun.py`, round 3 in BENCHMARKS.md); where bf16 is fast the
+    # budget already holds ~600 steps of batch 16
+    min_steps: int = 500
     sources: tuple[str, ...] = DEFAULT_SOURCES
     max_epochs: float = 2.0  # cap on passes over the pretraining text
     compile: bool = False
+    # narrower models for a compute-bound machine, widest first: the plan takes one when it runs at least
+    # `narrower_speedup`× the tokens/s of the model before it (on an AVX2 CPU in fp32 d160 ran 1.22× d192 and
+    # reached 6.26 bits/char against 6.46 in the same 320 s; where bf16 is fast, per-step overhead dominates,
+    # the widths run alike and the wider model keeps its capacity)
+    narrower: tuple[dict[str, Any], ...] = ()
+    narrower_speedup: float = 1.15
 
 
 SCALES: dict[str, Scale] = {
     "default": Scale(3_000_000, 8192, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                                            num_attention_heads=6, num_key_value_heads=2),
-                     256, 16, 320.0, 165.0, 6000, 400, 100),
+                     256, 16, 320.0, 165.0, 6000, 400, 100,
+                     narrower=(dict(hidden_size=160, intermediate_size=432, num_hidden_layers=4, num_attention_heads=5,
+                                    num_key_value_heads=1),
+                               dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2))),
     "quick": Scale(600_000, 4096, dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2),
                    128, 16, 45.0, 20.0, 1500, 150, 30, min_steps=60),
@@ -224,7 +238,8 @@ def _pretrain_config(cfg: TinyZhConfig, sc: Scale, out: Path, shards: Path, plan
     max_steps = plan["max_steps"]
     return PretrainConfig(
         data_dir=str(shards), out_dir=str(out / "pretrain"), tokenizer=str(out / "tokenizer"), seq_len=sc.seq_len,
-        model_preset="tiny", max_position_embeddings=max(512, sc.seq_len), tie_word_embeddings=True, **sc.model,
+        model_preset="tiny", max_position_embeddings=max(512, sc.seq_len), tie_word_embeddings=True,
+        **plan.get("model", sc.model),
         max_steps=max_steps, batch_size=plan["batch_size"], lr=sc.lr, min_lr=sc.min_lr, schedule=sc.schedule,
         optimizer=sc.optimizer, warmup_steps=max(1, min(50, max_steps // 10)), weight_decay=0.1,
         precision=plan["precision"], compile=sc.compile and plan["device"] == "cuda",
@@ -262,13 +277,16 @@ def measure_step_seconds(model: torch.nn.Module, batch_size: int, seq_len: int, 
 
 
 def plan_pretrain(cfg: TinyZhConfig, sc: Scale, tokenizer: Any, corpus_tokens: int | None = None) -> dict[str, Any]:
-    """How many steps of which precision and batch fit the scale's time budget on this machine, measured.
+    """Which width, precision and batch, and how many steps of them fit the scale's time budget on this machine,
+    measured.
 
-    The resolved precision (`auto`: bf16 only where measured faster) and the scale's batch come first; if the
+    On a CPU the scale's model is timed against its `narrower` alternatives first: a narrower one is taken when it
+    runs at least `narrower_speedup`× the tokens/s (a compute-bound machine, where tokens matter more than
+    width at this budget). The resolved precision (`auto`: bf16 only where measured faster) and the scale's batch come first; if the
     budget then allows fewer than `sc.min_steps` steps, the other precision and halved batches are measured too
     and the first candidate that reaches `min_steps` wins (else the one with the most tokens), and the plan
     says why. Steps are capped at `sc.max_epochs` passes over the corpus when its size is known."""
-    from tinyllm.capability import describe, resolve_precision
+    from tinyllm.capability import bf16_matmul_speedup, describe, resolve_precision
     from tinyllm.model.hf import build_model
     from tinyllm.utils import pick_device, seed_everything
 
@@ -279,16 +297,37 @@ def plan_pretrain(cfg: TinyZhConfig, sc: Scale, tokenizer: Any, corpus_tokens: i
     if sc.max_steps is not None:
         return {**base, "max_steps": sc.max_steps, "measured_step_seconds": 0.0, "tokens_per_second": None,
                 "tokens": sc.max_steps * sc.batch_size * sc.seq_len, "reason": "fixed steps (test scale)"}
-    precisions = [first] + ([p for p in ("bf16", "fp32") if p != first] if cfg.precision == "auto" else [])
+    alt = [p for p in ("bf16", "fp32") if p != first] if cfg.precision == "auto" else []
+    if device.type == "cpu" and alt == ["bf16"] and bf16_matmul_speedup() < 0.5:
+        alt = []  # bf16 emulated in software: one probe step would take minutes and lose anyway
+    precisions = [first, *alt]
     batches = [b for b in (sc.batch_size, sc.batch_size // 2, sc.batch_size // 4) if b >= 4]
-    probe_cfg = _pretrain_config(cfg, sc, Path("."), Path("."), {**base, "max_steps": 1})
+
+    def probe(model_kw: dict[str, Any], precision: str, batch: int) -> float:
+        pcfg = _pretrain_config(cfg, sc, Path("."), Path("."), {**base, "max_steps": 1, "model": model_kw})
+        seed_everything(cfg.seed)
+        model = build_model(pcfg.model_config(tokenizer.vocab_size, tokenizer.eos_token_id)).to(device)
+        return measure_step_seconds(model, batch, sc.seq_len, tokenizer.vocab_size, precision,
+                                    optimizer=sc.optimizer)
+
+    # the width: a narrower model only where it buys clearly more tokens (a compute-bound CPU)
+    model_kw, widths = sc.model, []
+    if sc.narrower and device.type == "cpu":
+        best = probe(model_kw, first, sc.batch_size)
+        widths.append({"hidden_size": model_kw["hidden_size"], "step_s": best})
+        for cand in sc.narrower:
+            step_s = probe(cand, first, sc.batch_size)
+            widths.append({"hidden_size": cand["hidden_size"], "step_s": step_s})
+            _log(f"probe: width {cand['hidden_size']} runs {best / step_s:.2f}× the tokens/s of width "
+                 f"{model_kw['hidden_size']}")
+            if best / step_s < sc.narrower_speedup:
+                break
+            model_kw, best = cand, step_s
+    base["model"] = model_kw
     tried: list[dict[str, Any]] = []
     for precision in precisions:
         for batch in batches:
-            seed_everything(cfg.seed)
-            model = build_model(probe_cfg.model_config(tokenizer.vocab_size, tokenizer.eos_token_id)).to(device)
-            step_s = measure_step_seconds(model, batch, sc.seq_len, tokenizer.vocab_size, precision,
-                                          optimizer=sc.optimizer)
+            step_s = probe(model_kw, precision, batch)
             steps = int(sc.pretrain_seconds / step_s)
             tried.append({"precision": precision, "batch_size": batch, "step_s": step_s, "steps": steps})
             _log(f"probe: {precision} batch {batch}: {step_s:.3f} s/step → {steps} steps in "
@@ -316,9 +355,13 @@ def plan_pretrain(cfg: TinyZhConfig, sc: Scale, tokenizer: Any, corpus_tokens: i
         if cap < steps:
             reason += f"; capped at {sc.max_epochs:g} epochs of the corpus ({cap} steps)"
             steps = cap
+    if model_kw is not sc.model:
+        chosen = next(w["step_s"] for w in widths if w["hidden_size"] == model_kw["hidden_size"])
+        reason += (f"; width {model_kw['hidden_size']} (not {sc.model['hidden_size']}): it runs "
+                   f"{widths[0]['step_s'] / chosen:.2f}× the tokens/s on this compute-bound machine")
     return {**base, "precision": pick["precision"], "batch_size": pick["batch_size"], "max_steps": steps,
             "measured_step_seconds": pick["step_s"], "tokens_per_second": window / pick["step_s"],
-            "tokens": steps * window, "reason": reason, "probes": tried}
+            "tokens": steps * window, "reason": reason, "probes": tried, "width_probes": widths}
 
 
 def _corpus_tokens_estimate(sc: Scale) -> int:
