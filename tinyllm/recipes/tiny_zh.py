@@ -303,12 +303,17 @@ def plan_pretrain(cfg: TinyZhConfig, sc: Scale, tokenizer: Any, corpus_tokens: i
     precisions = [first, *alt]
     batches = [b for b in (sc.batch_size, sc.batch_size // 2, sc.batch_size // 4) if b >= 4]
 
+    timed: dict[tuple, float] = {}
+
     def probe(model_kw: dict[str, Any], precision: str, batch: int) -> float:
-        pcfg = _pretrain_config(cfg, sc, Path("."), Path("."), {**base, "max_steps": 1, "model": model_kw})
-        seed_everything(cfg.seed)
-        model = build_model(pcfg.model_config(tokenizer.vocab_size, tokenizer.eos_token_id)).to(device)
-        return measure_step_seconds(model, batch, sc.seq_len, tokenizer.vocab_size, precision,
-                                    optimizer=sc.optimizer)
+        key = (tuple(sorted(model_kw.items())), precision, batch)
+        if key not in timed:
+            pcfg = _pretrain_config(cfg, sc, Path("."), Path("."), {**base, "max_steps": 1, "model": model_kw})
+            seed_everything(cfg.seed)
+            model = build_model(pcfg.model_config(tokenizer.vocab_size, tokenizer.eos_token_id)).to(device)
+            timed[key] = measure_step_seconds(model, batch, sc.seq_len, tokenizer.vocab_size, precision,
+                                              optimizer=sc.optimizer)
+        return timed[key]
 
     # the width: a narrower model only where it buys clearly more tokens (a compute-bound CPU)
     model_kw, widths = sc.model, []
