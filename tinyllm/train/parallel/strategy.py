@@ -203,8 +203,7 @@ class ModelParallelResume:
         order, sizes = layout.adamw_order(self.params)
         if not order:
             return
-        own = self._local_plain()
-        template = own["param_groups"][0] if own.get("param_groups") else {}
+        template = self.optimizer.param_groups[0]  # lr, betas, eps (not a state gather: that is a collective)
         self._load_local_plain(layout.plain_optimizer_state(local, order, sizes, template,
                                                             self.opt_args["weight_decay"]))
 
