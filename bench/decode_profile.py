@@ -88,9 +88,27 @@ def profile(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
                     times["trunk"].append(time.perf_counter() - t0)
 
         eng.runner.fused = _Timed()
-    if getattr(eng.runner, "decode1", None) is not None:  # the batch-1 fast path (decode_fast)
-        _wrap(eng.runner, "decode1", times, "decode_fast_layers")
-    _wrap(eng.runner.model.lm_head, "forward", times, "lm_head")
+    step = getattr(eng.runner, "decode1", None)
+    if step is not None:  # the batch-1 fast path (decode_fast): its layers and its LM head, timed apart
+
+        class _TimedStep:
+            def __call__(self, *a: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return step(*a)
+                finally:
+                    times["decode_fast_layers"].append(time.perf_counter() - t0)
+
+            def logits(self, h: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return step.logits(h)
+                finally:
+                    times["lm_head"].append(time.perf_counter() - t0)
+
+        eng.runner.decode1 = _TimedStep()
+    else:
+        _wrap(eng.runner.model.lm_head, "forward", times, "lm_head")
     eng.add_request("r", None, params, prompt_token_ids=prompt)
     eng.step()  # prefill
     for k in list(times):

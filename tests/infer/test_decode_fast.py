@@ -45,6 +45,21 @@ def test_f32_matvec_equals_torch(isa) -> None:
         cpu_kernels._state.update(saved)
 
 
+def _count_fast_steps(runner, monkeypatch) -> list[int]:
+    """Route the runner's fast path through a recorder of each step's position; returns the record."""
+    step, calls = runner.decode1, []
+
+    class Counting:
+        def __call__(self, *a):
+            calls.append(a[1])
+            return step(*a)
+
+        logits = staticmethod(step.logits)
+
+    monkeypatch.setattr(runner, "decode1", Counting())
+    return calls
+
+
 @pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
 @pytest.mark.parametrize("weights", ["gguf", "fp32"])
 def test_fast_path_equals_fused_twin(llm, llm_fp32, isa, weights, monkeypatch) -> None:
@@ -54,9 +69,7 @@ def test_fast_path_equals_fused_twin(llm, llm_fp32, isa, weights, monkeypatch) -
     try:
         runner = llm.engine.runner
         assert runner.decode1 is not None
-        calls = []
-        step = runner.decode1
-        monkeypatch.setattr(runner, "decode1", lambda *a: calls.append(a[1]) or step(*a))
+        calls = _count_fast_steps(runner, monkeypatch)
         prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
         fast = _run(llm, [prompt])[0]
         assert calls == list(range(len(prompt), len(prompt) + 11))  # every decode step but the prefill's token
@@ -70,8 +83,7 @@ def test_fast_path_equals_fused_twin(llm, llm_fp32, isa, weights, monkeypatch) -
 
 def test_batches_keep_the_fused_path(llm, monkeypatch) -> None:
     runner = llm.engine.runner
-    step, calls = runner.decode1, []
-    monkeypatch.setattr(runner, "decode1", lambda *a: calls.append(a[1]) or step(*a))
+    calls = _count_fast_steps(runner, monkeypatch)
     both = _run(llm, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], n=4)
     assert calls == []  # two running sequences: never the lone-sequence path
     monkeypatch.setattr(runner, "decode1", None)

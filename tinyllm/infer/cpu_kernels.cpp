@@ -628,8 +628,12 @@ static inline void dot4_f32(const float* x, const float* w, int64_t K, float* ou
     for (int r = 0; r < 4; ++r) out[r] += x[k] * w[r * K + k];
 }
 
+// fp32 rows are 4x the bytes of int8 ones, and asking 64 KB ahead (8 blocks of 576-wide rows) measured ~10 %
+// faster from memory than 4 KB on the 49152-row LM head (AVX2 EPYC, 1 thread), within noise on the layers.
+constexpr int64_t kPrefetchBytesF32 = 65536;
+
 static void f32_matvec_impl(const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 16 * K - 1) / (16 * K));  // blocks of 4 rows
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytesF32 + 16 * K - 1) / (16 * K));  // blocks of 4 rows
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n0 = q * 4;

@@ -74,6 +74,18 @@ class DecodeStep:
             self.layers.append((lay.ln1.float().contiguous(), lay.ln2.float().contiguous(), lay.eps1, lay.eps2,
                                 list(weights), list(types)))
         self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
+        head = getattr(model, "lm_head", None)
+        # an fp32 LM head (SmolLM2's is the tied 49152 x 576 embedding, a fifth of the bytes a token reads) goes
+        # through the same prefetched stream as the layers; anything else stays the module's own forward
+        self.head = head
+        self.head_weight = head.weight.detach() if head is not None and _native(head) and type(head) is nn.Linear \
+            else None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on the final hidden state `h` [1, d] -> [1, vocab] fp32."""
+        if self.head_weight is not None:
+            return cpu_kernels.f32_matvec(h[0], self.head_weight)[None]
+        return self.head(h).float()
 
     def __call__(self, token: int, pos: int, block_table: list[int], kv: torch.Tensor) -> torch.Tensor:
         f = self.fused

@@ -72,7 +72,7 @@ class ModelRunner:
             s = seq.num_computed
             if s + 1 == seq.num_scheduled_tokens:
                 h = self.decode1(seq.token_ids[s], s, seq.block_table, self.cache.kv)
-                return [seq], self.model.lm_head(h).float()
+                return [seq], self.decode1.logits(h)
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)  # stable: decodes first
         ids: list[int] = []
         positions: list[int] = []
