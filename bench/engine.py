@@ -148,19 +148,22 @@ def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int, name: st
     threads = torch.get_num_threads()
     native = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
-    def theirs() -> None:
+    def theirs() -> list[int]:
         native.reset()
         out = []
         for tok in native.generate(prompt, top_k=1, temp=0.0, reset=True):
             out.append(tok)
             if len(out) == n:
                 break
+        return out
 
-    def ours() -> None:
-        llm.generate([prompt], greedy(n), use_tqdm=False)
+    def ours() -> list[int]:
+        return llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].token_ids
 
     a, b = paired_median_seconds(ours, theirs, repeats)
-    return report(name, n / a, n / b, "tok/s", new_tokens=n, threads=threads,
+    mine, peer = ours(), theirs()
+    agree = next((i for i, (x, y) in enumerate(zip(mine, peer, strict=False)) if x != y), min(len(mine), len(peer)))
+    return report(name, n / a, n / b, "tok/s", new_tokens=n, threads=threads, greedy_tokens_agreeing=agree,
                   note="llama.cpp runs the Q4_1 GGUF natively", **extra)
 
 
@@ -176,17 +179,20 @@ def bench_batch1(path, tokenizer, prompt: list[int], n: int, repeats: int, gbps:
     if info:
         print(json.dumps(info), flush=True)
         lines.append(info)
-    gllm = LLM(path, tokenizer, quantization="gguf", max_model_len=1024, max_num_seqs=4)
-    model = gllm.engine.runner.model
-    per_token = sum(m.blocks.nbytes for m in model.modules() if isinstance(m, GGMLLinear))
-    extra = {"native_isa": cpu_kernels.active_isa(), "fast_path": gllm.engine.runner.decode1 is not None,
-             "weight_mb_per_token": round(per_token / 2**20, 1)}
-    line = bench_llama_cpp(path, gllm, prompt, n, repeats, "batch1_gguf_vs_llama_cpp", **extra)
-    if line:
-        lines.append(line)
-    t = median_seconds(lambda: gllm.generate([prompt], greedy(n), use_tqdm=False), repeats)
-    lines.append(report("batch1_gguf_vs_bandwidth_bound", n / t, gbps * 1e9 / per_token, "tok/s", **extra))
-    gllm = model = None  # free the GGUF engine before the fp32 one
+    for acts in ("int8", "fp32"):  # activations rounded to int8 blocks as llama.cpp does (the default), or kept
+        gllm = LLM(path, tokenizer, quantization="gguf", gguf_activations=acts, max_model_len=1024, max_num_seqs=4)
+        model = gllm.engine.runner.model
+        per_token = sum(m.blocks.nbytes for m in model.modules() if isinstance(m, GGMLLinear))
+        extra = {"native_isa": cpu_kernels.active_isa(), "fast_path": gllm.engine.runner.decode1 is not None,
+                 "weight_mb_per_token": round(per_token / 2**20, 1), "activations": acts}
+        suffix = "" if acts == "int8" else "_fp32_activations"
+        line = bench_llama_cpp(path, gllm, prompt, n, repeats, f"batch1_gguf{suffix}_vs_llama_cpp", **extra)
+        if line:
+            lines.append(line)
+        if acts == "int8":
+            t = median_seconds(lambda: gllm.generate([prompt], greedy(n), use_tqdm=False), repeats)  # noqa: B023
+            lines.append(report("batch1_gguf_vs_bandwidth_bound", n / t, gbps * 1e9 / per_token, "tok/s", **extra))
+        gllm = model = None  # free each GGUF engine before the next
     fllm = LLM(path, tokenizer, dtype=dtype, max_model_len=1024, max_num_seqs=4)
     nbytes = model_nbytes(fllm.engine.runner.model)
     t = median_seconds(lambda: fllm.generate([prompt], greedy(n), use_tqdm=False), repeats)

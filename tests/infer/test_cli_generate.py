@@ -162,6 +162,12 @@ def test_bad_path_is_a_clear_error(args, capsys) -> None:
     assert "/no/such/checkpoint" in err and "Traceback" not in err
 
 
+def test_gguf_quantization_needs_a_gguf_file(checkpoint: Path, capsys) -> None:
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "x", "--quantization", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert ".gguf" in err and str(checkpoint) in err and "Traceback" not in err
+
+
 def test_bad_values_are_rejected(checkpoint: Path, capsys) -> None:
     assert main(["generate", "--model", str(checkpoint), "--top-p", "1.5"]) == 2
     assert "top_p=1.5" in capsys.readouterr().err
@@ -170,7 +176,13 @@ def test_bad_values_are_rejected(checkpoint: Path, capsys) -> None:
 
 
 @pytest.mark.slow  # the 98 MB GGUF is parsed twice (tokenizer, weights): ~30-50 s on 2 shared cores
-def test_smollm2_generate(capsys) -> None:
+@pytest.mark.parametrize(("quantization", "reply"), [
+    ("none", "Paris"),
+    # the file's own blocks with int8-rounded activations: llama.cpp's arithmetic, and llama.cpp's own greedy
+    # reply on this file (llama-cpp-python 0.3.36, same prompt, 8 tokens) — not the fp32 model's
+    ("gguf", "L'Étoile, la Mar"),
+])
+def test_smollm2_generate(capsys, quantization: str, reply: str) -> None:
     """The real SmolLM2-135M-Instruct weights through the short name (greedy, 8 tokens)."""
     pytest.importorskip("tinyllm.model.gguf")
     from tinyllm.model.hf import CheckpointError, resolve_model_path
@@ -181,9 +193,9 @@ def test_smollm2_generate(capsys) -> None:
     except CheckpointError as e:
         pytest.skip(str(e))
     rc = main(["generate", "--model", "smollm2", "--prompt", "What is the capital of France?", "--chat",
-               "--max-new-tokens", "8", "--device", "cpu"])
+               "--max-new-tokens", "8", "--device", "cpu", "--quantization", quantization])
     out = capsys.readouterr().out
-    assert rc == 0 and "Paris" in out
+    assert rc == 0 and reply in out
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])

@@ -45,6 +45,42 @@ def test_kernel_equals_dequantized_matmul(isa, qtype, m, n, k) -> None:
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * k**0.5 * float(ref.abs().max()) ** 0.5 + 1e-5)
 
 
+def _xq8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """llama.cpp's arithmetic in float64: x rounded by `quantize_x_q8`, each block's product with the codes
+    scaled by d_w·d_x, and for Q4_1 the block minimum times s_x (the rounded d_x·Σcodes) added."""
+    codes, d, s = cpu_kernels.quantize_x_q8(x)
+    n, k = blocks.shape[0], x.shape[1]
+    xhat = (codes.double().view(-1, k // 32, 32) * d.double()[..., None]).view(-1, k)
+    w = _weight(blocks, qtype).double()
+    if qtype != "Q4_1":
+        return (xhat @ w.T).float()
+    m = blocks.view(n, k // 32, 20)[..., 2:4].contiguous().view(torch.float16).double()[..., 0]  # [n, k/32]
+    scaled = w - m.repeat_interleave(32, dim=1)  # d_w · codes
+    return (xhat @ scaled.T + s.double() @ m.T).float()
+
+
+def test_quantize_x_q8_matches_llama_cpp_rule() -> None:
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29])
+    codes, d, s = cpu_kernels.quantize_x_q8(x)
+    assert codes[0, :32].abs().sum() == 0 and d[0, 0] == 0 and s[0, 0] == 0  # an all-zero block: scale 0
+    assert codes[0, 32:35].tolist() == [64, -127, 32]  # 63.5 rounds half to even; amax → ±127
+    assert d[0, 1] == torch.tensor(2 / 127).half().float() and s[0, 1] == torch.tensor(2 / 127 * -31).half().float()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 576), (1, 37, 96), (3, 13, 32), (NATIVE_MAX_ROWS, 40, 1536)])
+def test_kernel_with_int8_activations_equals_llama_cpp_arithmetic(isa, qtype, m, n, k) -> None:
+    blocks = _blocks(qtype, n, k, seed=m * n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    x[0, :32] = 0.0  # a block of x with scale 0
+    y = cpu_kernels.ggml_linear(x, blocks, qtype, x_q8=True)
+    ref = _xq8_reference(x, blocks, qtype)
+    # the block sums are exact integers: only the fp32 order of the scaled sums differs
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * k**0.5 * float(ref.abs().max()) ** 0.5 + 1e-5)
+    exact = cpu_kernels.ggml_linear(x, blocks, qtype)  # and it stays near the fp32-activation product
+    assert float((y - exact).abs().max()) <= 0.02 * float(exact.abs().max()) + 1e-4
+
+
 def test_kernel_rejects_bad_layout(isa) -> None:
     blocks = _blocks("Q4_1", 8, 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -90,7 +126,7 @@ def test_smollm2_engine_on_gguf_blocks_matches_fp32() -> None:
     path = smollm2_path()
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
-    blocks = LLM(path, quantization="gguf", max_model_len=128, max_num_seqs=2)
+    blocks = LLM(path, quantization="gguf", gguf_activations="fp32", max_model_len=128, max_num_seqs=2)
     model = blocks.engine.model if hasattr(blocks.engine, "model") else blocks.engine.runner.model
     layers = [m for m in model.modules() if isinstance(m, GGMLLinear)]
     assert len(layers) == 30 * 7 + 1  # every projection and the tied head (Q8_0 token_embd)

@@ -8,7 +8,8 @@ paged KV cache, continuous batching); `--engine false` (and beam search, which t
 reference generator; under greedy decoding both print the same text. `--input-file` reads one prompt per line
 (blank lines skipped), runs them all as one batch with a progress bar on stderr and writes one JSON object per
 prompt (prompt, text, num_tokens, finish_reason) to `--output-file` or stdout. `--quantization int8|int4`
-quantizes the weights (`quant.quantize_model`, lm_head kept) before generation. `--speculative ngram|draft`
+quantizes the weights (`quant.quantize_model`, lm_head kept) before generation; `--quantization gguf` runs a
+.gguf model's own Q4_0/Q4_1/Q8_0 blocks as llama.cpp does (int8-rounded activations, the batch-1 fast path). `--speculative ngram|draft`
 decodes speculatively in the engine (`drafters.py`: prompt lookup, or a draft model — `--draft-model`, by
 default the int4 copy of the target), `--num-speculative-tokens` draft tokens per step; same greedy text. `chat` is an interactive loop on stdin that keeps
 the conversation, renders it with the checkpoint's chat template each turn and streams the reply; `/reset`
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,8 +64,9 @@ class GenerateConfig:
     input_file: str | None = field(default=None, metadata={"help": "file with one prompt per line (JSONL out)"})
     output_file: str | None = field(default=None, metadata={"help": "JSONL output of --input-file (default "
                                                                     "stdout)"})
-    quantization: str = field(default="none", metadata={"help": "weight-only quantization before generating",
-                                                        "choices": ["none", "int8", "int4"]})
+    quantization: str = field(default="none", metadata={
+        "help": "weight-only quantization before generating (gguf: a .gguf model's own blocks, as llama.cpp)",
+        "choices": ["none", "int8", "int4", "gguf"]})
     group_size: int = field(default=128, metadata={"help": "int4 group size", "choices": [32, 64, 128]})
     speculative: str = field(default="none", metadata={
         "help": "speculative decoding in the engine: ngram (prompt lookup) or draft (a draft model)",
@@ -76,8 +79,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ValueError(f"quantization={self.quantization!r} must be none, int8 or int4")
+        if self.quantization not in ("none", "int8", "int4", "gguf"):
+            raise ValueError(f"quantization={self.quantization!r} must be none, int8, int4 or gguf")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError(f"num_beams={self.num_beams} needs greedy decoding (--temperature 0)")
         if self.speculative != "none" and (not self.engine or self.num_beams > 1):
@@ -141,7 +144,15 @@ def _load(cfg: GenerateConfig) -> tuple[torch.nn.Module, Any]:
         model = load_model(cfg.model, dtype=dtype, device=device)
     except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
         raise _UserError(f"--model {cfg.model}: {e}" if str(cfg.model) not in str(e) else str(e)) from None
-    if cfg.quantization != "none":
+    if cfg.quantization == "gguf":
+        from tinyllm.infer.ggml_linear import use_gguf_blocks
+        from tinyllm.model.hf import resolve_model_path
+
+        path = resolve_model_path(cfg.model)
+        if Path(path).suffix != ".gguf":
+            raise _UserError(f"--quantization gguf runs a .gguf file's own blocks; --model {cfg.model} is not one")
+        model = use_gguf_blocks(model, path, x_q8=True)
+    elif cfg.quantization != "none":
         from tinyllm.infer.quant import quantize_model
 
         model = quantize_model(model, cfg.quantization, cfg.group_size)

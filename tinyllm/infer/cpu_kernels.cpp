@@ -537,9 +537,144 @@ static float ggml_row1(const float* x, const uint8_t* w, int64_t nb) {
   return acc;
 }
 
+// ---------------------------------------------------------------- llama.cpp's arithmetic: x as int8 blocks
+// A type id with kXQ8 set rounds x to int8 blocks of 32 first, as llama.cpp's CPU backend does (its "vec_dot
+// type": Q8_0 for Q4_0/Q8_0 weights, Q8_1 for Q4_1): d = amax/127 kept as fp16, q = round-to-even(x · 127/amax),
+// and for Q4_1 also s = d·Σq as fp16. A block's product is then an integer dot product (32 int8·int8 or
+// uint4·int8 products summed exactly) scaled once by d_w·d_x (plus m_w·s_x for Q4_1) — a third of the
+// instructions of turning every code into a float. The result is the dequantized matmul with x replaced by
+// its int8 rounding (the reference in the tests), not the fp32 result: llama.cpp's logits, not transformers'.
+constexpr int64_t kXQ8 = 256;
+
+static inline float as_fp16(float v) { return static_cast<float>(c10::Half(v)); }
+
+static void quantize_x_q8(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float dd = amax / 127.f, id = amax != 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int v = static_cast<int>(std::nearbyint(xb[j] * id));
+      q[32 * b + j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = as_fp16(dd);
+    s[b] = as_fp16(dd * static_cast<float>(sum));
+  }
+}
+
+// the integer code of element j of a weight block (Q4_0 centred on 8, Q4_1 unsigned, Q8_0 signed)
 template <int64_t T>
-static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int64_t M, int64_t K, int64_t N) {
+static inline int ggml_code(const uint8_t* blk, int j) {
+  if constexpr (T == kQ8_0) return reinterpret_cast<const int8_t*>(blk + 2)[j];
+  const uint8_t byte = blk[(T == kQ4_1 ? 4 : 2) + (j & 15)];
+  return (j < 16 ? byte & 15 : byte >> 4) - (T == kQ4_0 ? 8 : 0);
+}
+
+#if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
+static inline float hsum8_ps(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  return _mm_cvtss_f32(t);
+}
+
+// 16 bytes of nibbles → 32 bytes: elements 0–15 (low nibbles) then 16–31 (high nibbles)
+static inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+}
+#endif
+
+template <int64_t T>
+static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, int64_t rb,
+                          int64_t nb, float* out, const uint8_t* next) {
+  constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
+  constexpr int64_t off = T == kQ4_1 ? 4 : 2;
+  prefetch4(next, rb, 0, rb);
+  float zsum[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
+    const float dx = xd[b];
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = w + r * rb + b * bytes;
+      __m256i p16;
+      if constexpr (T == kQ4_1) {
+        p16 = _mm256_maddubs_epi16(nibbles32(blk + off), xv);  // unsigned codes · signed x, pairs summed
+      } else {
+        const __m256i wv = T == kQ8_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + off))
+                                      : _mm256_sub_epi8(nibbles32(blk + off), _mm256_set1_epi8(8));
+        // maddubs wants its first operand unsigned: |w| · (x with w's sign)
+        p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+      }
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(blk) * dx), p, acc[r]);
+      if constexpr (T == kQ4_1) zsum[r] += half_to_float(blk + 2) * xs[b];
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum8_ps(acc[r]) + zsum[r];
+#else
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* xb = xq + 32 * b;
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = w + r * rb + b * bytes;
+      int dot = 0;
+      for (int j = 0; j < 32; ++j) dot += ggml_code<T>(blk, j) * xb[j];
+      acc[r] += half_to_float(blk) * xd[b] * static_cast<float>(dot);
+      if constexpr (T == kQ4_1) zsum[r] += half_to_float(blk + 2) * xs[b];
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = acc[r] + zsum[r];
+#endif
+}
+
+template <int64_t T>
+static float ggml_row1_q8(const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, int64_t nb) {
+  constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    int dot = 0;
+    for (int j = 0; j < 32; ++j) dot += ggml_code<T>(blk, j) * xq[32 * b + j];
+    acc += half_to_float(blk) * xd[b] * static_cast<float>(dot) +
+           (T == kQ4_1 ? half_to_float(blk + 2) * xs[b] : 0.f);
+  }
+  return acc;
+}
+
+template <int64_t T>
+static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int64_t M, int64_t K, int64_t N,
+                             bool xq8 = false) {
   const int64_t nb = K / 32, rb = nb * ggml_block_bytes(T);
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
+  if (xq8) {
+    std::vector<int8_t> q(M * K);
+    std::vector<float> d(M * nb), s(M * nb);
+    for (int64_t m = 0; m < M; ++m) quantize_x_q8(xp + m * K, nb, q.data() + m * K, d.data() + m * nb, s.data() + m * nb);
+    at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n0 = blk * 4, rows = std::min<int64_t>(4, N - n0);
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* qm = q.data() + m * K;
+          const float *dm = d.data() + m * nb, *sm = s.data() + m * nb;
+          if (rows == 4) {
+            ggml_rows4_q8<T>(qm, dm, sm, wp + n0 * rb, rb, nb, yp + m * N + n0,
+                             n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr);
+          } else {
+            for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = ggml_row1_q8<T>(qm, dm, sm, wp + (n0 + r) * rb, nb);
+          }
+        }
+      }
+    });
+    return;
+  }
   std::vector<float> xsum(T == kQ4_1 ? M * nb : 0);
   if constexpr (T == kQ4_1) {
     for (int64_t m = 0; m < M; ++m)
@@ -549,7 +684,6 @@ static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int6
         xsum[m * nb + b] = t;
       }
   }
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n0 = q * 4, rows = std::min<int64_t>(4, N - n0);
@@ -568,6 +702,8 @@ static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int6
 
 at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+  const bool xq8 = (type & kXQ8) != 0;
+  type &= ~kXQ8;
   const int64_t bytes = ggml_block_bytes(type);
   TORCH_CHECK(bytes > 0, "ggml type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
   const int64_t M = x.size(0), K = x.size(1);
@@ -578,9 +714,9 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
   const int64_t N = blocks.size(0);
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const uint8_t* wp = blocks.data_ptr<uint8_t>(); float* yp = y.data_ptr<float>();
-  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(xp, wp, yp, M, K, N);
-  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(xp, wp, yp, M, K, N);
-  else ggml_matvec_impl<kQ8_0>(xp, wp, yp, M, K, N);
+  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(xp, wp, yp, M, K, N, xq8);
+  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(xp, wp, yp, M, K, N, xq8);
+  else ggml_matvec_impl<kQ8_0>(xp, wp, yp, M, K, N, xq8);
   return y;
 }
 
@@ -673,9 +809,11 @@ static void ggml_mv(int64_t type, const float* x, const at::Tensor& w, float* y,
   const int64_t N = w.size(0);
   if (type == kF32) return f32_matvec_impl(x, w.data_ptr<float>(), y, K, N);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, wp, y, 1, K, N);
-  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, wp, y, 1, K, N);
-  else ggml_matvec_impl<kQ8_0>(x, wp, y, 1, K, N);
+  const bool xq8 = (type & kXQ8) != 0;
+  type &= ~kXQ8;
+  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, wp, y, 1, K, N, xq8);
+  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, wp, y, 1, K, N, xq8);
+  else ggml_matvec_impl<kQ8_0>(x, wp, y, 1, K, N, xq8);
 }
 
 static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t d) {
@@ -717,7 +855,7 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
                   "weight ", i, " (fp32) must be a contiguous float32 [", Nexp[i], ", ", K[i], "] matrix");
       continue;
     }
-    const int64_t bytes = ggml_block_bytes(types[i]);
+    const int64_t bytes = ggml_block_bytes(types[i] & ~kXQ8);
     TORCH_CHECK(bytes > 0 && w[i].scalar_type() == at::kByte && w[i].is_contiguous() && w[i].dim() == 2 &&
                     K[i] % 32 == 0 && w[i].size(0) == Nexp[i] && w[i].size(1) == K[i] / 32 * bytes,
                 "weight ", i, " does not match its ggml type and the layer's shapes");

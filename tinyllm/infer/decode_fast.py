@@ -9,7 +9,8 @@ blocks, RoPE, the K/V write into the paged pool, paged attention, o-projection, 
 into preallocated state, so a step is the embedding row, 30 calls, the final norm and the LM head.
 
 It serves only what it reproduces: a model `FusedForward` supports whose seven projections per layer are all
-native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks) or plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
+native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks, with fp32 or int8-rounded activations as the module says) or
+plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
 a prefetched four-row stream: batch-1 fp32 decode reads every weight once per token), without biases, SiLU
 gating, and an fp32 paged pool. The
 runner uses it when the step is exactly one sequence decoding one token; everything else (prefill, batches,
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from tinyllm.infer import cpu_kernels
-from tinyllm.infer.cpu_kernels import F32_TYPE, GGML_NATIVE_TYPES
+from tinyllm.infer.cpu_kernels import F32_TYPE, GGML_NATIVE_TYPES, X_Q8
 from tinyllm.infer.fused import FusedForward, _rms
 from tinyllm.infer.ggml_linear import GGMLLinear
 
@@ -55,7 +56,7 @@ def _native(m: nn.Module) -> bool:
 def _weight(m: nn.Module) -> tuple[torch.Tensor, int]:
     """The tensor and type id `decode_layer` reads for projection `m`."""
     if isinstance(m, GGMLLinear):
-        return m.blocks, GGML_NATIVE_TYPES[m.ggml_type]
+        return m.blocks, GGML_NATIVE_TYPES[m.ggml_type] | (X_Q8 if m.x_q8 else 0)
     return m.weight.detach(), F32_TYPE
 
 

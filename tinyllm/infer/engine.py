@@ -473,16 +473,21 @@ class LLM:
     model: a model object, or anything `tinyllm.load_model` accepts (HF directory, GGUF file, short name);
     then the tokenizer comes from the same path. quantization "int8" or "int4" (group_size 32/64/128)
     applies `quant.quantize_model` (weight-only, in place, lm_head kept) before the engine is built;
-    "gguf" (model a .gguf path) runs the file's Q4_0/Q4_1/Q8_0 blocks as stored (`ggml_linear`).
+    "gguf" (model a .gguf path) runs the file's Q4_0/Q4_1/Q8_0 blocks as stored (`ggml_linear`), with
+    activations rounded to int8 blocks as llama.cpp does (`gguf_activations="int8"`, the fast default) or
+    kept fp32 (`"fp32"`: the dequantized model's arithmetic, up to summation order).
     Other keyword arguments go to `LLMEngine`.
     """
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 quantization: str | None = None, group_size: int = 128, **engine_kwargs: Any) -> None:
+                 quantization: str | None = None, group_size: int = 128, gguf_activations: str = "int8",
+                 **engine_kwargs: Any) -> None:
         from tinyllm.model.hf import load_model, resolve_model_path
         from tinyllm.tokenizer import load_tokenizer
 
+        if gguf_activations not in ("int8", "fp32"):
+            raise ValueError(f"gguf_activations={gguf_activations!r} is not 'int8' or 'fp32'")
         source = model if not isinstance(model, (str, os.PathLike)) else resolve_model_path(model)
         if isinstance(model, (str, os.PathLike)):
             path = resolve_model_path(model)
@@ -499,7 +504,7 @@ class LLM:
             if not (isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".gguf"):
                 raise ValueError(f"quantization='gguf' needs the model as a .gguf path, got "
                                  f"{source if isinstance(source, (str, os.PathLike)) else type(source).__name__!r}")
-            model = use_gguf_blocks(model, source)
+            model = use_gguf_blocks(model, source, x_q8=gguf_activations == "int8")
         elif quantization is not None:
             from tinyllm.infer.quant import quantize_model
 

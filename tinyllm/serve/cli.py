@@ -26,7 +26,7 @@ class ServeConfig:
         "help": "checkpoint for /v1/embeddings (BERT or decoder; default: the served model's mean hidden state)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": ["float32", "bfloat16"]})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
-    quantization: str | None = field(default=None, metadata={"help": "weight-only quantization: int8 or int4"})
+    quantization: str | None = field(default=None, metadata={"help": "weight-only quantization: int8, int4, or gguf (a .gguf model's own blocks, as llama.cpp)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one engine step"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     num_blocks: int | None = field(default=None, metadata={"help": "KV-cache blocks (default: sized to fit)"})
