@@ -312,7 +312,7 @@ class _Run:
             state = ckpt.load_checkpoint(path, self.model, self.opt)
         elif not self.par.resumable:
             raise ValueError(f"resume=True with parallel={self.par.name!r}: its optimizer state stays sharded and "
-                             "checkpoints keep only the full weights; resume under --parallel dp, zero1/2/3, --tp, "
+                             "checkpoints keep only the full weights; resume under --parallel dp, zero1/2/3, fsdp, --tp, "
                              f"--pp, --cp or --ep (AdamW), or start a new run with --init-from {path}")
         else:
             state = self.par.load_checkpoint(path)

@@ -162,6 +162,9 @@ RESUMES = {  # name: (strategy of the uninterrupted run, strategy of the resumed
     "pp-to-tp": (ParallelConfig("none", pp=2), ParallelConfig("none", tp=2), {}),
     "ep": (ParallelConfig("none", ep=2), ParallelConfig("none", ep=2), MOE_EXPORTABLE),
     "ep-to-dp": (ParallelConfig("none", ep=2), ParallelConfig("dp"), MOE_EXPORTABLE),
+    "fsdp": (ParallelConfig("fsdp"), ParallelConfig("fsdp"), {}),  # DTensor moments gathered, then cut again
+    "fsdp-to-dp": (ParallelConfig("fsdp"), ParallelConfig("dp"), {}),
+    "zero3-to-fsdp": (ParallelConfig("zero3"), ParallelConfig("fsdp"), {}),
 }
 RESUMES_4 = {  # 4 ranks
     "tp-pp": (ParallelConfig("dp", pp=2, tp=2), ParallelConfig("dp", pp=2, tp=2), {}),

@@ -67,3 +67,58 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     """torch's clip_grad_norm_ over DTensor gradients (the norm is itself a DTensor: take the full value)."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# ---------------------------------------------------------------- resume: checkpoints hold the unsharded state
+# A checkpoint holds what one process would hold (the full weights, AdamW's state in its plain layout), so a run
+# saved under FSDP2 resumes under dp/ZeRO/tp/... and back. Saving gathers each DTensor (`full_tensor`, an
+# all-gather); loading cuts the full tensors to each parameter's own placements (`distribute_tensor`). Both are
+# collectives: every rank walks the same tensors in the same order.
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """Every rank: the optimizer's state dict with each DTensor state (exp_avg, exp_avg_sq) gathered whole."""
+    sd = optimizer.state_dict()
+    state = {}
+    for idx in sorted(sd["state"]):
+        state[idx] = {k: (v.full_tensor().detach().cpu().clone() if hasattr(v, "full_tensor") else v)
+                      for k, v in sd["state"][idx].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` cut the way DTensor `ref` is placed (a plain tensor stays as it is)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(ref, DTensor):
+        return full
+    if tuple(full.shape) != tuple(ref.shape):
+        raise ValueError(f"a checkpoint tensor of shape {tuple(full.shape)} for a parameter of shape {tuple(ref.shape)}")
+    return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh, ref.placements)
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, full: dict) -> None:
+    """Load a plain (single-process layout) optimizer state into an optimizer over FSDP2's DTensor parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for idx in sorted(full["state"]):
+        p = params[idx]
+        state[idx] = {k: (_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else v)
+                      for k, v in full["state"][idx].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
+
+
+def load_full_weights(model: nn.Module, directory) -> None:
+    """Load a checkpoint's full weights into an FSDP2-sharded model (each rank keeps its shards)."""
+    from tinyllm.train.checkpoint import load_model_weights
+
+    own = model.state_dict()
+    plain_load = model.load_state_dict
+
+    def load(sd, strict: bool = True, assign: bool = False):
+        return plain_load({k: _like(v, own[k]) if k in own else v for k, v in sd.items()}, strict=strict)
+
+    model.load_state_dict = load  # load_model_weights reads the files (HF names, ties) and calls this
+    try:
+        load_model_weights(model, directory)
+    finally:
+        del model.load_state_dict

@@ -323,6 +323,31 @@ class FSDPStrategy(Strategy):
         state = self.full_state_dict()
         return _copy_with(self.module, state) if self.rank == 0 else None
 
+    resumable = True
+
+    def optimizer_state(self) -> dict | None:
+        from tinyllm.train.parallel.fsdp import full_optimizer_state
+
+        return full_optimizer_state(self.optimizer)  # collective: each DTensor state gathered whole
+
+    def load_checkpoint(self, path: Any) -> dict:
+        from pathlib import Path
+
+        from tinyllm.train import checkpoint as ckpt
+        from tinyllm.train.parallel.fsdp import load_full_weights
+
+        load_full_weights(self.module, Path(path))
+        state = ckpt.load_checkpoint(path, None)
+        self.load_optimizer_state(state["optimizer"], path)
+        return state
+
+    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+        from tinyllm.train.parallel.fsdp import load_full_optimizer_state
+
+        if opt.get("sharded"):
+            super().load_optimizer_state(opt, path)  # raises: nothing to resume from
+        load_full_optimizer_state(self.optimizer, opt)
+
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
