@@ -311,9 +311,9 @@ class _Run:
         if self.par is None:
             state = ckpt.load_checkpoint(path, self.model, self.opt)
         elif not self.par.resumable:
-            raise ValueError(f"resume=True with parallel={self.par.name!r}: its optimizer state stays sharded and "
-                             "checkpoints keep only the full weights; resume under --parallel dp, zero1/2/3, fsdp, --tp, "
-                             f"--pp, --cp or --ep (AdamW), or start a new run with --init-from {path}")
+            raise ValueError(f"resume=True with parallel={self.par.name!r}: this optimizer's state stays in "
+                             "model-parallel pieces that checkpoints do not gather (Muon); every layout resumes "
+                             f"under AdamW — or start a new run from the weights with --init-from {path}")
         else:
             state = self.par.load_checkpoint(path)
         if state.get("data") is not None:

@@ -393,6 +393,98 @@ class DeepSpeedStrategy(Strategy):
         state = self.full_state_dict()
         return _copy_with(self.module, state) if self.rank == 0 else None
 
+    # --resume: checkpoints hold plain AdamW's state (layout.py's order), read from and written into DeepSpeed's
+    # fp32 partitions through its tensor-fragment API (each call a collective over the data-parallel ranks)
+    resumable = True
+
+    def _plain_template(self) -> dict:
+        probe = build_optimizer([("w", nn.Parameter(torch.zeros(2, 2)))], **{**self.opt_args, "fused": False})
+        return probe.param_groups[0]
+
+    def _link_states(self) -> None:
+        """ZeRO-1/2: point each parameter's fragment at the optimizer's current state tensors. DeepSpeed links
+        them once, at its first step, before torch's AdamW has made any state, and never again (stage 3 reads
+        the state directly)."""
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _order(self) -> tuple[list[str], list[int]]:
+        """layout.adamw_order over the parameters' full shapes (ZeRO-3 leaves each one an empty partition)."""
+        from tinyllm.train.parallel import layout
+
+        meta: dict[int, torch.Tensor] = {}
+        for _, p in self.params:
+            meta.setdefault(id(p), torch.empty(getattr(p, "ds_shape", p.shape), device="meta")
+                            .requires_grad_(p.requires_grad))
+        return layout.adamw_order([(n, meta[id(p)]) for n, p in self.params])
+
+    def optimizer_state(self) -> dict | None:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        from tinyllm.train.parallel import layout
+
+        order, sizes = self._order()
+        byname = dict(self.params)
+        self._link_states()
+        step = torch.tensor(float(self.model.global_steps))
+        named = {}
+        for n in order:
+            p = byname[n]
+            shape = getattr(p, "ds_shape", p.shape)
+            named[n] = {"step": step.clone(), **{k: safe_get_full_optimizer_state(p, k).detach().cpu().reshape(shape)
+                                                 .clone() for k in ("exp_avg", "exp_avg_sq")}}
+        return layout.plain_optimizer_state(named, order, sizes, self._plain_template(), self.opt_args["weight_decay"])
+
+    def load_checkpoint(self, path: Any) -> dict:
+        from pathlib import Path
+
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        from tinyllm.train import checkpoint as ckpt
+
+        module_params = list(self.module.parameters())
+        if self.stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(module_params, modifier_rank=0)
+        else:
+            gathered = contextlib.nullcontext()
+        with gathered, torch.no_grad():  # the working copy, and then DeepSpeed's fp32 master partitions
+            ckpt.load_model_weights(self.module, Path(path))
+            for _, p in self.params:
+                safe_set_full_fp32_param(p, p.detach().clone())
+        state = ckpt.load_checkpoint(path, None)
+        self.load_optimizer_state(state["optimizer"], path)
+        return state
+
+    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        from tinyllm.train.parallel import layout
+
+        if opt.get("sharded"):
+            super().load_optimizer_state(opt, path)  # raises: nothing to resume from
+        order, _ = self._order()
+        named = layout.named_optimizer_state(opt, order)
+        steps = {float(st["step"]) for st in named.values()}
+        if len(steps) > 1:
+            raise ValueError(f"{path}: parameters at different step counts {sorted(steps)}; DeepSpeed keeps one")
+        step = steps.pop() if steps else 0.0
+        inner = self.optimizer.optimizer  # torch AdamW over DeepSpeed's flat fp32 partitions: state made up front
+        flats = {id(f): f for g in inner.param_groups for f in g["params"]}
+        flats.update({id(f): f for f in getattr(self.optimizer, "fp32_partitioned_groups_flat", [])})  # ZeRO-3
+        for flat in flats.values():
+            inner.state[flat] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+        self._link_states()
+        byname = dict(self.params)
+        for n in order:
+            if n in named:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(byname[n], named[n][k].flatten(), k)
+        self.model.global_steps = int(step)
+
 
 def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tuple[str, nn.Parameter]],
                    opt_args: dict[str, Any], micro_batch: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
