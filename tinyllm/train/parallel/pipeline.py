@@ -179,6 +179,10 @@ class PipelineStage(nn.Module):
         self.config, self.stage, self.stages = cfg, stage, stages
         self.layer_ids = layers if layers is not None else split_layers(cfg.num_hidden_layers, stages)[stage]
         self.is_first, self.is_last = stage == 0, stage == stages - 1
+        # sequence parallel (tensor.py): hidden states between layers, and so between stages, are [B, T/tp, d]
+        # slices; a stage that receives one needs T for its positions
+        tp_group = getattr(model, "tp_group", None)
+        self.seq_split = dist.get_world_size(tp_group) if getattr(model, "sequence_parallel", False) else 1
         inner = model.model
         self.model = nn.Module()
         self.model.pos = inner.pos  # positions are recomputed per stage (rotary tables are cheap)
@@ -202,7 +206,7 @@ class PipelineStage(nn.Module):
                 h = h + absolute.to(h.dtype)
         else:
             h = x
-            b, t = h.shape[:2]
+            b, t = h.shape[0], h.shape[1] * self.seq_split
             positions = torch.arange(t, device=h.device).expand(b, t)
         meta = build_attn_meta(t, 0, b, sliding_window=self.config.sliding_window, device=h.device)
         rotary = self.model.pos.rotary(positions)

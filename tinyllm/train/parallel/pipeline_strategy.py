@@ -25,10 +25,11 @@ what its stage does not hold (`release_unowned`): a rank keeps about 1/P of the 
 `--pp P --tp T`: the mesh becomes dp × pp × tp (tp innermost); the whole model is split by tensor parallel
 over each TP group (`tensor.tensor_parallel`) before the stages are cut, so a stage's layers are Megatron
 shards, activations between stages are whole (each TP rank sends its copy to the same TP rank of the next
-stage), the tied head of the last stage is a vocabulary shard like the embedding it copies, clipping sums the
+stage) — or, with `--sp`, each TP rank's [B, T/tp, d] sequence slice, sent to the same TP rank of the next
+stage (1/tp of the bytes; the receiving stage takes T = tp × its slice for the positions) — the tied head of the last stage is a vocabulary shard like the embedding it copies, clipping sums the
 shards' squares over the TP group and then over the stages, and checkpoints gather TP then PP.
 
-Not covered: sequence parallel (`--sp`) or context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
+Not covered: context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
 stages, building only the stage's layers in the first place (the whole model exists briefly on every rank).
 """
 
@@ -99,7 +100,7 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
     name = "pp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 pp: int, kind: str = "1f1b", tp: int = 1) -> None:
+                 pp: int, kind: str = "1f1b", tp: int = 1, sp: bool = False) -> None:
         super().__init__(module, params, opt_args)
         cfg = getattr(module, "config", None)
         if cfg is None or not hasattr(module, "model") or not hasattr(module.model, "layers"):
@@ -126,9 +127,10 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
 
             if any(not p.requires_grad for p in module.parameters()):
                 raise ValueError("tensor parallel trains every parameter: the task freezes some (use --parallel dp)")
-            tensor_parallel(module, self.tp_group)  # every layer sharded; the stage then keeps its own
+            tensor_parallel(module, self.tp_group, sequence_parallel=sp)  # every layer sharded; the stage keeps its own
             params = list(module.named_parameters())
-            self.name = "pp×tp"
+            self.name = "pp×tp" + ("+sp" if sp else "")
+        self.seq_split = tp if sp and tp > 1 else 1  # what passes between stages: [B, T/seq_split, d]
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         self.s = dist.get_rank(self.pp_group) if self.pp_group is not None else self.rank
         self.world = self.dp  # the loop counts tokens × world: the stages of a pipeline share their rows
@@ -180,7 +182,7 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
         total, tokens, metrics = 0.0, 0, {}
         for kind, i in schedule(self.kind, self.pp, k)[self.s]:
             ids = input_ids_of(batches[i])
-            shape = (*ids.shape, hidden)
+            shape = (ids.shape[0], ids.shape[1] // self.seq_split, hidden)
             if kind == "F":
                 x = ids if self.first else self._recv(shape, self.s - 1, i).requires_grad_()
                 with autocast:
@@ -214,7 +216,8 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
     def eval_loss(self, task: Any, batch: Any, autocast: Any) -> float:
         """Forward only: the whole eval batch as one micro-batch through the stages; the last stage's loss."""
         ids = input_ids_of(batch)
-        x = ids if self.first else self._recv((*ids.shape, self.stage.config.hidden_size), self.s - 1, 0)
+        x = ids if self.first else self._recv((ids.shape[0], ids.shape[1] // self.seq_split,
+                                               self.stage.config.hidden_size), self.s - 1, 0)
         value = None
         with autocast:
             if self.last:

@@ -516,13 +516,11 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
 
             return ExpertParallelStrategy(module, list(params), opt_args, pcfg.ep)
         if pcfg.pp > 1 and pcfg.model_parallel == pcfg.pp * pcfg.tp and pcfg.parallel in ("dp", "none"):
-            # PP (with TP inside each stage), plain DP around it
-            if pcfg.sp:
-                raise ValueError("--sp with --pp: the activations passed between stages would be sequence shards "
-                                 "(not covered); drop --sp")
+            # PP (with TP, and SP, inside each stage), plain DP around it
             from tinyllm.train.parallel.pipeline_strategy import PipelineParallelStrategy
 
-            return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule, pcfg.tp)
+            return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule, pcfg.tp,
+                                            pcfg.sp)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
                          "the training loop runs tensor (--tp, with --sp; --parallel dp, none or zero1-3 around it), "
                          "pipeline (--pp) or context parallel (--cp), the last two also with --tp inside and "
