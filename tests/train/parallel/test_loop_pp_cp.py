@@ -99,6 +99,7 @@ CASES = {  # name: (ParallelConfig kwargs, _run kwargs)
     "tp-cp": (dict(cp=2, tp=2), dict(sft=True, evals=True)),  # 4 ranks: the ring over heads split in two
     "tp-pp": (dict(pp=2, tp=2), dict(sft=True, evals=True)),  # 4 ranks: Megatron shards in each stage
     "tp-sp-pp": (dict(pp=2, tp=2, sp=True), dict(evals=True)),  # 4 ranks: stages pass [B, T/2, d] slices
+    "tp-sp-cp": (dict(cp=2, tp=2, sp=True), dict(evals=True)),  # 4 ranks: each ring chunk split again for norms
 }
 
 
@@ -141,7 +142,7 @@ def test_loop_context_parallel_equals_single_process(tmp_path: Path, name: str):
 
 @pytest.mark.slow  # 4 processes on a 2-core machine
 def test_loop_dp_times_pp_dp_times_cp_and_tp_inside_cp_and_pp_on_4_ranks(tmp_path: Path):
-    names = ("pp-1f1b", "cp-sft-untied", "tp-cp", "tp-pp", "tp-sp-pp")
+    names = ("pp-1f1b", "cp-sft-untied", "tp-cp", "tp-pp", "tp-sp-pp", "tp-sp-cp")
     per_rank = run_ranks(_ranks, 4, args=(str(tmp_path), names), timeout_s=400)
     _check(tmp_path, per_rank, names)
     full = sum(p.numel() for p in tiny_model(seed=0).parameters())

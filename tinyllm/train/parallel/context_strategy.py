@@ -25,8 +25,11 @@ passes the local heads' K/V only. Losses and gradients are summed over the ranks
 clipping takes the norm over the shards; checkpoints gather the TP shards and their optimizer moments
 (`strategy.ModelParallelResume`), so `--resume` works under cp × tp as under any other layout.
 
-Not covered: padding masks, sliding windows and ALiBi in the ring, sequence parallel (`--sp`) or pipeline
-parallel beside it, torch.compile.
+With `--sp` the norms and residuals of a ring position run on a 1/T slice of its chunk (sequence.py): the
+column-parallel projections gather the chunk back before attention, so the ring itself is unchanged; the chunk
+length must divide by T.
+
+Not covered: padding masks, sliding windows and ALiBi in the ring, pipeline parallel beside it, torch.compile.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class ContextParallelStrategy(ModelParallelResume, Strategy):
     name = "cp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 cp: int, layout: str = "zigzag", tp: int = 1) -> None:
+                 cp: int, layout: str = "zigzag", tp: int = 1, sp: bool = False) -> None:
         super().__init__(module, params, opt_args)
         if not hasattr(module, "config") or not hasattr(getattr(module, "model", None), "layers"):
             raise ValueError(f"context parallel rewires the attention of a tinyllm CausalLM, not a "
@@ -111,9 +114,9 @@ class ContextParallelStrategy(ModelParallelResume, Strategy):
 
             if any(not p.requires_grad for p in module.parameters()):
                 raise ValueError("tensor parallel trains every parameter: the task freezes some (use --parallel dp)")
-            tensor_parallel(module, self.tp_group)
+            tensor_parallel(module, self.tp_group, sequence_parallel=sp)
             self.params = params = list(module.named_parameters())  # the shards replaced the full parameters
-            self.name = "cp×tp"
+            self.name = "cp×tp" + ("+sp" if sp else "")
         context_parallel(module, self.cp_group, layout)
         self.model = _ChunkPositions(module)
         self.optimizer = build_optimizer(params, **opt_args)

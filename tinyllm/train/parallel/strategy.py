@@ -496,13 +496,11 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
     deg = pcfg.degrees(dist.get_world_size())
     if pcfg.model_parallel > 1:
         if pcfg.cp > 1 and pcfg.model_parallel == pcfg.cp * pcfg.tp and pcfg.parallel in ("dp", "none"):
-            # CP (with TP inside each ring position), plain DP around it
-            if pcfg.sp:
-                raise ValueError("--sp with --cp: sequence parallel would split the ring's chunks again over the "
-                                 "tensor-parallel group (not covered); drop --sp")
+            # CP (with TP, and SP, inside each ring position), plain DP around it
             from tinyllm.train.parallel.context_strategy import ContextParallelStrategy
 
-            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp, pcfg.cp_layout, pcfg.tp)
+            return ContextParallelStrategy(module, list(params), opt_args, pcfg.cp, pcfg.cp_layout, pcfg.tp,
+                                           pcfg.sp)
         if pcfg.model_parallel == pcfg.tp and pcfg.parallel in ("dp", "none", *ZERO_STAGE):
             # TP (+SP), plain DP or our ZeRO around it
             from tinyllm.train.parallel.tensor_strategy import TensorParallelStrategy
@@ -523,7 +521,7 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
                                             pcfg.sp)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
                          "the training loop runs tensor (--tp, with --sp; --parallel dp, none or zero1-3 around it), "
-                         "pipeline (--pp) or context parallel (--cp), the last two also with --tp inside and "
+                         "pipeline (--pp) or context parallel (--cp), the last two also with --tp (and --sp) inside and "
                          "--parallel dp or none around them — "
                          "expert parallel (--ep, with --parallel dp or none) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
