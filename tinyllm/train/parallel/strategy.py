@@ -129,14 +129,27 @@ class Strategy:
     def load_checkpoint(self, path: Any) -> dict:
         from tinyllm.train import checkpoint as ckpt
 
-        state = ckpt.load_checkpoint(path, self.module)
+        state = ckpt.load_checkpoint(path, None)  # the trainer state first: a directory without it loads nothing
+        self.load_weights(path)
         self.load_optimizer_state(state["optimizer"], path)
         return state
 
-    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+    def load_weights(self, path: Any) -> None:
+        """A checkpoint's full weights into this rank's model (here: the module as it is)."""
+        from pathlib import Path
+
+        from tinyllm.train import checkpoint as ckpt
+
+        ckpt.load_model_weights(self.module, Path(path))
+
+    @staticmethod
+    def _require_state(opt: dict, path: Any) -> None:
         if opt.get("sharded"):
             raise ValueError(f"{path}: this checkpoint holds no optimizer state (written by a strategy whose state "
                              f"stays sharded); continue from it with --init-from {path} instead of --resume")
+
+    def load_optimizer_state(self, opt: dict, path: Any) -> None:
+        self._require_state(opt, path)
         self.optimizer.load_state_dict(opt)
 
 
@@ -196,8 +209,7 @@ class ModelParallelResume:
     def load_optimizer_state(self, opt: dict, path: Any) -> None:
         from tinyllm.train.parallel import layout
 
-        if opt.get("sharded"):
-            Strategy.load_optimizer_state(self, opt, path)  # raises: nothing to resume from
+        Strategy._require_state(opt, path)
         full = layout.named_optimizer_state(opt, self._full_order[0])
         local = layout.cut_named_state(full, dict(self.params), self._tp_state_group, self._state_alias)
         order, sizes = layout.adamw_order(self.params)
@@ -280,8 +292,7 @@ class ZeROStrategy(Strategy):
         return state
 
     def load_optimizer_state(self, opt: dict, path: Any) -> None:
-        if opt.get("sharded"):
-            super().load_optimizer_state(opt, path)
+        self._require_state(opt, path)
         self.optimizer.load_full_optimizer_state(opt)
 
     def full_model(self):
@@ -330,22 +341,17 @@ class FSDPStrategy(Strategy):
 
         return full_optimizer_state(self.optimizer)  # collective: each DTensor state gathered whole
 
-    def load_checkpoint(self, path: Any) -> dict:
+    def load_weights(self, path: Any) -> None:
         from pathlib import Path
 
-        from tinyllm.train import checkpoint as ckpt
         from tinyllm.train.parallel.fsdp import load_full_weights
 
-        load_full_weights(self.module, Path(path))
-        state = ckpt.load_checkpoint(path, None)
-        self.load_optimizer_state(state["optimizer"], path)
-        return state
+        load_full_weights(self.module, Path(path))  # each rank cuts its shards from the full tensors
 
     def load_optimizer_state(self, opt: dict, path: Any) -> None:
         from tinyllm.train.parallel.fsdp import load_full_optimizer_state
 
-        if opt.get("sharded"):
-            super().load_optimizer_state(opt, path)  # raises: nothing to resume from
+        self._require_state(opt, path)
         load_full_optimizer_state(self.optimizer, opt)
 
 
@@ -436,7 +442,7 @@ class DeepSpeedStrategy(Strategy):
                                                  .clone() for k in ("exp_avg", "exp_avg_sq")}}
         return layout.plain_optimizer_state(named, order, sizes, self._plain_template(), self.opt_args["weight_decay"])
 
-    def load_checkpoint(self, path: Any) -> dict:
+    def load_weights(self, path: Any) -> None:
         from pathlib import Path
 
         from deepspeed.utils import safe_set_full_fp32_param
@@ -454,17 +460,13 @@ class DeepSpeedStrategy(Strategy):
             ckpt.load_model_weights(self.module, Path(path))
             for _, p in self.params:
                 safe_set_full_fp32_param(p, p.detach().clone())
-        state = ckpt.load_checkpoint(path, None)
-        self.load_optimizer_state(state["optimizer"], path)
-        return state
 
     def load_optimizer_state(self, opt: dict, path: Any) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
         from tinyllm.train.parallel import layout
 
-        if opt.get("sharded"):
-            super().load_optimizer_state(opt, path)  # raises: nothing to resume from
+        self._require_state(opt, path)
         order, _ = self._order()
         named = layout.named_optimizer_state(opt, order)
         steps = {float(st["step"]) for st in named.values()}
