@@ -29,6 +29,16 @@
 
 namespace {
 
+#if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
+// the sum of a register's eight floats
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 std::string compiled_isa() {
 #if defined(TINYLLM_AVX512)
   return "avx512";
@@ -156,12 +166,6 @@ static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* ou
     for (int r = 0; r < 4; ++r) out[r] += x[k] * static_cast<float>(w[r * K + k]);
 }
 #elif defined(TINYLLM_AVX2)
-static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // eight int8 codes → eight floats (sign-extend to int32, then convert)
 static inline __m256 i8x8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -574,13 +578,6 @@ static inline int ggml_code(const uint8_t* blk, int j) {
 }
 
 #if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
-static inline float hsum8_ps(__m256 v) {
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  t = _mm_add_ss(t, _mm_movehdup_ps(t));
-  return _mm_cvtss_f32(t);
-}
-
 // 16 bytes of nibbles → 32 bytes: elements 0–15 (low nibbles) then 16–31 (high nibbles)
 static inline __m256i nibbles32(const uint8_t* p) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -618,7 +615,7 @@ static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, co
       if constexpr (T == kQ4_1) zsum[r] += half_to_float(blk + 2) * xs[b];
     }
   }
-  for (int r = 0; r < 4; ++r) out[r] = hsum8_ps(acc[r]) + zsum[r];
+  for (int r = 0; r < 4; ++r) out[r] = hsum256(acc[r]) + zsum[r];
 #else
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t b = 0; b < nb; ++b) {
@@ -700,12 +697,20 @@ static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int6
   });
 }
 
-at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+// a ggml type id (kXQ8 set: x as int8 blocks) to its kernel
+static void ggml_matvec_any(int64_t type, const float* x, const uint8_t* w, float* y, int64_t M, int64_t K,
+                            int64_t N) {
   const bool xq8 = (type & kXQ8) != 0;
   type &= ~kXQ8;
-  const int64_t bytes = ggml_block_bytes(type);
-  TORCH_CHECK(bytes > 0, "ggml type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, w, y, M, K, N, xq8);
+  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, w, y, M, K, N, xq8);
+  else ggml_matvec_impl<kQ8_0>(x, w, y, M, K, N, xq8);
+}
+
+at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+  const int64_t bytes = ggml_block_bytes(type & ~kXQ8);
+  TORCH_CHECK(bytes > 0, "ggml type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8), optionally + ", kXQ8);
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32 (the block size), got ", K);
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(1) == K / 32 * bytes,
@@ -714,9 +719,7 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
   const int64_t N = blocks.size(0);
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const uint8_t* wp = blocks.data_ptr<uint8_t>(); float* yp = y.data_ptr<float>();
-  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(xp, wp, yp, M, K, N, xq8);
-  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(xp, wp, yp, M, K, N, xq8);
-  else ggml_matvec_impl<kQ8_0>(xp, wp, yp, M, K, N, xq8);
+  ggml_matvec_any(type, xp, wp, yp, M, K, N);
   return y;
 }
 
@@ -808,12 +811,7 @@ at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
 static void ggml_mv(int64_t type, const float* x, const at::Tensor& w, float* y, int64_t K) {
   const int64_t N = w.size(0);
   if (type == kF32) return f32_matvec_impl(x, w.data_ptr<float>(), y, K, N);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const bool xq8 = (type & kXQ8) != 0;
-  type &= ~kXQ8;
-  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, wp, y, 1, K, N, xq8);
-  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, wp, y, 1, K, N, xq8);
-  else ggml_matvec_impl<kQ8_0>(x, wp, y, 1, K, N, xq8);
+  ggml_matvec_any(type, x, w.data_ptr<uint8_t>(), y, 1, K, N);
 }
 
 static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t d) {
