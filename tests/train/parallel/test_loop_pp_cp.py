@@ -100,6 +100,9 @@ CASES = {  # name: (ParallelConfig kwargs, _run kwargs)
     "tp-pp": (dict(pp=2, tp=2), dict(sft=True, evals=True)),  # 4 ranks: Megatron shards in each stage
     "tp-sp-pp": (dict(pp=2, tp=2, sp=True), dict(evals=True)),  # 4 ranks: stages pass [B, T/2, d] slices
     "tp-sp-cp": (dict(cp=2, tp=2, sp=True), dict(evals=True)),  # 4 ranks: each ring chunk split again for norms
+    "pp-cp": (dict(pp=2, cp=2), dict(sft=True, evals=True)),  # 4 ranks: a ring inside each stage
+    "pp-cp-gpipe-contiguous-untied": (dict(pp=2, cp=2, pp_schedule="gpipe", cp_layout="contiguous"),
+                                      dict(tie_word_embeddings=False, num_hidden_layers=3)),
 }
 
 
@@ -123,7 +126,7 @@ def _check(tmp_path: Path, per_rank: list[dict], names: tuple[str, ...]) -> None
                 assert r[name]["eval"][s] == pytest.approx(v, rel=1e-10), (name, s)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("pp")])
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("pp") and "cp" not in n])
 def test_loop_pipeline_parallel_equals_single_process(tmp_path: Path, name: str):
     per_rank = run_ranks(_ranks, 2, args=(str(tmp_path), (name,)), timeout_s=240)
     _check(tmp_path, per_rank, (name,))
@@ -149,6 +152,16 @@ def test_loop_dp_times_pp_dp_times_cp_and_tp_inside_cp_and_pp_on_4_ranks(tmp_pat
     assert all(r["tp-cp"]["held"] < 0.75 * full for r in per_rank)  # the tensor-parallel shards, not copies
     assert all(r[n]["held"] < 0.5 * full for r in per_rank for n in ("tp-pp", "tp-sp-pp"))  # half the layers,
     # each half its weights
+
+
+@pytest.mark.slow  # 4 processes on a 2-core machine
+@pytest.mark.parametrize("name", ["pp-cp", "pp-cp-gpipe-contiguous-untied"])
+def test_loop_pipeline_times_context_parallel_on_4_ranks(tmp_path: Path, name: str):
+    per_rank = run_ranks(_ranks, 4, args=(str(tmp_path), (name,)), timeout_s=300)
+    _check(tmp_path, per_rank, (name,))
+    model_kw = {k: v for k, v in CASES[name][1].items() if k not in ("sft", "evals")}
+    full = sum(p.numel() for p in tiny_model(seed=0, **model_kw).parameters())
+    assert all(r[name]["held"] < 0.75 * full for r in per_rank)  # each rank its stage only
 
 
 MOE_EXPORTABLE = {"num_local_experts": 4, "model_type": "mixtral"}  # checkpoints are HF folders

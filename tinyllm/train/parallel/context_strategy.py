@@ -45,8 +45,7 @@ from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
 from tinyllm.train.parallel.context import chunk_ids, context_parallel, local_positions
 from tinyllm.train.parallel.layout import adamw_order
-from tinyllm.train.parallel.pipeline_strategy import input_ids_of
-from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows
+from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows, input_ids_of
 
 
 def labels_of(batch: Any) -> torch.Tensor | None:
@@ -56,6 +55,50 @@ def labels_of(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
         return batch[1]
     return None
+
+
+def global_label_count(batch: Any) -> int:
+    """The labelled tokens of a whole (global) micro-batch: the denominator of every rank's loss weight."""
+    labels = labels_of(batch)
+    return int((labels != IGNORE_INDEX).sum()) if labels is not None else input_ids_of(batch).numel()
+
+
+def cut_chunk(batch: Any, cp_rank: int, cp: int, layout: str) -> tuple[Any, int, torch.Tensor]:
+    """(rank `cp_rank`'s tokens of `batch` in `layout`, its labelled tokens, their global positions).
+
+    A sequence that does not divide into the chunks is padded at the end (ignored labels, token 0). A chunk
+    without a labelled token still runs — the ring is collective — with one stand-in label, so its mean loss is
+    finite; its count 0 gives it weight 0."""
+    ids = input_ids_of(batch)
+    if ids.dim() != 2:
+        raise ValueError(f"context parallel splits [B, T] token ids, got shape {tuple(ids.shape)}")
+    b, t = ids.shape
+    chunks = cp * len(chunk_ids(0, 1, layout))
+    padded = -(-t // chunks) * chunks
+    idx = local_positions(padded, cp_rank, cp, layout)
+    labels = labels_of(batch)
+
+    def cut(x: Any, fill: int) -> Any:
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (b, t)):
+            return x
+        if padded != t:
+            pad = x.new_full((b, padded - t, *x.shape[2:]), fill)
+            x = torch.cat([x, pad], dim=1)
+        return x[:, idx.to(x.device)]
+
+    if isinstance(batch, dict):
+        out: Any = {k: cut(v, IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
+    elif isinstance(batch, (tuple, list)):
+        out = type(batch)(cut(v, IGNORE_INDEX if j == 1 else 0) for j, v in enumerate(batch))
+    else:
+        out = cut(batch, 0)
+    if labels is None:
+        return out, b * int((idx < t).sum()), idx
+    mine = labels_of(out)
+    count = int((mine != IGNORE_INDEX).sum())
+    if count == 0:
+        mine[0, 0] = 0
+    return out, count, idx
 
 
 class _ChunkPositions(nn.Module):
@@ -123,47 +166,13 @@ class ContextParallelStrategy(ModelParallelResume, Strategy):
         self._global_counts: list[int] = []
 
     def local_batch(self, batch: Any) -> Any:
-        labels = labels_of(batch)
         # the global micro-batch's labelled tokens: each rank's weight is its share of them (exact for SFT too)
-        self._global_counts.append(int((labels != IGNORE_INDEX).sum()) if labels is not None
-                                   else input_ids_of(batch).numel())
+        self._global_counts.append(global_label_count(batch))
         return _slice_rows(batch, self.dp_rank, self.dp)
 
     def chunk(self, batch: Any) -> tuple[Any, int]:
         """(this rank's tokens of `batch`, its labelled tokens); sets their positions."""
-        ids = input_ids_of(batch)
-        if ids.dim() != 2:
-            raise ValueError(f"context parallel splits [B, T] token ids, got shape {tuple(ids.shape)}")
-        b, t = ids.shape
-        chunks = self.cp * self.segments
-        padded = -(-t // chunks) * chunks
-        idx = local_positions(padded, self.cp_rank, self.cp, self.layout)
-        labels = labels_of(batch)
-
-        def cut(x: Any, fill: int) -> Any:
-            if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (b, t)):
-                return x
-            if padded != t:
-                pad = x.new_full((b, padded - t, *x.shape[2:]), fill)
-                x = torch.cat([x, pad], dim=1)
-            return x[:, idx.to(x.device)]
-
-        if isinstance(batch, dict):
-            out: Any = {k: cut(v, IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
-        elif isinstance(batch, (tuple, list)):
-            out = type(batch)(cut(v, IGNORE_INDEX if j == 1 else 0) for j, v in enumerate(batch))
-        else:
-            out = cut(batch, 0)
-        self.model.positions = idx
-        if labels is None:
-            return out, b * int((idx < t).sum())
-        mine = labels_of(out)
-        count = int((mine != IGNORE_INDEX).sum())
-        if count == 0:
-            # a chunk without labelled tokens (an SFT prompt, padding) still runs forward and backward — the ring
-            # is collective — but a mean over no tokens is 0/0: one stand-in label keeps the loss finite, and
-            # its weight 0 keeps it out of the values and gradients
-            mine[0, 0] = 0
+        out, count, self.model.positions = cut_chunk(batch, self.cp_rank, self.cp, self.layout)
         return out, count
 
     def _sum(self, values: list[float], group: Any) -> list[float]:
@@ -192,8 +201,7 @@ class ContextParallelStrategy(ModelParallelResume, Strategy):
     @torch.no_grad()
     def eval_loss(self, task: Any, batch: Any, autocast: Any) -> float:
         """The whole eval batch on every data-parallel replica, its sequence split over the ring."""
-        labels = labels_of(batch)
-        everyone = int((labels != IGNORE_INDEX).sum()) if labels is not None else input_ids_of(batch).numel()
+        everyone = global_label_count(batch)
         part, mine = self.chunk(batch)
         with autocast:
             loss, _ = task.loss(self.model, part)

@@ -188,6 +188,9 @@ class PipelineStage(nn.Module):
         self.model.pos = inner.pos  # positions are recomputed per stage (rotary tables are cheap)
         self.model.layers = nn.ModuleDict({str(i): inner.layers[i] for i in self.layer_ids})
         self.tied = cfg.tie_word_embeddings
+        # context parallel inside the stage (context.py): the global positions of this rank's tokens, set per
+        # micro-batch; None: positions 0..T-1
+        self.positions: torch.Tensor | None = None
         if self.is_first:
             self.model.embed_tokens = inner.embed_tokens
         if self.is_last:
@@ -196,10 +199,17 @@ class PipelineStage(nn.Module):
             if self.tied and not self.is_first:  # its own copy; sync_tied_grads keeps the two equal
                 self.lm_head = _own_weight_copy(model.lm_head)
 
+    def _positions(self, b: int, t: int, device: torch.device) -> torch.Tensor:
+        if self.positions is None:
+            return torch.arange(t, device=device).expand(b, t)
+        if self.positions.numel() != t:
+            raise ValueError(f"stage {self.stage}: {self.positions.numel()} positions for {t} tokens")
+        return self.positions.to(device).expand(b, t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
             b, t = x.shape
-            positions = torch.arange(t, device=x.device).expand(b, t)
+            positions = self._positions(b, t, x.device)
             h = self.model.embed_tokens(x)
             absolute = self.model.pos.embed(positions)
             if absolute is not None:
@@ -207,7 +217,7 @@ class PipelineStage(nn.Module):
         else:
             h = x
             b, t = h.shape[0], h.shape[1] * self.seq_split
-            positions = torch.arange(t, device=h.device).expand(b, t)
+            positions = self._positions(b, t, h.device)
         meta = build_attn_meta(t, 0, b, sliding_window=self.config.sliding_window, device=h.device)
         rotary = self.model.pos.rotary(positions)
         bias = self.model.pos.bias(positions, meta.k_positions)

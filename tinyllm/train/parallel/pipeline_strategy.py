@@ -29,7 +29,14 @@ stage) — or, with `--sp`, each TP rank's [B, T/tp, d] sequence slice, sent to 
 stage (1/tp of the bytes; the receiving stage takes T = tp × its slice for the positions) — the tied head of the last stage is a vocabulary shard like the embedding it copies, clipping sums the
 shards' squares over the TP group and then over the stages, and checkpoints gather TP then PP.
 
-Not covered: context parallel inside a stage, MoE auxiliary losses across stages, torch.compile of the
+`--pp P --cp C`: the mesh becomes dp × pp × cp × tp; every stage's attention is a ring over its cp group (the
+ranks holding the same stage, `context.context_parallel`), each rank keeps its chunks of every micro-batch's
+sequence (`context_strategy.cut_chunk`, zig-zag or contiguous) and runs its stage at their global positions, and
+stages pass each cp rank's [B, T/cp, d] to the same cp rank of the next stage. The last stage weights each
+chunk's loss by its share of the global micro-batch's labelled tokens (as under `--cp` alone), so gradients and
+losses are *summed* over the ranks holding the same stage and TP shard (every dp and cp index).
+
+Not covered: MoE auxiliary losses across stages, torch.compile of the
 stages, building only the stage's layers in the first place (the whole model exists briefly on every rank).
 """
 
@@ -44,6 +51,7 @@ from torch import nn
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
 from tinyllm.train.parallel.context import all_reduce_grads
+from tinyllm.train.parallel.context_strategy import cut_chunk, global_label_count
 from tinyllm.train.parallel.layout import adamw_order
 from tinyllm.train.parallel.pipeline import (
     PipelineStage,
@@ -53,19 +61,14 @@ from tinyllm.train.parallel.pipeline import (
     schedule,
     sync_tied_grads,
 )
-from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows
+from tinyllm.train.parallel.strategy import (
+    ModelParallelResume,
+    Strategy,
+    _copy_with,
+    _slice_rows,
+    input_ids_of,
+)
 
-
-def input_ids_of(batch: Any) -> torch.Tensor:
-    """The token ids of a task's batch: a tensor, the first of a tuple (pretraining's (x, y)), or "input_ids"."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-        return batch["input_ids"]
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ValueError(f"cannot find the token ids in a batch of type {type(batch).__name__}: model-parallel "
-                     "training needs a tensor, an (input_ids, labels) tuple or a dict with 'input_ids'")
 
 
 def release_unowned(module: nn.Module, stage: nn.Module) -> int:
@@ -100,7 +103,8 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
     name = "pp"
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], opt_args: dict[str, Any],
-                 pp: int, kind: str = "1f1b", tp: int = 1, sp: bool = False) -> None:
+                 pp: int, kind: str = "1f1b", tp: int = 1, sp: bool = False, cp: int = 1,
+                 cp_layout: str = "zigzag") -> None:
         super().__init__(module, params, opt_args)
         cfg = getattr(module, "config", None)
         if cfg is None or not hasattr(module, "model") or not hasattr(module.model, "layers"):
@@ -113,15 +117,27 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
         schedule(kind, pp, 1)  # validates the schedule's name
         self._full_order = adamw_order(params)  # the single-process AdamW's indices, for checkpoints
         world = dist.get_world_size()
-        self.dp, self.pp, self.tp, self.kind = world // (pp * tp), pp, tp, kind
-        self.pp_group = self.dp_group = self.tp_group = None
+        self.dp, self.pp, self.tp, self.cp, self.kind = world // (pp * cp * tp), pp, tp, cp, kind
+        self.cp_layout = cp_layout
+        self.pp_group = self.dp_group = self.tp_group = self.cp_group = self.replicas = None
         if world > pp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            # tp innermost (a TP group is tp consecutive ranks: one node), then the stages, then data parallel
-            mesh = init_device_mesh(self._comm_device().type, (self.dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+            # tp innermost (a TP group is tp consecutive ranks: one node), then the ring, the stages, data parallel
+            mesh = init_device_mesh(self._comm_device().type, (self.dp, pp, cp, tp),
+                                    mesh_dim_names=("dp", "pp", "cp", "tp"))
             self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
             self.tp_group = mesh.get_group("tp") if tp > 1 else None
+            if cp > 1:
+                self.cp_group = mesh.get_group("cp")
+                # the ranks holding the same stage and TP shard (every dp and cp index) sum gradients and losses;
+                # every rank creates every such group, in the same order
+                for s in range(pp):
+                    for t in range(tp):
+                        g = dist.new_group([((d * pp + s) * cp + c) * tp + t for d in range(self.dp)
+                                            for c in range(cp)])
+                        if (self.rank // (cp * tp)) % pp == s and self.rank % tp == t:
+                            self.replicas = g
         if tp > 1:
             from tinyllm.train.parallel.tensor import tensor_parallel
 
@@ -130,8 +146,15 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
             tensor_parallel(module, self.tp_group, sequence_parallel=sp)  # every layer sharded; the stage keeps its own
             params = list(module.named_parameters())
             self.name = "pp×tp" + ("+sp" if sp else "")
+        if cp > 1:
+            from tinyllm.train.parallel.context import context_parallel
+
+            context_parallel(module, self.cp_group, cp_layout)
+            self.name += "×cp"
         self.seq_split = tp if sp and tp > 1 else 1  # what passes between stages: [B, T/seq_split, d]
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
+        self._global_counts: list[int] = []
         self.s = dist.get_rank(self.pp_group) if self.pp_group is not None else self.rank
         self.world = self.dp  # the loop counts tokens × world: the stages of a pipeline share their rows
         self.stage = PipelineStage(module, self.s, pp)
@@ -169,7 +192,27 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
 
     # ---------------------------------------------------------------- the loop's hooks
     def local_batch(self, batch: Any) -> Any:
+        if self.cp > 1:  # each chunk's loss weight is its share of the global micro-batch's labelled tokens
+            self._global_counts.append(global_label_count(batch))
         return _slice_rows(batch, self.dp_rank, self.dp)
+
+    def _chunks(self, batches: list[Any]) -> list[tuple[Any, float, torch.Tensor | None]]:
+        """Per micro-batch: (what this rank runs, its loss weight, its tokens' global positions or None)."""
+        k = len(batches)
+        if self.cp == 1:
+            return [(b, 1.0, None) for b in batches]
+        counts, self._global_counts = self._global_counts[-k:], []
+        out = []
+        for batch, everyone in zip(batches, counts, strict=True):
+            part, mine, idx = cut_chunk(batch, self.cp_rank, self.cp, self.cp_layout)
+            out.append((part, mine / max(everyone, 1), idx))
+        return out
+
+    def _sum(self, values: list[float], group: Any) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        with tdist.collective_guard("pipeline × context-parallel loss all-reduce"):
+            dist.all_reduce(t, group=group)
+        return t.tolist()
 
     def forward_backward(self, task: Any, batches: list[Any], autocast: Any) -> tuple[float, int, dict]:
         """Run the schedule over the k micro-batches; returns (Σ micro-batch losses, tokens, task metrics) of this
@@ -180,22 +223,25 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
         outputs: dict[int, torch.Tensor] = {}
         sends: list = []
         total, tokens, metrics = 0.0, 0, {}
+        parts = self._chunks(batches)
         for kind, i in schedule(self.kind, self.pp, k)[self.s]:
-            ids = input_ids_of(batches[i])
+            batch, w, self.stage.positions = parts[i]
+            ids = input_ids_of(batch)
             shape = (ids.shape[0], ids.shape[1] // self.seq_split, hidden)
             if kind == "F":
                 x = ids if self.first else self._recv(shape, self.s - 1, i).requires_grad_()
                 with autocast:
                     if self.last:
                         self.view.x = x
-                        loss, metrics = task.loss(self.view, batches[i])
+                        loss, metrics = task.loss(self.view, batch)
                         self.view.x = None
-                        out = loss / k
+                        out = loss * (w / k)
                     else:
                         out = self.stage(x)
                 if self.last:
-                    total += loss.item()
-                    tokens += int(metrics.get("tokens", ids.numel()))
+                    if w:  # a chunk without labelled tokens (weight 0) adds nothing
+                        total += loss.item() * w
+                        tokens += int(metrics.get("tokens", ids.numel()))
                 else:
                     sends.append(self._send(out.detach().to(self.dtype), self.s + 1, i))
                 inputs[i], outputs[i] = x, out
@@ -207,14 +253,22 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
                 if not self.first:
                     sends.append(self._send(x.grad, self.s - 1, k + i))
         with tdist.collective_guard("pipeline sends"):
-            for w in sends:
-                w.wait()
+            for work in sends:
+                work.wait()
+        self.stage.positions = None
         total, tokens, metrics = self._from_last_stage((total, tokens, metrics) if self.last else None)
-        return total, tokens, metrics
+        if self.cp > 1:  # the weights make the sum over the stage's replicas the global mean
+            total, tokens = self._sum([total, tokens], self.replicas)
+        return total, int(tokens), metrics
 
     @torch.no_grad()
     def eval_loss(self, task: Any, batch: Any, autocast: Any) -> float:
         """Forward only: the whole eval batch as one micro-batch through the stages; the last stage's loss."""
+        w = 1.0
+        if self.cp > 1:
+            everyone = global_label_count(batch)
+            batch, mine, self.stage.positions = cut_chunk(batch, self.cp_rank, self.cp, self.cp_layout)
+            w = mine / max(everyone, 1)
         ids = input_ids_of(batch)
         x = ids if self.first else self._recv((ids.shape[0], ids.shape[1] // self.seq_split,
                                                self.stage.config.hidden_size), self.s - 1, 0)
@@ -222,23 +276,28 @@ class PipelineParallelStrategy(ModelParallelResume, Strategy):
         with autocast:
             if self.last:
                 self.view.x = x
-                value = task.loss(self.view, batch)[0].item()
+                value = task.loss(self.view, batch)[0].item()  # always run: the ring is collective
+                value = value * w if w else 0.0
                 self.view.x = None
             else:
                 out = self.stage(x)
+        self.stage.positions = None
         if not self.last:
             with tdist.collective_guard("pipeline send"):
                 self._send(out.to(self.dtype), self.s + 1, 0).wait()
-        return self._from_last_stage(value)
+        value = self._from_last_stage(value)
+        return self._sum([value], self.cp_group)[0] if self.cp > 1 else value
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        if self.dp_group is not None:
+        if self.cp > 1:
+            all_reduce_grads([p for _, p in self.params], self.replicas, average=False)
+        elif self.dp_group is not None:
             all_reduce_grads([p for _, p in self.params], self.dp_group, average=True)
         sync_tied_grads(self.stage, self.pp_group)
         return float(clip_grad_norm_(self.stage, max_norm, self.pp_group, self.tp_group))
 
     def mean(self, x: float) -> float:
-        if self.dp_group is None:
+        if self.dp_group is None or self.cp > 1:  # with cp: already summed over the replicas
             return x  # every stage of the one pipeline holds the same (broadcast) loss
         t = torch.tensor([x], dtype=torch.float64, device=self._comm_device())
         with tdist.collective_guard("loss all-reduce"):

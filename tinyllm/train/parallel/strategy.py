@@ -488,6 +488,18 @@ class DeepSpeedStrategy(Strategy):
         self.model.global_steps = int(step)
 
 
+def input_ids_of(batch: Any) -> torch.Tensor:
+    """The token ids of a task's batch: a tensor, the first of a tuple (pretraining's (x, y)), or "input_ids"."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(f"cannot find the token ids in a batch of type {type(batch).__name__}: model-parallel "
+                     "training needs a tensor, an (input_ids, labels) tuple or a dict with 'input_ids'")
+
+
 def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tuple[str, nn.Parameter]],
                    opt_args: dict[str, Any], micro_batch: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
                    bf16: bool = False) -> Strategy:
@@ -515,15 +527,16 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
             )
 
             return ExpertParallelStrategy(module, list(params), opt_args, pcfg.ep)
-        if pcfg.pp > 1 and pcfg.model_parallel == pcfg.pp * pcfg.tp and pcfg.parallel in ("dp", "none"):
-            # PP (with TP, and SP, inside each stage), plain DP around it
+        if pcfg.pp > 1 and pcfg.model_parallel == pcfg.pp * pcfg.tp * pcfg.cp and pcfg.parallel in ("dp", "none"):
+            # PP (with TP and SP, and the CP ring, inside each stage), plain DP around it
             from tinyllm.train.parallel.pipeline_strategy import PipelineParallelStrategy
 
             return PipelineParallelStrategy(module, list(params), opt_args, pcfg.pp, pcfg.pp_schedule, pcfg.tp,
-                                            pcfg.sp)
+                                            pcfg.sp, pcfg.cp, pcfg.cp_layout)
         raise ValueError(f"tp={pcfg.tp}, pp={pcfg.pp}, cp={pcfg.cp}, ep={pcfg.ep} with parallel={pcfg.parallel!r}: "
                          "the training loop runs tensor (--tp, with --sp; --parallel dp, none or zero1-3 around it), "
-                         "pipeline (--pp) or context parallel (--cp), the last two also with --tp (and --sp) inside and "
+                         "pipeline (--pp) or context parallel (--cp), the last two also with --tp (and --sp) inside, --pp also with --cp, "
+                         "and "
                          "--parallel dp or none around them — "
                          "expert parallel (--ep, with --parallel dp or none) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
