@@ -62,6 +62,53 @@ def test_batches_resume_exactly(base_dir) -> None:
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
 
 
+def _examples_of_lengths(lengths):
+    from tinyllm.data.sft import SFTExample
+
+    return [SFTExample(ids=[i % 7 + 1] * n, labels=[i % 7 + 1] * n) for i, n in enumerate(lengths)]
+
+
+def test_length_grouped_batches_keep_each_epochs_examples_and_pad_less() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(3, 200, (203,), generator=g)]  # 203 = 25 batches of 8 + 3
+    exs = _examples_of_lengths(lengths)
+    plain = SFTBatches(exs, 8, pad_id=0, seed=1)
+    grouped = SFTBatches(exs, 8, pad_id=0, seed=1, group_by_length=True)
+    assert sorted(grouped._order.tolist()) == list(range(203))  # every example once per epoch
+    assert grouped._order[-3:].tolist() == sorted(grouped._order[-3:].tolist(), key=lambda i: -lengths[i])
+    # the same first permutation as ungrouped batching (an unchanged stream for group_by_length=False)
+    assert plain._order.tolist() == SFTBatches(exs, 8, pad_id=0, seed=1)._order.tolist()
+    w_plain, w_grouped = plain.widths(25), grouped.widths(25)
+    assert sum(w_grouped) < 0.75 * sum(w_plain), (sum(w_grouped), sum(w_plain))
+    # widths() peeks without drawing, and says what the batches will be, across the epoch boundary too
+    got = [int(next(grouped)["input_ids"].shape[1]) for _ in range(40)]
+    assert got[:25] == w_grouped
+    again = SFTBatches(exs, 8, pad_id=0, seed=1, group_by_length=True)
+    assert again.widths(40) == got
+    # resumable: a copy loaded from the state draws the same batches
+    a = SFTBatches(exs, 8, pad_id=0, seed=1, group_by_length=True)
+    for _ in range(27):
+        next(a)
+    b = SFTBatches(exs, 8, pad_id=0, seed=1, group_by_length=True)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
+
+
+def test_sft_steps_for_budget_prices_each_batch_by_its_width() -> None:
+    from tinyllm.recipes.tiny_zh import sft_steps_for_budget
+
+    exs = _examples_of_lengths([65] * 40 + [129] * 40)  # widths 64 and 128 after the shift
+    full = SFTBatches(exs, 8, pad_id=0, seed=0, group_by_length=True)
+    widths = full.widths(10)
+    assert sorted(set(widths)) == [64, 128]
+    # 1 s per full-width (256) step: a batch of width 64 costs 0.25 s, of 128 0.5 s
+    cost = [w / 256 for w in widths]
+    budget = sum(cost[:7]) + 0.01
+    assert sft_steps_for_budget(full, budget, 1.0, 256) == 7
+    assert full.widths(10) == widths  # the estimate drew nothing
+
+
 def test_run_sft_learns_and_saves_a_transformers_checkpoint(base_dir, tmp_path) -> None:
     d, tok = base_dir
     data = tmp_path / "data.jsonl"

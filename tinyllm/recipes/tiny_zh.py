@@ -419,8 +419,25 @@ def _sft_records(cfg: TinyZhConfig, sc: Scale) -> list[dict[str, str]]:
     return recs
 
 
+def sft_steps_for_budget(batches: Any, seconds: float, step_seconds: float, seq_len: int) -> int:
+    """How many SFT steps fit `seconds` when a full-width step (`seq_len` tokens per row) takes `step_seconds`:
+    each batch costs step_seconds·width/seq_len for the padded width of the batch it will actually draw
+    (`SFTBatches.widths`). Measured at the default scale on a 2-core AVX2 EPYC, a step's time grows a little
+    faster than its width (0.165 s at a mean width of 142, 0.337 s at 245, AdamW) and the pretraining probe's
+    step (Muon, +10 %) is 0.41 s at 256, so the estimate errs on the short side."""
+    per_token = max(step_seconds, 1e-6) / seq_len
+    spent, steps = 0.0, 0
+    for w in batches.widths(int(seconds / per_token) + 1):
+        spent += per_token * min(w, seq_len)
+        if spent > seconds:
+            break
+        steps += 1
+    return steps
+
+
 def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> Path:
-    from tinyllm.train.sft import SFTConfig, run_sft
+    from tinyllm.tokenizer import load_tokenizer
+    from tinyllm.train.sft import SFTBatches, SFTConfig, prepare_examples, run_sft
 
     final = out / "model"
     if (final / "model.safetensors").exists():
@@ -431,25 +448,33 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
             for r in _sft_records(cfg, sc):
                 f.write(json.dumps(chat_record(r), ensure_ascii=False) + "\n")
     batch = plan.get("batch_size", sc.batch_size)
+
+    def config(steps: int) -> SFTConfig:
+        # rows of similar length share a batch (the replay windows fill theirs, the short task rows theirs): about
+        # 0.6 of the padded tokens of random batches at the default scale, so more steps in the same time
+        return SFTConfig(init_from=str(out / "pretrain" / "final"), data=str(data), tokenizer=str(out / "tokenizer"),
+                         out_dir=str(out / "sft"), max_length=sc.seq_len, max_steps=steps, batch_size=batch,
+                         lr=sc.sft_lr, min_lr=sc.sft_lr / 10, warmup_steps=max(1, steps // 20),
+                         precision=plan.get("precision", cfg.precision), replay_data=str(out / "shards"),
+                         replay_fraction=sc.replay_fraction, group_by_length=True,
+                         eval_interval=max(1, steps // 2), eval_steps=4, log_interval=max(1, steps // 30),
+                         save_interval=max(1, steps // 2), keep_last=1, val_fraction=0.02, seed=cfg.seed,
+                         device=plan.get("device", cfg.device), progress=cfg.progress)
+
+    scfg = config(1)
+    prepared = prepare_examples(scfg, load_tokenizer(out / "tokenizer"))
     if sc.max_steps is not None:
         steps = sc.max_steps
     else:
-        # a batch pads to its longest row, which with replay windows in the mix is close to a whole pretraining
-        # window: an SFT step costs about a pretraining step (measured: 0.51 vs 0.525 s at the default scale)
-        step_s = plan["measured_step_seconds"]
-        steps = max(20, int(sc.sft_seconds / max(step_s, 1e-3)))
+        # the budget priced batch by batch from the widths the run will draw, a full-width step costing about a
+        # pretraining step (measured: 0.51 vs 0.525 s at the default scale)
+        draws = SFTBatches(prepared[0], batch, 0, cfg.seed, group_by_length=True)
+        steps = max(20, sft_steps_for_budget(draws, sc.sft_seconds, plan["measured_step_seconds"], sc.seq_len))
+    scfg = config(steps)
     _log(f"sft: {steps} steps on {len(SFT_TASKS)} derived tasks, {sc.replay_fraction:.0%} of the rows "
-         "pretraining text (replay)")
-    scfg = SFTConfig(init_from=str(out / "pretrain" / "final"), data=str(data), tokenizer=str(out / "tokenizer"),
-                     out_dir=str(out / "sft"), max_length=sc.seq_len, max_steps=steps, batch_size=batch,
-                     lr=sc.sft_lr, min_lr=sc.sft_lr / 10, warmup_steps=max(1, steps // 20),
-                     precision=plan.get("precision", cfg.precision), replay_data=str(out / "shards"),
-                     replay_fraction=sc.replay_fraction,
-                     eval_interval=max(1, steps // 2), eval_steps=4, log_interval=max(1, steps // 30),
-                     save_interval=max(1, steps // 2), keep_last=1, val_fraction=0.02, seed=cfg.seed,
-                     device=plan.get("device", cfg.device), progress=cfg.progress)
+         "pretraining text (replay), rows grouped by length")
     scfg.resume = (out / "sft" / "checkpoints" / "latest").exists()
-    result = run_sft(scfg)
+    result = run_sft(scfg, prepared)
     if result.interrupted:
         raise KeyboardInterrupt
     with atomic_dir(final) as tmp:

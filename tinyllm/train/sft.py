@@ -51,6 +51,10 @@ class SFTConfig(TrainConfig, ParallelFields):
     replay_fraction: float = field(default=0.0, metadata={"help": "fraction of training examples that are replay "
                                                                   "windows of max_length tokens (all learned)"})
     val_fraction: float = field(default=0.02, metadata={"help": "held-out fraction for eval loss"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch examples of similar length together "
+                                                                   "(shuffled in windows of 50 batches, the batches "
+                                                                   "then shuffled): less padding, same examples "
+                                                                   "per epoch"})
     peft: str = field(default="none", metadata={"help": "parameter-efficient method (none: full fine-tuning)",
                                                  "choices": list(PEFT_METHODS)})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r"})
@@ -126,33 +130,72 @@ def chat_encoder(tokenizer: Any, template: str | None) -> tuple[Callable, Callab
     return render, encode
 
 
+def length_grouped_order(order: np.ndarray, lengths: Sequence[int], batch_size: int, window: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """`order` rearranged so that consecutive runs of `batch_size` hold examples of similar length: each window
+    of `window` batches (in `order`) is sorted by length, longest first, and cut into batches; all whole batches
+    are then shuffled, and a last partial batch stays last (so batches keep their boundaries across epochs).
+    The same examples, once each — only which ones share a batch changes (transformers' LengthGroupedSampler
+    idea: padding shrinks to the spread inside a batch)."""
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span].tolist(), key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    tail = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    picked = [batches[i] for i in rng.permutation(len(batches))] + tail
+    return np.array([i for b in picked for i in b], dtype=np.int64)
+
+
 class SFTBatches:
-    """Endless padded batches of examples, reshuffled each epoch from (seed, epoch); resumable."""
+    """Endless padded batches of examples, reshuffled each epoch from (seed, epoch); resumable.
+
+    group_by_length: batch examples of similar length together (`length_grouped_order`)."""
+
+    GROUP_WINDOW = 50  # batches per window that is sorted by length
 
     def __init__(self, examples: Sequence[SFTExample], batch_size: int, pad_id: int, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, group_by_length: bool = False) -> None:
         if not examples:
             raise ValueError("no SFT examples to batch")
         self.examples, self.batch_size, self.pad_id, self.seed, self.shuffle = (
             examples, batch_size, pad_id, seed, shuffle)
+        self.group_by_length = group_by_length
+        self.lengths = [len(e.ids) - 1 for e in examples]  # the width each takes in a batch (inputs are shifted)
         self.epoch, self.cursor = 0, 0
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> np.ndarray:
         n = len(self.examples)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if not self.group_by_length:
+            return order
+        return length_grouped_order(order, self.lengths, self.batch_size, self.GROUP_WINDOW, rng)
+
+    def _advance(self) -> int:
+        if self.cursor == len(self.examples):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        i = int(self._order[self.cursor])
+        self.cursor += 1
+        return i
+
+    def widths(self, steps: int) -> list[int]:
+        """The padded width of each of the next `steps` batches, without drawing them (the state is kept)."""
+        state = self.state_dict()
+        try:
+            return [max(self.lengths[self._advance()] for _ in range(self.batch_size)) for _ in range(steps)]
+        finally:
+            self.load_state_dict(state)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        picked = []
-        for _ in range(self.batch_size):
-            if self.cursor == len(self.examples):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._epoch_order()
-            picked.append(self.examples[int(self._order[self.cursor])])
-            self.cursor += 1
+        picked = [self.examples[self._advance()] for _ in range(self.batch_size)]
         return pad_collate(picked, self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
@@ -167,12 +210,14 @@ class SFTTask:
     """Cross entropy on assistant tokens of padded conversation batches."""
 
     def __init__(self, train_examples: Sequence[SFTExample], val_examples: Sequence[SFTExample],
-                 batch_size: int, pad_id: int, seed: int = 0) -> None:
+                 batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = False) -> None:
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
+        self.group_by_length = group_by_length
 
     def train_batches(self) -> Iterator[Any]:
-        return SFTBatches(self.train_examples, self.batch_size, self.pad_id, self.seed)
+        return SFTBatches(self.train_examples, self.batch_size, self.pad_id, self.seed,
+                          group_by_length=self.group_by_length)
 
     def eval_batches(self) -> Iterable[Any] | None:
         if not self.val_examples:
@@ -219,8 +264,26 @@ def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-def run_sft(cfg: SFTConfig) -> TrainResult:
-    """Fine-tune `init_from` on the conversations; save out_dir/final with the tokenizer files."""
+def prepare_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[SFTExample], list[SFTExample], int]:
+    """(training examples with the replay windows appended, validation examples, number of replay windows)."""
+    convs = load_conversations(cfg.data, cfg.max_examples, cfg.seed)
+    examples = build_examples(convs, tokenizer, getattr(tokenizer, "chat_template", None), cfg.max_length)
+    train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    n_replay = 0
+    if cfg.replay_fraction > 0:
+        n_replay = round(len(train_ex) * cfg.replay_fraction / (1 - cfg.replay_fraction))
+        train_ex = train_ex + replay_examples(cfg.replay_data, n_replay, cfg.max_length, cfg.seed)
+    return train_ex, val_ex, n_replay
+
+
+def sft_pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def run_sft(cfg: SFTConfig, prepared: tuple[list[SFTExample], list[SFTExample], int] | None = None) -> TrainResult:
+    """Fine-tune `init_from` on the conversations; save out_dir/final with the tokenizer files.
+
+    prepared: `prepare_examples(cfg, tokenizer)`'s result when the caller already has it (skips tokenizing)."""
     from tinyllm.model.hf import load_model, save_pretrained
     from tinyllm.tokenizer import load_tokenizer
     from tinyllm.utils import seed_everything
@@ -238,15 +301,8 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
 
             print_trainable_parameters(model.module)
     model.train()
-    convs = load_conversations(cfg.data, cfg.max_examples, cfg.seed)
-    examples = build_examples(convs, tokenizer, getattr(tokenizer, "chat_template", None), cfg.max_length)
-    train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
-    n_replay = 0
-    if cfg.replay_fraction > 0:
-        n_replay = round(len(train_ex) * cfg.replay_fraction / (1 - cfg.replay_fraction))
-        train_ex = train_ex + replay_examples(cfg.replay_data, n_replay, cfg.max_length, cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    task = SFTTask(train_ex, val_ex, cfg.batch_size, pad_id, cfg.seed)
+    train_ex, val_ex, n_replay = prepared or prepare_examples(cfg, tokenizer)
+    task = SFTTask(train_ex, val_ex, cfg.batch_size, sft_pad_id(tokenizer), cfg.seed, cfg.group_by_length)
     out = Path(cfg.out_dir)
     write_run_config(cfg, out, "sft_config.json", num_train_examples=len(train_ex), num_val_examples=len(val_ex),
                      num_replay_examples=n_replay,
