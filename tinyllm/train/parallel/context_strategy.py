@@ -45,7 +45,13 @@ from tinyllm.train.optim import build_optimizer
 from tinyllm.train.parallel import dist as tdist
 from tinyllm.train.parallel.context import chunk_ids, context_parallel, local_positions
 from tinyllm.train.parallel.layout import adamw_order
-from tinyllm.train.parallel.strategy import ModelParallelResume, Strategy, _copy_with, _slice_rows, input_ids_of
+from tinyllm.train.parallel.strategy import (
+    ModelParallelResume,
+    Strategy,
+    _copy_with,
+    _slice_rows,
+    input_ids_of,
+)
 
 
 def labels_of(batch: Any) -> torch.Tensor | None:

@@ -70,7 +70,6 @@ from tinyllm.train.parallel.strategy import (
 )
 
 
-
 def release_unowned(module: nn.Module, stage: nn.Module) -> int:
     """Free the storage of every parameter of `module` that `stage` does not hold (other stages' layers, the
     embeddings or head this stage lacks): each becomes an empty tensor. Returns the number of elements freed."""
