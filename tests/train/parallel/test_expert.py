@@ -170,6 +170,29 @@ def test_training_loop_with_expert_parallel_equals_accumulating_process(tmp_path
     assert (tmp_path / "ep" / "checkpoints" / "step-000004" / "model.safetensors").exists()
 
 
+def _loop_ep_tp(rank: int, world: int, root: str) -> dict:
+    from pathlib import Path
+
+    from test_strategy import ACCUM, GBS
+
+    from tinyllm.train.parallel.config import ParallelConfig
+
+    return {"ep": _loop_run(Path(root) / "ep-tp", ParallelConfig("none", ep=2, tp=2), _moe_batches(GBS), GBS,
+                            ACCUM)}
+
+
+@pytest.mark.slow  # 4 processes on a 2-core machine
+def test_training_loop_with_expert_times_tensor_parallel_equals_accumulating_process(tmp_path):
+    from test_strategy import ACCUM, GBS, _compare
+
+    # ep=2 × tp=2 on 4 ranks: two data ranks (the TP pairs share their rows), so one process with GBS/2 rows and
+    # 2× the accumulation steps
+    want = _loop_run(tmp_path / "single", None, _moe_batches(GBS // 2), GBS // 2, 2 * ACCUM)
+    per_rank = run_ranks(_loop_ep_tp, 4, args=(str(tmp_path),), timeout_s=240)
+    _compare(per_rank, want, rtol=1e-10, atol=1e-12)
+    assert (tmp_path / "ep-tp" / "checkpoints" / "step-000004" / "model.safetensors").exists()
+
+
 SPARSE = dict(num_local_experts=8, num_experts_per_tok=1)  # a rank's micro-batch leaves some experts idle
 
 

@@ -20,7 +20,8 @@ and a reduce-scatter returns to each rank the sum for its own tokens — the sam
     sync_grads(model, group, expert_dp_group)   data-parallel mean of every gradient (after backward); with
                                expert_dp_group the ep groups are themselves replicated (EP × DP on ep·dp ranks)
 
-Not covered: expert + tensor parallel inside an expert, capacity counted over the global batch, token
+With tensor parallel beside it (EP × TP, expert_strategy.py) the experts stay whole on the TP ranks of an ep
+group and attention is split over them. Not covered: tensor parallel inside an expert, capacity counted over the global batch, token
 dropping/padding to fixed all-to-all sizes (ours sends variable counts), hierarchical all-to-all.
 """
 
@@ -188,14 +189,24 @@ def sync_grads(model: nn.Module, group: dist.ProcessGroup | None = None,
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Global norm: the experts' squares summed over the group, the replicated parameters' counted once."""
+def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None,
+                    tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Global norm: the experts' squares summed over the group, tensor-parallel shards' over `tp_group` (EP × TP),
+    the replicated parameters' counted once."""
+    from tinyllm.train.parallel.tensor import is_sharded
+
     params = [p for p in dict.fromkeys(model.parameters()) if p.grad is not None]
     zero = torch.zeros((), dtype=torch.float64, device=params[0].grad.device if params else None)
     sq = sum((p.grad.double().pow(2).sum() for p in params if is_expert(p)), zero)
     with collective_guard("expert-parallel gradient norm"):
         dist.all_reduce(sq, group=group)
-    sq = sq + sum((p.grad.double().pow(2).sum() for p in params if not is_expert(p)), zero)
+    if tp_group is not None:
+        shards = sum((p.grad.double().pow(2).sum() for p in params if is_sharded(p)), zero)
+        with collective_guard("tensor-parallel gradient norm"):
+            dist.all_reduce(shards, group=tp_group)
+        sq = sq + shards
+    sq = sq + sum((p.grad.double().pow(2).sum() for p in params if not is_expert(p) and not (
+        tp_group is not None and is_sharded(p))), zero)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
@@ -203,10 +214,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     return total
 
 
-def gather_expert_state_dict(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
-    """The full state dict (every expert) of an expert_parallel model, on every rank (a collective)."""
+def gather_expert_state_dict(model: nn.Module | dict[str, torch.Tensor],
+                             group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """The full state dict (every expert) of an expert_parallel model, or of this rank's state dict (e.g. its TP
+    shards already gathered), on every rank (a collective)."""
+    sd = model.state_dict() if isinstance(model, nn.Module) else model
     every: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, {k: v.detach().cpu() for k, v in model.state_dict().items()}, group=group)
+    dist.all_gather_object(every, {k: v.detach().cpu() for k, v in sd.items()}, group=group)
     full: dict[str, torch.Tensor] = {}
     for sd in every:
         for k, v in sd.items():

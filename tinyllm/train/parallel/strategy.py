@@ -521,12 +521,12 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
 
             return TensorParallelStrategy(module, list(params), opt_args, pcfg.tp, pcfg.sp,
                                           ZERO_STAGE.get(pcfg.parallel, 0))
-        if pcfg.model_parallel == pcfg.ep and pcfg.parallel in ("dp", "none"):
+        if pcfg.ep > 1 and pcfg.model_parallel == pcfg.ep * pcfg.tp and not pcfg.sp and pcfg.parallel in ("dp", "none"):
             from tinyllm.train.parallel.expert_strategy import (
-                ExpertParallelStrategy,  # every rank: data + experts (replicated over dp when ep < WORLD_SIZE)
+                ExpertParallelStrategy,  # data + experts (replicated over dp when ep < WORLD_SIZE); --tp: attention
             )
 
-            return ExpertParallelStrategy(module, list(params), opt_args, pcfg.ep)
+            return ExpertParallelStrategy(module, list(params), opt_args, pcfg.ep, pcfg.tp)
         if pcfg.pp > 1 and pcfg.model_parallel == pcfg.pp * pcfg.tp * pcfg.cp and pcfg.parallel in ("dp", "none"):
             # PP (with TP and SP, and the CP ring, inside each stage), plain DP around it
             from tinyllm.train.parallel.pipeline_strategy import PipelineParallelStrategy
@@ -538,7 +538,7 @@ def build_strategy(pcfg: ParallelConfig, module: nn.Module, params: Iterable[tup
                          "pipeline (--pp) or context parallel (--cp), the last two also with --tp (and --sp) inside, --pp also with --cp, "
                          "and "
                          "--parallel dp or none around them — "
-                         "expert parallel (--ep, with --parallel dp or none) and the data-parallel strategies; "
+                         "expert parallel (--ep, with --tp beside it, --parallel dp or none) and the data-parallel strategies; "
                          "combine the wrappers of train/parallel/ in your own script for the rest")
     params = list(params)
     if pcfg.parallel in ("dp", "none"):

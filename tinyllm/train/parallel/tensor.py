@@ -26,7 +26,8 @@ slice of the same full weights, so build the model identically on all ranks, e.g
 checkpoint); `tp_lm_loss` is the training loss through the split vocabulary; `clip_grad_norm_` computes the
 global norm over shards. With `sequence_parallel` the norms and residuals run on T/tp tokens (sequence.py).
 
-Not covered: MoE layers (expert.py splits experts instead), absolute position embeddings with sequence
+MoE layers are not split: with `replicate_moe` they stay whole on every TP rank (expert.py spreads the experts
+over another group: EP × TP). Not covered: splitting an expert itself over TP, absolute position embeddings with sequence
 parallel, fused QKV communication, vocabularies that do not divide by tp (pad the vocabulary). Sequence parallel
 is a training layout: the hidden states a forward returns are the rank's T/tp slice, so `last_only` and KV-cache
 decoding need a model sharded without it.
@@ -261,10 +262,13 @@ def tp_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
 
 
 # ------------------------------------------------------------------ the transformation
-def _check(model: nn.Module, world: int, sequence_parallel: bool) -> None:
+def _check(model: nn.Module, world: int, sequence_parallel: bool, replicate_moe: bool = False) -> None:
     cfg = model.config
-    if cfg.num_local_experts:
+    if cfg.num_local_experts and not replicate_moe:
         raise ValueError("tensor_parallel does not split MoE layers; use expert_parallel for the experts")
+    if cfg.num_local_experts and sequence_parallel:
+        raise ValueError("sequence_parallel with MoE layers: the routers would see each rank's sequence slice and "
+                         "the replicated experts' gradients would differ over the group")
     h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if h % world:
         raise ValueError(f"num_attention_heads={h} does not divide by tp={world}")
@@ -315,15 +319,22 @@ def _parallel_mlp(mlp: nn.Module, group, sp: bool) -> None:
 
 
 def tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
-                    sequence_parallel: bool = False) -> nn.Module:
-    """Shard a tinyllm CausalLM over `group` in place (Megatron layout) and return it."""
+                    sequence_parallel: bool = False, replicate_moe: bool = False) -> nn.Module:
+    """Shard a tinyllm CausalLM over `group` in place (Megatron layout) and return it.
+
+    replicate_moe: MoE layers stay whole on every rank of the group (for expert parallel over another group,
+    EP × TP): their input, the residual stream, is the same on every TP rank, so each computes the same output
+    and the same gradients; attention, embeddings and dense MLPs are split as usual."""
+    from tinyllm.model.moe import MoE
+
     world = dist.get_world_size(group)
-    _check(model, world, sequence_parallel)
+    _check(model, world, sequence_parallel, replicate_moe)
     inner = model.model
     tied = model.lm_head.weight is inner.embed_tokens.weight
     for layer in inner.layers:
         _parallel_attention(layer.self_attn, group, sequence_parallel)
-        _parallel_mlp(layer.mlp, group, sequence_parallel)
+        if not isinstance(layer.mlp, MoE):
+            _parallel_mlp(layer.mlp, group, sequence_parallel)
         if sequence_parallel:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 for p in norm.parameters():
