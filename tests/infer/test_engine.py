@@ -225,6 +225,12 @@ def test_repetition_and_presence_penalties(model, prompts) -> None:
                                                 ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     ref = generate(model, torch.tensor([p]), max_new_tokens=10, eos_token_id=[], repetition_penalty=1.3)
     assert out == ref[0, len(p):].tolist()
+    # the prompt-copy reward (transformers' encoder_repetition_penalty), with the CTRL penalty after it
+    kw = dict(repetition_penalty=1.2, encoder_repetition_penalty=2.5)
+    out = LLM(model).generate(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, **kw),
+                              use_tqdm=False)[0].outputs[0].token_ids
+    ref = generate(model, torch.tensor([p]), max_new_tokens=10, eos_token_id=[], **kw)
+    assert out == ref[0, len(p):].tolist()
     scores = torch.zeros(1, 5)
     got = presence_frequency(scores, [1, 1, 3], presence=0.5, frequency=0.25)
     assert torch.allclose(got, torch.tensor([[0.0, -1.0, 0.0, -0.75, 0.0]]))
@@ -250,6 +256,7 @@ def test_llm_from_checkpoint_directory(tmp_path, model) -> None:
     (dict(temperature=-0.5), "temperature=-0.5"), (dict(top_p=0.0), "top_p=0.0"), (dict(top_k=-3), "top_k=-3"),
     (dict(min_p=1.5), "min_p=1.5"), (dict(n=0), "n=0"), (dict(max_tokens=0), "max_tokens=0"),
     (dict(repetition_penalty=0.0), "repetition_penalty=0.0"), (dict(presence_penalty=3.0), "presence_penalty=3.0"),
+    (dict(encoder_repetition_penalty=-1.0), "encoder_repetition_penalty=-1.0"),
     (dict(frequency_penalty=-2.5), "frequency_penalty=-2.5"), (dict(logprobs=-1), "logprobs=-1"),
     (dict(stop=[""]), "stop="), (dict(stop_token_ids=[-4]), "stop_token_ids="), (dict(seed=1.5), "seed=1.5"),
 ])

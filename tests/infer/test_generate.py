@@ -3,6 +3,8 @@ transformers' `generate` on a tiny random llama with ragged left-padded prompts,
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -114,6 +116,61 @@ def test_beam_search_equals_transformers(pair, length_penalty, early_stopping) -
     assert torch.equal(generate_recompute(ours, ids, attention_mask=mask, **kw), got)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_encoder_repetition_penalty_equals_transformers(pair, beams) -> None:
+    ours, hf = pair
+    ids, mask = _ragged([6, 6, 6], seed=13)  # unpadded: transformers also rewards its pad token
+    kw = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=PAD, num_beams=beams, encoder_repetition_penalty=3.0,
+              repetition_penalty=1.2)
+    want = hf.generate(ids, attention_mask=mask, do_sample=False, **{**kw, "eos_token_id": None})
+    got = generate(ours, ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
+    plain = generate(ours, ids, attention_mask=mask, **{**kw, "encoder_repetition_penalty": 1.0})
+
+    def copied(out: torch.Tensor) -> int:
+        return sum(int(t in set(p.tolist())) for p, row in zip(ids, out[:, 6:]) for t in row.tolist())
+
+    assert copied(got) > copied(plain)  # the reward makes the continuation copy more of the prompt
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_no_repeat_ngram_equals_transformers(pair, beams) -> None:
+    ours, hf = pair
+    ids, mask = _ragged([6, 3, 8], seed=4)
+    kw = dict(max_new_tokens=16, pad_token_id=PAD, num_beams=beams, no_repeat_ngram_size=2)
+    want = hf.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=None, **kw)
+    assert torch.equal(generate(ours, ids, attention_mask=mask, eos_token_id=[], **kw), want)
+
+
+def test_no_repeat_ngram_output_scope(pair) -> None:
+    ours, _ = pair
+    ids, mask = _ragged([6, 6], seed=13)
+
+    def pairs(row: list[int]) -> list[tuple[int, int]]:
+        return list(itertools.pairwise(row))
+
+    kw = dict(max_new_tokens=24, eos_token_id=[], encoder_repetition_penalty=4.0)
+    copy = generate(ours, ids, attention_mask=mask, no_repeat_ngram_size=2, no_repeat_ngram_scope="output", **kw)
+    strict = generate(ours, ids, attention_mask=mask, no_repeat_ngram_size=2, **kw)
+    for r in range(2):
+        out = copy[r, 6:].tolist()
+        assert len(set(pairs(out))) == len(pairs(out))  # no bigram twice in the output
+        prompt_pairs = set(pairs(ids[r].tolist()))
+        assert not prompt_pairs & set(pairs(strict[r].tolist()[5:]))  # "all" forbids quoting the prompt
+    # "output" lets the continuation quote a bigram of its prompt
+    assert any(set(pairs(ids[r].tolist())) & set(pairs(copy[r, 5:].tolist())) for r in range(2))
+
+
+def test_encoder_repetition_penalty_ignores_left_padding(pair) -> None:
+    ours, _ = pair
+    ids, mask = _ragged([7, 3, 5], seed=2)
+    kw = dict(max_new_tokens=8, eos_token_id=[], encoder_repetition_penalty=3.0)
+    got = generate(ours, ids, attention_mask=mask, **kw)
+    for r, n in enumerate([7, 3, 5]):  # each row continues exactly as its prompt alone: pads are not rewarded
+        alone = generate(ours, ids[r : r + 1, -n:], **kw)
+        assert torch.equal(alone[0, n:], got[r, 7:])
+
+
 def test_beam_one_is_greedy(pair) -> None:
     ours, _ = pair
     ids, mask = _ragged([4, 6])
@@ -175,6 +232,9 @@ def test_streamer_sees_every_new_token() -> None:
     (dict(num_beams=0), "num_beams=0"),
     (dict(early_stopping="sometimes"), "early_stopping='sometimes'"),
     (dict(eos_token_id=[-3]), "eos_token_id=[-3]"),
+    (dict(encoder_repetition_penalty=0.0), "encoder_repetition_penalty=0.0"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1"),
+    (dict(no_repeat_ngram_scope="prompt"), "no_repeat_ngram_scope='prompt'"),
     (dict(do_sample=True, num_beams=2), "num_beams=2"),
 ])
 def test_config_errors_name_the_value(kw, needle) -> None:

@@ -10,7 +10,9 @@ import torch
 from transformers.generation import logits_process as hf
 
 from tinyllm.infer.sampling import (
+    EncoderRepetitionPenalty,
     MinP,
+    NoRepeatNGram,
     RepetitionPenalty,
     Temperature,
     TopK,
@@ -67,6 +69,31 @@ def test_repetition_penalty_parity(theta: float) -> None:
         assert torch.all(want[seen] < x[seen]) and torch.equal(want[~seen], x[~seen])
 
 
+@pytest.mark.parametrize("theta", [0.5, 1.3, 2.0])
+def test_encoder_repetition_penalty_parity(theta: float) -> None:
+    x, prompt = _logits(), _ids(n=7)
+    want = hf.EncoderRepetitionPenaltyLogitsProcessor(theta, prompt)(_ids(), x.clone())
+    assert torch.equal(EncoderRepetitionPenalty(theta, prompt)(_ids(), x), want)
+    if theta > 1:  # the prompt's tokens gain, the rest stay
+        seen = torch.zeros_like(x, dtype=torch.bool).scatter(1, prompt, True)
+        assert torch.all(want[seen] > x[seen]) and torch.equal(want[~seen], x[~seen])
+    # beams: 3 rows of logits per prompt row use that row's prompt
+    beams = _logits(b=18)
+    assert torch.equal(EncoderRepetitionPenalty(theta, prompt)(None, beams),
+                       hf.EncoderRepetitionPenaltyLogitsProcessor(theta, prompt)(None, beams.clone()))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 13])
+def test_no_repeat_ngram_parity(n: int) -> None:
+    x, ids = _logits(v=8), _ids(v=8, n=12)  # 8 tokens: n-grams recur
+    want = hf.NoRepeatNGramLogitsProcessor(n)(ids, x.clone())
+    assert torch.equal(NoRepeatNGram(n)(ids, x), want)
+    if n == 2:
+        assert torch.isinf(want).any()
+    # start=P reads only the columns from P on: transformers' processor on that slice
+    assert torch.equal(NoRepeatNGram(n, start=5)(ids, x), hf.NoRepeatNGramLogitsProcessor(n)(ids[:, 5:], x.clone()))
+
+
 def test_chain_parity_with_transformers_order() -> None:
     x, ids = _logits(), _ids()
     chain = build_processors(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, min_p=0.05,
@@ -76,6 +103,15 @@ def test_chain_parity_with_transformers_order() -> None:
                  hf.TopKLogitsWarper(10), hf.TopPLogitsWarper(0.8), hf.MinPLogitsWarper(0.05)):
         want = proc(ids, want)
     assert torch.equal(apply_processors(chain, ids, x), want)
+    # the encoder penalty runs first, as in transformers
+    prompt = _ids(n=5)
+    chain = build_processors(do_sample=False, repetition_penalty=1.2, encoder_repetition_penalty=1.5,
+                             prompt_ids=prompt)
+    want = hf.RepetitionPenaltyLogitsProcessor(1.2)(ids, hf.EncoderRepetitionPenaltyLogitsProcessor(1.5, prompt)(
+        ids, x.clone()))
+    assert torch.equal(apply_processors(chain, ids, x), want)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        build_processors(do_sample=False, encoder_repetition_penalty=1.5)
     # greedy decoding keeps only the non-warping processors
     assert [type(p) for p in build_processors(do_sample=False, temperature=0.5, top_k=3,
                                               repetition_penalty=1.1)] == [RepetitionPenalty]
@@ -150,6 +186,8 @@ def test_seeded_generator_reproducible() -> None:
     (lambda: TopP(1.2), "top_p=1.2"),
     (lambda: MinP(-0.1), "min_p=-0.1"),
     (lambda: RepetitionPenalty(0.0), "repetition_penalty=0.0"),
+    (lambda: NoRepeatNGram(0), "no_repeat_ngram_size=0"),
+    (lambda: EncoderRepetitionPenalty(-1.0, torch.zeros(1, 1, dtype=torch.long)), "encoder_repetition_penalty=-1.0"),
 ])
 def test_bad_values_are_named(make, needle: str) -> None:
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):

@@ -38,6 +38,7 @@ _SAMPLING_HELP = {
     "top_p": "nucleus sampling: keep the smallest set with probability mass >= p (1 = off)",
     "min_p": "keep tokens with p >= min_p * max p (0 = off)",
     "repetition_penalty": "CTRL penalty for tokens already present (1 = off)",
+    "encoder_repetition_penalty": "reward for tokens of the prompt, > 1 favours copying from it (1 = off)",
 }
 
 
@@ -51,6 +52,8 @@ class GenerateConfig:
     top_p: float = field(default=1.0, metadata={"help": _SAMPLING_HELP["top_p"]})
     min_p: float = field(default=0.0, metadata={"help": _SAMPLING_HELP["min_p"]})
     repetition_penalty: float = field(default=1.0, metadata={"help": _SAMPLING_HELP["repetition_penalty"]})
+    encoder_repetition_penalty: float = field(default=1.0, metadata={
+        "help": _SAMPLING_HELP["encoder_repetition_penalty"]})
     num_beams: int = field(default=1, metadata={"help": "beam search width (1 = no beam search)"})
     seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
@@ -94,6 +97,7 @@ class GenerateConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sampling,
                                 temperature=self.temperature if sampling else 1.0, top_k=self.top_k,
                                 top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                encoder_repetition_penalty=self.encoder_repetition_penalty,
                                 num_beams=self.num_beams, seed=self.seed, **extra)
 
     def speculative_config(self) -> Any:
@@ -111,7 +115,8 @@ class GenerateConfig:
         from tinyllm.infer.sampling_params import SamplingParams
 
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repetition_penalty=self.repetition_penalty, seed=self.seed,
+                              repetition_penalty=self.repetition_penalty,
+                              encoder_repetition_penalty=self.encoder_repetition_penalty, seed=self.seed,
                               max_tokens=self.max_new_tokens)
 
 

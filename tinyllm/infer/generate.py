@@ -55,6 +55,9 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    encoder_repetition_penalty: float = 1.0  # > 1 favours tokens of the prompt (copying, e.g. titles)
+    no_repeat_ngram_size: int = 0  # ban repeating any n-gram (0 = off)
+    no_repeat_ngram_scope: str = "all"  # "all": prompt and output (transformers); "output": the output only
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -67,14 +70,18 @@ class GenerationConfig:
         require_int("max_new_tokens", self.max_new_tokens, 0)
         require_int("top_k", self.top_k, 0)
         require_int("num_beams", self.num_beams, 1)
+        require_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.no_repeat_ngram_scope not in ("all", "output"):
+            raise ValueError(f"no_repeat_ngram_scope={self.no_repeat_ngram_scope!r} must be 'all' or 'output'")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0 (do_sample=False is greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping={self.early_stopping!r} must be True, False or 'never'")
         if self.do_sample and self.num_beams > 1:
@@ -211,7 +218,9 @@ def _run(model: torch.nn.Module, input_ids: torch.Tensor, cfg: GenerationConfig,
     if generator is None and cfg.do_sample:
         generator = make_generator(cfg.seed, input_ids.device)
     chain = build_processors(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
-                             top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty)
+                             top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
+                             encoder_repetition_penalty=cfg.encoder_repetition_penalty,
+                             prompt_ids=_real_prompt_ids(input_ids, mask), **_no_repeat(cfg, input_ids))
     stops = torch.tensor(_stop_ids(cfg), dtype=torch.long, device=input_ids.device)
     pad = _pad_id(model, cfg)
     b, t = input_ids.shape
@@ -232,6 +241,17 @@ def _run(model: torch.nn.Module, input_ids: torch.Tensor, cfg: GenerationConfig,
     return seqs
 
 
+def _no_repeat(cfg: GenerationConfig, input_ids: torch.Tensor) -> dict[str, int]:
+    return dict(no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                no_repeat_start=input_ids.shape[1] if cfg.no_repeat_ngram_scope == "output" else 0)
+
+
+def _real_prompt_ids(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The prompt ids with each left-pad position holding the row's last token, so that a processor over the
+    prompt's tokens (the encoder repetition penalty) sees only real ones."""
+    return torch.where(mask.bool(), input_ids, input_ids[:, -1:])
+
+
 def _beam_search(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, cfg: GenerationConfig,
                  step_cls: type) -> torch.Tensor:
     b, t = input_ids.shape
@@ -240,7 +260,9 @@ def _beam_search(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Te
     stops = torch.tensor(stop_list, dtype=torch.long, device=input_ids.device)
     # enough candidates that num_beams of them are still running even if every beam picks an EOS
     n_cand = max(2, 1 + len(stop_list)) * k
-    chain = build_processors(do_sample=False, repetition_penalty=cfg.repetition_penalty)
+    chain = build_processors(do_sample=False, repetition_penalty=cfg.repetition_penalty,
+                             encoder_repetition_penalty=cfg.encoder_repetition_penalty,
+                             prompt_ids=_real_prompt_ids(input_ids, mask), **_no_repeat(cfg, input_ids))
     seqs = input_ids.repeat_interleave(k, dim=0)  # [B·K, T], beams of row i at i·K … i·K+K−1
     mask = mask.repeat_interleave(k, dim=0)
     step = step_cls(model, b * k, t + cfg.max_new_tokens)

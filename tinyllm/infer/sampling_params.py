@@ -3,9 +3,10 @@
 The fields and their meaning follow vLLM's `SamplingParams`: temperature 0 means greedy decoding (as in vLLM, so
 does any temperature below 1e-5, which would overflow the logits into inf/NaN); top_k ≤ 0
 (vLLM writes −1) and top_p = 1 disable those filters; repetition_penalty is CTRL's (applied to prompt and
-output tokens, as transformers does); presence/frequency penalties are OpenAI's additive ones over the output
+output tokens, as transformers does); encoder_repetition_penalty is transformers' reward for the prompt's own
+tokens (> 1 favours copying from the prompt, e.g. a title from its article); presence/frequency penalties are OpenAI's additive ones over the output
 tokens only: z_i ← z_i − presence·[c_i > 0] − frequency·c_i with c_i the count of token i in the output.
-Processing order: repetition → presence/frequency → temperature → top-k → top-p → min-p.
+Processing order: encoder repetition → repetition → presence/frequency → temperature → top-k → top-p → min-p.
 
 `seed` gives the request its own `torch.Generator`, so its samples do not depend on which other requests
 share the batch; with n > 1, sample i draws from a generator seeded with seed + i.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from tinyllm.infer.sampling import LogitsProcessor, build_processors
 from tinyllm.utils import require_int
 
@@ -37,6 +40,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    encoder_repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -55,15 +59,16 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= -1 (-1 or 0 disables it)")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
-        for name in ("temperature", "repetition_penalty"):
+        for name in ("temperature", "repetition_penalty", "encoder_repetition_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be finite")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
@@ -92,10 +97,13 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def processors(self) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
+    def processors(self, prompt_token_ids: list[int] | None = None
+                   ) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
         """(penalties, warpers): the transformers-ordered chains of `tinyllm.infer.sampling` for this request;
-        the presence/frequency penalties go between the two."""
-        penalties = build_processors(do_sample=False, repetition_penalty=self.repetition_penalty)
+        the presence/frequency penalties go between the two. The encoder repetition penalty needs the prompt."""
+        prompt = None if prompt_token_ids is None else torch.tensor([prompt_token_ids], dtype=torch.long)
+        penalties = build_processors(do_sample=False, repetition_penalty=self.repetition_penalty,
+                                     encoder_repetition_penalty=self.encoder_repetition_penalty, prompt_ids=prompt)
         warpers = [] if self.greedy else build_processors(
             do_sample=True, temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
             min_p=self.min_p)

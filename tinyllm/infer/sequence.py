@@ -89,7 +89,7 @@ class Request:
     error: str | None = None  # why the engine failed it (finish_reason "error")
 
     def __post_init__(self) -> None:
-        self.chains = self.params.processors()
+        self.chains = self.params.processors(self.prompt_token_ids)
         p = self.params
         self.plain_greedy = p.greedy and not self.chains[0] and not p.has_penalties
 

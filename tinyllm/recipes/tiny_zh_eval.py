@@ -46,8 +46,18 @@ def lead_title(article: str, max_chars: int) -> str:
     return first[:max_chars]
 
 
+# Titles are decoded greedily with transformers' encoder repetition penalty (a reward for the article's own
+# tokens) and a no-repeat bigram rule over the output only, instead of the CTRL penalty, which punishes exactly the
+# article's tokens. Chosen on 160 inews dev articles with a default-scale model, ROUGE-L: CTRL 1.2 0.070, nothing
+# 0.080, reward 1.6 0.108, reward 1.3 / 1.6 / 2.0 + no repeated output bigram 0.134 / 0.141 / 0.148, same with
+# trigrams 0.126 / 0.138 / 0.140; beams of 4 0.068. A model this small rarely copies unprompted, and loops.
+TITLE_DECODING = dict(repetition_penalty=1.0, encoder_repetition_penalty=2.0, no_repeat_ngram_size=2,
+                      no_repeat_ngram_scope="output")
+CHAT_DECODING = dict(repetition_penalty=1.2)  # greedy with a mild CTRL penalty: tiny models otherwise loop
+
+
 def _greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, stop: list[int],
-                  batch_size: int = 16) -> list[str]:
+                  batch_size: int = 16, **decoding: Any) -> list[str]:
     from tinyllm.infer.generate import generate
 
     texts = []
@@ -60,9 +70,8 @@ def _greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_new:
         for r, p in enumerate(chunk):
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
-        # greedy with a mild CTRL repetition penalty: tiny models otherwise loop on one token
         out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=pad,
-                       repetition_penalty=1.2)
+                       **(decoding or CHAT_DECODING))
         for r in range(len(chunk)):
             new = [t for t in out[r, width:].tolist() if t not in stop and t != pad]
             texts.append(tokenizer.decode(new).strip())
@@ -112,7 +121,7 @@ def evaluate(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> d
 
     titles = sft_examples("title", "test", max_chars=120)[: sc.eval_titles]
     prompts = [_encode_chat(tokenizer, [{"role": "user", "content": _user_text(r)}]) for r in titles]
-    gen = _greedy_batch(model, tokenizer, prompts, 24, stop)
+    gen = _greedy_batch(model, tokenizer, prompts, 24, stop, **TITLE_DECODING)
     refs = [r["output"] for r in titles]
     metrics["title_rouge_l_char"] = mean_rouge_l(gen, refs, "char")
     # lead baseline on the same articles (as the model saw them), cut to the mean reference length
@@ -212,7 +221,9 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         f"{fmt(metrics['sentiment_accuracy'], '.1%')} |",
         f"| sentiment accuracy, contextually calibrated | {fmt(metrics['sentiment_accuracy_calibrated'], '.1%')} |",
         f"| majority-class baseline | {fmt(metrics['sentiment_majority_baseline'], '.1%')} |",
-        f"| title ROUGE-L (characters, inews test) | {fmt(metrics['title_rouge_l_char'], '.3f')} |",
+        f"| title ROUGE-L (characters, inews test; greedy, article-token reward "
+        f"{TITLE_DECODING['encoder_repetition_penalty']}, no output bigram twice) | "
+        f"{fmt(metrics['title_rouge_l_char'], '.3f')} |",
         f"| lead baseline: first sentence, at most {metrics.get('title_lead_chars', '–')} characters (mean "
         f"reference length) | {fmt(metrics.get('title_lead_rouge_l_char'), '.3f')} |", "",
         *_bits_lines(metrics),
