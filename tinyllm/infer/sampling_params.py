@@ -101,7 +101,9 @@ class SamplingParams:
                    ) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
         """(penalties, warpers): the transformers-ordered chains of `tinyllm.infer.sampling` for this request;
         the presence/frequency penalties go between the two. The encoder repetition penalty needs the prompt."""
-        prompt = None if prompt_token_ids is None else torch.tensor([prompt_token_ids], dtype=torch.long)
+        prompt = None  # built only for the encoder penalty: most requests never read their prompt here
+        if self.encoder_repetition_penalty != 1.0 and prompt_token_ids is not None:
+            prompt = torch.tensor([prompt_token_ids], dtype=torch.long)
         penalties = build_processors(do_sample=False, repetition_penalty=self.repetition_penalty,
                                      encoder_repetition_penalty=self.encoder_repetition_penalty, prompt_ids=prompt)
         warpers = [] if self.greedy else build_processors(

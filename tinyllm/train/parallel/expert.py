@@ -196,17 +196,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     from tinyllm.train.parallel.tensor import is_sharded
 
     params = [p for p in dict.fromkeys(model.parameters()) if p.grad is not None]
+    # each parameter's squares are summed over the group that splits it: experts over `group`, TP shards over
+    # `tp_group`, replicated parameters nowhere (every rank holds them whole)
+    parts: dict[str, list[nn.Parameter]] = {"expert": [], "tp": [], "whole": []}
+    for p in params:
+        parts["expert" if is_expert(p) else "tp" if tp_group is not None and is_sharded(p) else "whole"].append(p)
     zero = torch.zeros((), dtype=torch.float64, device=params[0].grad.device if params else None)
-    sq = sum((p.grad.double().pow(2).sum() for p in params if is_expert(p)), zero)
+    squares = {k: sum((p.grad.double().pow(2).sum() for p in ps), zero) for k, ps in parts.items()}
     with collective_guard("expert-parallel gradient norm"):
-        dist.all_reduce(sq, group=group)
+        dist.all_reduce(squares["expert"], group=group)
     if tp_group is not None:
-        shards = sum((p.grad.double().pow(2).sum() for p in params if is_sharded(p)), zero)
         with collective_guard("tensor-parallel gradient norm"):
-            dist.all_reduce(shards, group=tp_group)
-        sq = sq + shards
-    sq = sq + sum((p.grad.double().pow(2).sum() for p in params if not is_expert(p) and not (
-        tp_group is not None and is_sharded(p))), zero)
+            dist.all_reduce(squares["tp"], group=tp_group)
+    sq = squares["expert"] + squares["tp"] + squares["whole"]
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
