@@ -66,6 +66,22 @@ def memory_gbps(mib: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * src.element_size() / sec / 1e9
 
 
+def copy_traffic(nbytes: int, mib: int = 256) -> tuple[Callable[[], None], int]:
+    """A function that moves about `nbytes` through memory as copies of a `mib` MiB buffer, and the bytes it
+    moves (read + write, as `memory_gbps` counts them): the peer of a bandwidth-bound loop, timed alternately
+    with it by `paired_median_seconds` so that a neighbour's load hits both."""
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    per_copy = 2 * src.numel() * src.element_size()
+    copies = max(1, round(nbytes / per_copy))
+
+    def run() -> None:
+        for _ in range(copies):
+            dst.copy_(src)
+
+    return run, copies * per_copy
+
+
 def machine_ceilings() -> dict[str, Any]:
     """The machine's measured limits under the current thread setting."""
     return {"bench": "machine", "threads": torch.get_num_threads(), "torch": torch.__version__,

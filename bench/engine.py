@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_ceilings, median_seconds, paired_median_seconds, report
+from _common import copy_traffic, machine_ceilings, paired_median_seconds, report
 
 FIGURES = ("decode", "decode_int4", "offline", "llama_cpp", "prefix", "batch1")
 LLAMA_CPP_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (~6 min build; benchmark-only)'
@@ -167,7 +167,7 @@ def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int, name: st
                   note="llama.cpp runs the Q4_1 GGUF natively", **extra)
 
 
-def bench_batch1(path, tokenizer, prompt: list[int], n: int, repeats: int, gbps: float, dtype) -> list[dict]:
+def bench_batch1(path, tokenizer, prompt: list[int], n: int, repeats: int, dtype) -> list[dict]:
     """(e): tinyllm on the GGUF's own blocks vs llama.cpp, and tinyllm fp32 vs the bandwidth bound."""
     from tinyllm import LLM
     from tinyllm.infer import cpu_kernels
@@ -190,15 +190,23 @@ def bench_batch1(path, tokenizer, prompt: list[int], n: int, repeats: int, gbps:
         if line:
             lines.append(line)
         if acts == "int8":
-            t = median_seconds(lambda: gllm.generate([prompt], greedy(n), use_tqdm=False), repeats)  # noqa: B023
-            lines.append(report("batch1_gguf_vs_bandwidth_bound", n / t, gbps * 1e9 / per_token, "tok/s", **extra))
+            lines.append(_vs_bandwidth("batch1_gguf_vs_bandwidth_bound", gllm, prompt, n, repeats, per_token,
+                                       **extra))
         gllm = model = None  # free each GGUF engine before the next
     fllm = LLM(path, tokenizer, dtype=dtype, max_model_len=1024, max_num_seqs=4)
     nbytes = model_nbytes(fllm.engine.runner.model)
-    t = median_seconds(lambda: fllm.generate([prompt], greedy(n), use_tqdm=False), repeats)
-    lines.append(report("batch1_fp32_vs_bandwidth_bound", n / t, gbps * 1e9 / nbytes, "tok/s",
-                        model_mb=round(nbytes / 2**20, 1), note="peer = measured copy GB/s / model bytes"))
+    lines.append(_vs_bandwidth("batch1_fp32_vs_bandwidth_bound", fllm, prompt, n, repeats, nbytes,
+                               model_mb=round(nbytes / 2**20, 1)))
     return lines
+
+
+def _vs_bandwidth(name: str, llm, prompt: list[int], n: int, repeats: int, per_token: int, **extra) -> dict:
+    """Batch-1 greedy decode of n tokens vs the time memory copies take to move the bytes those n tokens read
+    (n × `per_token`), timed alternately in this run: the bandwidth bound measured beside us, not once at start."""
+    peer, moved = copy_traffic(n * per_token)
+    a, b = paired_median_seconds(lambda: llm.generate([prompt], greedy(n), use_tqdm=False), peer, repeats)
+    return report(name, n / a, moved / per_token / b, "tok/s", copy_gbps=round(moved / b / 1e9, 2), **extra,
+                  note="peer = tokens/s if every token took its weight bytes at the copy rate measured alternately")
 
 
 def bench_prefix(model, tokenizer, vocab: int, repeats: int, system_len: int = 512) -> dict:
@@ -255,8 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tokenizer = load_tokenizer(path)
         prompt = torch.randint(3, 49152, (16,), generator=torch.Generator().manual_seed(0)).tolist()
         with torch.inference_mode():
-            return lines + bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats,
-                                        ceil["memory_copy_gbps"], dtype)
+            return lines + bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats, dtype)
     path, ours, peer = load(args.model, dtype)
     vocab = ours.config.vocab_size
     tokenizer = load_tokenizer(path)
@@ -275,8 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if line:
                 lines.append(line)
         if "batch1" not in args.skip:
-            lines += bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats, ceil["memory_copy_gbps"],
-                                  dtype)
+            lines += bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats, dtype)
         if "decode_int4" not in args.skip:
             from tinyllm.infer.quant import quantize_model
             from tinyllm.model.hf import load_model

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -646,65 +647,71 @@ static float ggml_row1_q8(const int8_t* xq, const float* xd, const float* xs, co
   return acc;
 }
 
-template <int64_t T>
-static void ggml_matvec_impl(const float* xp, const uint8_t* wp, float* yp, int64_t M, int64_t K, int64_t N,
-                             bool xq8 = false) {
-  const int64_t nb = K / 32, rb = nb * ggml_block_bytes(T);
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
-  if (xq8) {
-    std::vector<int8_t> q(M * K);
-    std::vector<float> d(M * nb), s(M * nb);
-    for (int64_t m = 0; m < M; ++m) quantize_x_q8(xp + m * K, nb, q.data() + m * K, d.data() + m * nb, s.data() + m * nb);
-    at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n0 = blk * 4, rows = std::min<int64_t>(4, N - n0);
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* qm = q.data() + m * K;
-          const float *dm = d.data() + m * nb, *sm = s.data() + m * nb;
-          if (rows == 4) {
-            ggml_rows4_q8<T>(qm, dm, sm, wp + n0 * rb, rb, nb, yp + m * N + n0,
-                             n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr);
-          } else {
-            for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = ggml_row1_q8<T>(qm, dm, sm, wp + (n0 + r) * rb, nb);
-          }
-        }
-      }
-    });
-    return;
-  }
-  std::vector<float> xsum(T == kQ4_1 ? M * nb : 0);
-  if constexpr (T == kQ4_1) {
-    for (int64_t m = 0; m < M; ++m)
+// x as the kernels of one ggml type read it: the float vector, Σx per 32-block (Q4_1), and, for kXQ8 types,
+// x rounded to int8 blocks with their scales and sums. Built once per x and shared by every matrix that reads it.
+struct XBlocks {
+  const float* x = nullptr;
+  std::vector<float> xs;         // Σ x over each block (fp32 activations, Q4_1)
+  std::vector<int8_t> q;         // int8 codes (kXQ8)
+  std::vector<float> d, s;       // their scales and d·Σq (kXQ8)
+  void prepare(const float* xp, int64_t K, int64_t type) {
+    x = xp;
+    const int64_t nb = K / 32;
+    if (type & kXQ8) {
+      if (!q.empty()) return;
+      q.resize(K); d.resize(nb); s.resize(nb);
+      quantize_x_q8(xp, nb, q.data(), d.data(), s.data());
+    } else if (type == kQ4_1 && xs.empty()) {
+      xs.resize(nb);
       for (int64_t b = 0; b < nb; ++b) {
         float t = 0.f;
-        for (int j = 0; j < 32; ++j) t += xp[m * K + 32 * b + j];
-        xsum[m * nb + b] = t;
-      }
-  }
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t n0 = q * 4, rows = std::min<int64_t>(4, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * K;
-        if (rows == 4) {
-          ggml_rows4<T>(xm, xsum.data() + m * nb, wp + n0 * rb, rb, nb, yp + m * N + n0,
-                        n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = ggml_row1<T>(xm, wp + (n0 + r) * rb, nb);
-        }
+        for (int j = 0; j < 32; ++j) t += xp[32 * b + j];
+        xs[b] = t;
       }
     }
-  });
+  }
+};
+
+// rows [n0, n0 + 4) of an [N, K] matrix of ggml type T (fewer at the end), the next rows prefetched
+template <int64_t T>
+static void ggml_block(const XBlocks& x, bool xq8, const uint8_t* wp, float* y, int64_t K, int64_t N, int64_t n0) {
+  const int64_t nb = K / 32, rb = nb * ggml_block_bytes(T);
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
+  const int64_t rows = std::min<int64_t>(4, N - n0);
+  const uint8_t* next = n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr;
+  if (xq8) {
+    if (rows == 4) {
+      ggml_rows4_q8<T>(x.q.data(), x.d.data(), x.s.data(), wp + n0 * rb, rb, nb, y + n0, next);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        y[n0 + r] = ggml_row1_q8<T>(x.q.data(), x.d.data(), x.s.data(), wp + (n0 + r) * rb, nb);
+    }
+  } else if (rows == 4) {
+    ggml_rows4<T>(x.x, x.xs.data(), wp + n0 * rb, rb, nb, y + n0, next);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) y[n0 + r] = ggml_row1<T>(x.x, wp + (n0 + r) * rb, nb);
+  }
 }
 
-// a ggml type id (kXQ8 set: x as int8 blocks) to its kernel
-static void ggml_matvec_any(int64_t type, const float* x, const uint8_t* w, float* y, int64_t M, int64_t K,
-                            int64_t N) {
+static void ggml_block_any(int64_t type, const XBlocks& x, const uint8_t* wp, float* y, int64_t K, int64_t N,
+                           int64_t n0) {
   const bool xq8 = (type & kXQ8) != 0;
   type &= ~kXQ8;
-  if (type == kQ4_0) ggml_matvec_impl<kQ4_0>(x, w, y, M, K, N, xq8);
-  else if (type == kQ4_1) ggml_matvec_impl<kQ4_1>(x, w, y, M, K, N, xq8);
-  else ggml_matvec_impl<kQ8_0>(x, w, y, M, K, N, xq8);
+  if (type == kQ4_0) ggml_block<kQ4_0>(x, xq8, wp, y, K, N, n0);
+  else if (type == kQ4_1) ggml_block<kQ4_1>(x, xq8, wp, y, K, N, n0);
+  else ggml_block<kQ8_0>(x, xq8, wp, y, K, N, n0);
+}
+
+// y[m] = W x[m] for each of the M rows of x; a ggml type id (kXQ8 set: x as int8 blocks) picks the kernel.
+// Each block of four weight rows meets every row of x while it is in cache.
+static void ggml_matvec_any(int64_t type, const float* x, const uint8_t* w, float* y, int64_t M, int64_t K,
+                            int64_t N) {
+  std::vector<XBlocks> xb(M);
+  for (int64_t m = 0; m < M; ++m) xb[m].prepare(x + m * K, K, type);
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q)
+      for (int64_t m = 0; m < M; ++m) ggml_block_any(type, xb[m], w, y + m * N, K, N, 4 * q);
+  });
 }
 
 at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
@@ -771,22 +778,24 @@ static inline void dot4_f32(const float* x, const float* w, int64_t K, float* ou
 // faster from memory than 4 KB on the 49152-row LM head (AVX2 EPYC, 1 thread), within noise on the layers.
 constexpr int64_t kPrefetchBytesF32 = 65536;
 
-static void f32_matvec_impl(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+// rows [n0, n0 + 4) of an fp32 [N, K] matrix (fewer at the end), the next rows prefetched
+static void f32_block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0) {
   const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytesF32 + 16 * K - 1) / (16 * K));  // blocks of 4 rows
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t n0 = q * 4;
-      if (n0 + 4 <= N) {
-        dot4_f32(x, w + n0 * K, K, y + n0, n0 + 4 * ahead + 4 <= N ? w + (n0 + 4 * ahead) * K : nullptr);
-      } else {
-        for (int64_t n = n0; n < N; ++n) {
-          float acc = 0.f;
+  if (n0 + 4 <= N) {
+    dot4_f32(x, w + n0 * K, K, y + n0, n0 + 4 * ahead + 4 <= N ? w + (n0 + 4 * ahead) * K : nullptr);
+    return;
+  }
+  for (int64_t n = n0; n < N; ++n) {
+    float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t k = 0; k < K; ++k) acc += x[k] * w[n * K + k];
-          y[n] = acc;
-        }
-      }
-    }
+    for (int64_t k = 0; k < K; ++k) acc += x[k] * w[n * K + k];
+    y[n] = acc;
+  }
+}
+
+static void f32_matvec_impl(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) f32_block(x, w, y, K, N, 4 * q);
   });
 }
 
@@ -808,10 +817,35 @@ at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
 //   signed as [−sin₁, sin₂]);  k, v → pool slot of `pos`;  a = paged attention over tokens 0..pos;
 //   x += Wo a;  y = rms(x)·ln2;  x += Wd (silu(Wg y) ⊙ Wu y)
 // The torch twin is FusedForward over the same GGMLLinear modules (same matrix-vector kernel).
-static void ggml_mv(int64_t type, const float* x, const at::Tensor& w, float* y, int64_t K) {
-  const int64_t N = w.size(0);
-  if (type == kF32) return f32_matvec_impl(x, w.data_ptr<float>(), y, K, N);
-  ggml_matvec_any(type, x, w.data_ptr<uint8_t>(), y, 1, K, N);
+// Matrices that read the same x (q, k and v; gate and up) run as one parallel loop over all their blocks of
+// four rows: one hand-off to the threads instead of one per matrix, and k and v (a third of q's rows each
+// under GQA) no longer split into slivers. Each row is computed exactly as a lone matvec computes it.
+struct MvJob {
+  int64_t type;  // kF32 or a ggml type id (kXQ8 allowed)
+  const at::Tensor* w;
+  float* y;
+};
+
+static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> jobs) {
+  const MvJob* job = jobs.begin();
+  const int64_t n = static_cast<int64_t>(jobs.size());
+  int64_t first[4] = {0, 0, 0, 0};  // job j owns blocks [first[j], first[j + 1])
+  TORCH_CHECK(n <= 3, "at most three matrices per group");
+  XBlocks xb;
+  for (int64_t j = 0; j < n; ++j) {
+    first[j + 1] = first[j] + (job[j].w->size(0) + 3) / 4;
+    if (job[j].type != kF32) xb.prepare(x, K, job[j].type);
+  }
+  at::parallel_for(0, first[n], 8, [&](int64_t begin, int64_t end) {
+    int64_t j = 0;
+    for (int64_t q = begin; q < end; ++q) {
+      while (q >= first[j + 1]) ++j;
+      const MvJob& m = job[j];
+      const int64_t N = m.w->size(0), n0 = 4 * (q - first[j]);
+      if (m.type == kF32) f32_block(x, m.w->data_ptr<float>(), m.y, K, N, n0);
+      else ggml_block_any(m.type, xb, m.w->data_ptr<uint8_t>(), m.y, K, N, n0);
+    }
+  });
 }
 
 static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t d) {
@@ -872,9 +906,7 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   float* u = g + I;
   float* xp = x.data_ptr<float>();
   rms_norm(xp, ln1.data_ptr<float>(), static_cast<float>(eps1), y, d);
-  ggml_mv(types[0], y, w[0], q, d);
-  ggml_mv(types[1], y, w[1], k, d);
-  ggml_mv(types[2], y, w[2], v, d);
+  mv_group(y, d, {{types[0], &w[0], q}, {types[1], &w[1], k}, {types[2], &w[2], v}});
   rope_heads(q, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   rope_heads(k, Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   const int64_t* tp = table.data_ptr<int64_t>();
@@ -885,13 +917,12 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   std::copy(v, v + Hkv * D, kvp + (NB * B + slot) * Hkv * D);
   const int64_t len = pos + 1;
   decode<float>(q, kvp, tp, &len, att, 1, H, Hkv, D, NB, B, table.numel(), static_cast<float>(scale), window);
-  ggml_mv(types[3], att, w[3], t, H * D);
+  mv_group(att, H * D, {{types[3], &w[3], t}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
   rms_norm(xp, ln2.data_ptr<float>(), static_cast<float>(eps2), y, d);
-  ggml_mv(types[4], y, w[4], g, d);
-  ggml_mv(types[5], y, w[5], u, d);
+  mv_group(y, d, {{types[4], &w[4], g}, {types[5], &w[5], u}});
   for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  ggml_mv(types[6], g, w[6], t, I);
+  mv_group(g, I, {{types[6], &w[6], t}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
 }
 
