@@ -187,6 +187,8 @@ RESUMES_4 = {  # 4 ranks
     "tp-pp": (ParallelConfig("dp", pp=2, tp=2), ParallelConfig("dp", pp=2, tp=2), {}),
     "cp-tp-to-zero1-tp": (ParallelConfig("dp", cp=2, tp=2), ParallelConfig("zero1", tp=2), {}),
     "zero3-tp-to-pp": (ParallelConfig("zero3", tp=2), ParallelConfig("dp", pp=2), {}),
+    "ep-tp": (ParallelConfig("none", ep=2, tp=2), ParallelConfig("none", ep=2, tp=2), MOE_EXPORTABLE),
+    "ep-tp-to-dp": (ParallelConfig("none", ep=2, tp=2), ParallelConfig("dp"), MOE_EXPORTABLE),  # 4 data ranks
 }
 
 
