@@ -187,8 +187,10 @@ RESUMES_4 = {  # 4 ranks
     "tp-pp": (ParallelConfig("dp", pp=2, tp=2), ParallelConfig("dp", pp=2, tp=2), {}),
     "cp-tp-to-zero1-tp": (ParallelConfig("dp", cp=2, tp=2), ParallelConfig("zero1", tp=2), {}),
     "zero3-tp-to-pp": (ParallelConfig("zero3", tp=2), ParallelConfig("dp", pp=2), {}),
+    # the experts' moments by expert, the TP shards' by name; a MoE run resumes across layouts only with the same
+    # data ranks (2 here): the balance loss N·Σ f_i·P_i is taken over each rank's own rows, so it follows the split
+    # (ep-tp → dp over 4 ranks differs by ~1e-8: the split's doing, not the checkpoint's)
     "ep-tp": (ParallelConfig("none", ep=2, tp=2), ParallelConfig("none", ep=2, tp=2), MOE_EXPORTABLE),
-    "ep-tp-to-dp": (ParallelConfig("none", ep=2, tp=2), ParallelConfig("dp"), MOE_EXPORTABLE),  # 4 data ranks
 }
 
 
