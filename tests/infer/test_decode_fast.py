@@ -47,8 +47,33 @@ def test_f32_matvec_equals_torch(isa) -> None:
         for n, k in ((7, 5), (64, 576), (1537, 100), (3, 33)):  # row tails, K tails of every vector width
             w, x = torch.randn(n, k, generator=g), torch.randn(k, generator=g)
             torch.testing.assert_close(cpu_kernels.f32_matvec(x, w), w @ x, rtol=1e-5, atol=1e-5)
+            xs = torch.randn(5, k, generator=g)  # several rows of x: each row is that row's matvec, bit for bit
+            many = cpu_kernels.f32_matvec(xs, w)
+            torch.testing.assert_close(many, xs @ w.T, rtol=1e-5, atol=1e-5)
+            assert all(torch.equal(many[m], cpu_kernels.f32_matvec(xs[m], w)) for m in range(5))
     finally:
         cpu_kernels._state.update(saved)
+
+
+def test_few_row_products_take_the_native_stream_and_equal_torch(monkeypatch) -> None:
+    from tinyllm.infer import fused
+
+    assert cpu_kernels.load()
+    calls = []
+    native = cpu_kernels.f32_matvec
+    monkeypatch.setattr(cpu_kernels, "f32_matvec", lambda x, w: calls.append(x.shape[0]) or native(x, w))
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    for m in (1, 5, fused.NATIVE_ROWS, fused.NATIVE_ROWS + 1):
+        x = torch.randn(m, 64, generator=g)
+        torch.testing.assert_close(fused.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert calls == [1, 5, fused.NATIVE_ROWS]  # more rows: torch's GEMM
+    fused.linear(torch.randn(2, 64), w, b)  # a bias, or autograd recording: torch
+    fused.linear(torch.randn(2, 64, requires_grad=True), w)
+    with torch.inference_mode():
+        lin = torch.nn.Linear(64, 96, bias=False)
+        fused.apply(lin, torch.randn(3, 64))  # an nn.Linear's trainable weight, outside autograd: native
+    assert calls == [1, 5, fused.NATIVE_ROWS, 3]
 
 
 def _count_fast_steps(runner, monkeypatch) -> list[int]:

@@ -10,7 +10,10 @@ Mistral, Qwen2, SmolLM2) with
   weights become views into the fused matrices, so nothing is stored twice;
 - RoPE of q and k in one pass over the rows of the fused projection, with cos/sin looked up in a table
   computed once by the model's own `rotary` (same values, bit for bit);
-- no nn.Module dispatch inside the layer loop.
+- no nn.Module dispatch inside the layer loop;
+- fp32 products with a few rows of x (a short prompt, a small decode batch, a speculative verification: up to
+  `NATIVE_ROWS`) through `cpu_kernels.f32_matvec`, which reads each weight row once for all rows, where torch's
+  GEMM repacks the weight on every call (same products, another summation order).
 
 The model's forward stays the reference: tests show both give the same logits and the same greedy tokens
 through the engine. Models outside that family (post-norm, ALiBi, MoE, qk-norm, partial or dynamic-NTK
@@ -26,8 +29,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyllm.infer import cpu_kernels
 from tinyllm.model.attention import AttnMeta
 from tinyllm.model.norm import RMSNorm
+
+# rows of x up to which the native fp32 stream beats torch's GEMM: 1.2–5× for 1 ≤ M ≤ 32 at 1 and 2 threads on a
+# 2-core AVX-512 EPYC, SmolLM2's shapes from memory (1.1–1.5× at 48–64; BENCHMARKS.md, Engine)
+NATIVE_ROWS = 32
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, b)`; a few fp32 rows on the CPU go through the native weight stream when it is loaded."""
+    if (b is None and x.dim() == 2 and 0 < x.shape[0] <= NATIVE_ROWS and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+            and w.is_contiguous() and cpu_kernels.active_isa()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):  # no autograd through it
+        return cpu_kernels.f32_matvec(x, w)
+    return F.linear(x, w, b)
+
+
+def apply(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`m(x)`, through `linear` where `m` is a plain `nn.Linear`."""
+    return linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
 
 
 def supports(model: nn.Module) -> bool:
@@ -108,8 +131,8 @@ class FusedForward:
     def _proj(self, fused: tuple[torch.Tensor, torch.Tensor | None] | None, mods: list[nn.Module],
               x: torch.Tensor) -> torch.Tensor:
         if fused is not None:
-            return F.linear(x, *fused)
-        return torch.cat([m(x) for m in mods], dim=-1)
+            return linear(x, *fused)
+        return torch.cat([apply(m, x) for m in mods], dim=-1)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Any, meta: AttnMeta,
                  max_position: int) -> torch.Tensor:
@@ -135,11 +158,11 @@ class FusedForward:
             out = cache.attend(i, q, cmeta, self.scale) if hasattr(cache, "attend") else None
             if out is None:
                 out = a.attend(q, k_all, v_all, meta.mask, None, meta.is_causal, self.scale)
-            x = x + a.o_proj(out[0].transpose(0, 1).reshape(t, h * d))
+            x = x + apply(a.o_proj, out[0].transpose(0, 1).reshape(t, h * d))
             y = _rms(x, lay.ln2, lay.eps2)
             m = lay.mlp
             gu = self._proj(lay.gate_up, [m.gate_proj, m.up_proj], y)
             g, u = gu.chunk(2, dim=-1)
-            x = x + m.down_proj(lay.act(g) * u)
+            x = x + apply(m.down_proj, lay.act(g) * u)
         norm = self.trunk.norm
         return _rms(x, norm.weight, norm.eps)

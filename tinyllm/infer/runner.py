@@ -24,6 +24,7 @@ import torch
 from tinyllm.infer.decode_fast import DecodeStep
 from tinyllm.infer.decode_fast import supports as decode_supports
 from tinyllm.infer.fused import FusedForward
+from tinyllm.infer.fused import apply as apply_linear
 from tinyllm.infer.fused import supports as fused_supports
 from tinyllm.infer.paged import PagedKVCache, build_paged_meta
 from tinyllm.infer.sampling import apply_processors
@@ -98,7 +99,7 @@ class ModelRunner:
             h = self.fused(input_ids[0], pos[0], self.cache, meta, max(positions))
             if not rows:
                 return [], torch.empty(0)
-            return wanted, self.model.lm_head(h if len(rows) == len(ids) else h[rows]).float()
+            return wanted, apply_linear(self.model.lm_head, h if len(rows) == len(ids) else h[rows]).float()
         if not rows:
             if self.split_head:
                 self.model.model(input_ids, pos, self.cache, meta)
