@@ -1,6 +1,7 @@
-"""Native matrix-vector kernels per instruction-set build (DESIGN §7): tinyllm's int8 and int4 weight-only
-kernels (`tinyllm.infer.cpu_kernels`), once for every build this CPU runs (avx512, avx2, portable), against
-torch's fp32 `F.linear`, batch 1, on SmolLM2-135M's matrix shapes (out × in): 576×1536 (down_proj),
+"""Native matrix-vector kernels per instruction-set build (DESIGN §7): tinyllm's fp32 stream and its int8 and
+int4 weight-only kernels (`tinyllm.infer.cpu_kernels`), once for every build this CPU runs (avx512, avx2,
+portable), against torch's fp32 `F.linear`, batch 1 (or `--rows M` rows of x: a short prefill, a small decode
+batch), on SmolLM2-135M's matrix shapes (out × in): 576×1536 (down_proj),
 1536×576 (gate/up_proj) and 49152×576 (lm_head). One JSON line per (shape, format, build) with matvec/s,
 ratio = ours / torch fp32 (> 1: faster), the weight bytes read per call and the GB/s that makes.
 
@@ -11,7 +12,8 @@ ratio = ours / torch fp32 (> 1: faster), the weight bytes read per call and the 
 Every call is timed on its own and all candidates take turns call by call; the figures are medians over
 `--calls` calls, so a preemption on a shared machine spoils single calls, not the result.
 
-    python bench/matvec.py [--threads 1] [--calls 200] [--working-set-mib 128] [--cache cold hot] [--isa ...]
+    python bench/matvec.py [--threads 1] [--rows 1] [--calls 200] [--working-set-mib 128] [--cache cold hot]
+                           [--isa ...]
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _timed(fn: Callable[[], object]) -> float:
 def bench_shape(out_f: int, in_f: int, args: argparse.Namespace, isas: tuple[str, ...]) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_f, in_f, generator=g) * 0.05
-    x = torch.randn(1, in_f, generator=g)
+    x = torch.randn(args.rows, in_f, generator=g)
     q8, s8 = quantize_int8(w)
     p4, s4, z4 = quantize_int4(w, GROUP)
     fmt_bytes = {"fp32": w.numel() * 4, "int8": q8.numel() + s8.numel() * 4,
@@ -61,10 +63,12 @@ def bench_shape(out_f: int, in_f: int, args: argparse.Namespace, isas: tuple[str
         n = {fmt: _copies(b, args.working_set_mib, cache) for fmt, b in fmt_bytes.items()}
         ws = [w.clone() for _ in range(n["fp32"])]
         peer = [lambda w_=w_: F.linear(x, w_) for w_ in ws]
+        ws_ours = [w.clone() for _ in range(n["fp32"])]
         q8s = [(q8.clone(), s8.clone()) for _ in range(n["int8"])]
         p4s = [(p4.clone(), s4.clone(), z4.clone()) for _ in range(n["int4"])]
         ours: dict[tuple[str, str], list[Callable[[], object]]] = {}
         for isa in isas:
+            ours["fp32", isa] = [lambda w_=w_: cpu_kernels.f32_matvec(x, w_) for w_ in ws_ours]
             ours["int8", isa] = [lambda a=a: cpu_kernels.int8_linear(x, *a) for a in q8s]
             ours["int4", isa] = [lambda a=a: cpu_kernels.int4_linear(x, *a, GROUP) for a in p4s]
         # every call timed on its own, all candidates interleaved call by call and in a rotating order: a
@@ -72,8 +76,8 @@ def bench_shape(out_f: int, in_f: int, args: argparse.Namespace, isas: tuple[str
         # whatever the call before leaves behind hits every candidate alike. The builds of one format share its
         # copies, staggered so that no call finds the copy the one before it has just read (cold stays cold)
         cands: list[tuple[object, str | None, list[Callable[[], object]], int]] = [("fp32", None, peer, 0)]
-        for j, ((fmt, isa), fns) in enumerate(ours.items()):
-            cands.append(((fmt, isa), isa, fns, j // 2))
+        for (fmt, isa), fns in ours.items():
+            cands.append(((fmt, isa), isa, fns, isas.index(isa)))
         times: dict[object, list[float]] = {key: [] for key, *_ in cands}
         for i in range(args.warmup + args.calls):
             r = i % len(cands)
@@ -86,16 +90,17 @@ def bench_shape(out_f: int, in_f: int, args: argparse.Namespace, isas: tuple[str
         t_peer = statistics.median(times["fp32"])
         for (fmt, isa) in ours:
             t_ours = statistics.median(times[fmt, isa])
-            report(f"matvec_{fmt}", 1 / t_ours, 1 / t_peer, "matvec/s", shape=f"{out_f}x{in_f}", isa=isa,
+            report(f"matvec_{fmt}", 1 / t_ours, 1 / t_peer, "matvec/s", shape=f"{out_f}x{in_f}", rows=args.rows, isa=isa,
                    cache=cache, group=GROUP if fmt == "int4" else None, us=round(t_ours * 1e6, 1),
                    peer_us=round(t_peer * 1e6, 1), bytes=fmt_bytes[fmt], peer_bytes=fmt_bytes["fp32"],
                    gbps=round(fmt_bytes[fmt] / t_ours / 1e9, 2), peer_gbps=round(fmt_bytes["fp32"] / t_peer / 1e9, 2))
-        del ws, peer, q8s, p4s, ours
+        del ws, ws_ours, peer, q8s, p4s, ours
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (M): 1 is a batch-1 decode step")
     ap.add_argument("--calls", type=int, default=200, help="timed calls per candidate (median reported)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls per candidate first")
     ap.add_argument("--working-set-mib", type=int, default=128, help="bytes of weight copies per format (cold)")
