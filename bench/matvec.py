@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--cache", nargs="+", choices=("cold", "hot"), default=["cold", "hot"])
     ap.add_argument("--isa", nargs="+", choices=cpu_kernels.ISAS, help="builds to time (default: all the CPU runs)")
     args = ap.parse_args()
+    if args.rows < 1:
+        ap.error(f"--rows {args.rows}: need at least one row of x")
     torch.set_num_threads(args.threads)
     isas = tuple(args.isa or cpu_kernels.supported_isas())
     for isa in isas:

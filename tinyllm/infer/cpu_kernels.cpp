@@ -672,13 +672,15 @@ struct XBlocks {
   }
 };
 
-// rows [n0, n0 + 4) of an [N, K] matrix of ggml type T (fewer at the end), the next rows prefetched
+// rows [n0, n0 + 4) of an [N, K] matrix of ggml type T (fewer at the end), the next rows prefetched unless
+// `cached` (a later row of x meeting the same weight rows)
 template <int64_t T>
-static void ggml_block(const XBlocks& x, bool xq8, const uint8_t* wp, float* y, int64_t K, int64_t N, int64_t n0) {
+static void ggml_block(const XBlocks& x, bool xq8, const uint8_t* wp, float* y, int64_t K, int64_t N, int64_t n0,
+                       bool cached) {
   const int64_t nb = K / 32, rb = nb * ggml_block_bytes(T);
   const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
   const int64_t rows = std::min<int64_t>(4, N - n0);
-  const uint8_t* next = n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr;
+  const uint8_t* next = !cached && n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr;
   if (xq8) {
     if (rows == 4) {
       ggml_rows4_q8<T>(x.q.data(), x.d.data(), x.s.data(), wp + n0 * rb, rb, nb, y + n0, next);
@@ -694,12 +696,12 @@ static void ggml_block(const XBlocks& x, bool xq8, const uint8_t* wp, float* y, 
 }
 
 static void ggml_block_any(int64_t type, const XBlocks& x, const uint8_t* wp, float* y, int64_t K, int64_t N,
-                           int64_t n0) {
+                           int64_t n0, bool cached = false) {
   const bool xq8 = (type & kXQ8) != 0;
   type &= ~kXQ8;
-  if (type == kQ4_0) ggml_block<kQ4_0>(x, xq8, wp, y, K, N, n0);
-  else if (type == kQ4_1) ggml_block<kQ4_1>(x, xq8, wp, y, K, N, n0);
-  else ggml_block<kQ8_0>(x, xq8, wp, y, K, N, n0);
+  if (type == kQ4_0) ggml_block<kQ4_0>(x, xq8, wp, y, K, N, n0, cached);
+  else if (type == kQ4_1) ggml_block<kQ4_1>(x, xq8, wp, y, K, N, n0, cached);
+  else ggml_block<kQ8_0>(x, xq8, wp, y, K, N, n0, cached);
 }
 
 // y[m] = W x[m] for each of the M rows of x; a ggml type id (kXQ8 set: x as int8 blocks) picks the kernel.
@@ -710,7 +712,7 @@ static void ggml_matvec_any(int64_t type, const float* x, const uint8_t* w, floa
   for (int64_t m = 0; m < M; ++m) xb[m].prepare(x + m * K, K, type);
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q)
-      for (int64_t m = 0; m < M; ++m) ggml_block_any(type, xb[m], w, y + m * N, K, N, 4 * q);
+      for (int64_t m = 0; m < M; ++m) ggml_block_any(type, xb[m], w, y + m * N, K, N, 4 * q, m > 0);
   });
 }
 
