@@ -130,9 +130,9 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv, at::Tensor tables, at::Tens
 // four rows at least 4 KB ahead, into L2, while they compute on this one: the lines holding bytes [from, to)
 // of each of its rows (every 64th byte of a row lands in a different line); `next` is null near the end.
 // Measured from memory on SmolLM2's shapes: int8 ~2x faster (spread through the loop; all at once was slower),
-// int4 ~1.6x on 1536-wide rows (all at once per block; within ±6% on 576-wide rows).
-// GGUF blocks: spread too, one block's lines of the next rows per block computed; asking for all of them at the
-// start of the four rows left the Q8_0 LM head at 6 GB/s a core from memory (AVX2 EPYC), spread it reads 11.
+// int4 ~1.6x on 1536-wide rows. Every kernel now spreads them: one block's (or group's) lines of the next rows
+// per block computed. Asking for all of them at the start of the four rows left the GGUF Q8_0 LM head at 6 GB/s a
+// core from memory (AVX2 EPYC), spread it reads 11; the int4 decode step ran ~1.1x faster at 2 threads.
 constexpr int64_t kPrefetchBytes = 4096;
 
 static inline void prefetch4(const void* next, int64_t stride, int64_t from, int64_t to) {
@@ -249,11 +249,11 @@ at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
 static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* p, int64_t Kh,
                             int64_t G, int64_t half, const float* s, const float* z, float* out,
                             const uint8_t* next) {
-  prefetch4(next, Kh, 0, Kh);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   float zsum[4] = {0.f, 0.f, 0.f, 0.f};
   const __m512i mask = _mm512_set1_epi32(15);
   for (int64_t g = 0; g < G; ++g) {
+    prefetch4(next, Kh, g * half, (g + 1) * half);  // the next rows' lines, a group's worth per group
     __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t c = g * half; c < (g + 1) * half; c += 16) {
       const __m512 ev = _mm512_loadu_ps(e + c), ov = _mm512_loadu_ps(o + c);
@@ -275,7 +275,6 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
 static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* p, int64_t Kh,
                             int64_t G, int64_t half, const float* s, const float* z, float* out,
                             const uint8_t* next) {
-  prefetch4(next, Kh, 0, Kh);
   // per 8 bytes of a row: widen to 8 int32, low nibble = and 15, high = shift right 4, convert, FMA with the
   // even / odd x; low and high nibbles go to separate accumulators (eight FMA chains for four rows)
   __m256 acc[4];
@@ -283,6 +282,7 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
   for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi32(15);
   for (int64_t g = 0; g < G; ++g) {
+    prefetch4(next, Kh, g * half, (g + 1) * half);  // the next rows' lines, a group's worth per group
     __m256 a[4], b[4];
     for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_ps();
     for (int64_t c = g * half; c < (g + 1) * half; c += 8) {
@@ -304,7 +304,6 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
 static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* p, int64_t Kh,
                             int64_t G, int64_t half, const float* s, const float* z, float* out,
                             const uint8_t* next) {
-  prefetch4(next, Kh, 0, Kh);
   // decode a group's codes of the four rows to floats first (a plain u8 → f32 loop), then take float dot
   // products: two simple loops the compiler vectorises for the baseline ISA (~15% faster than one loop
   // mixing bytes, nibbles and four float reductions)
@@ -314,6 +313,7 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
   float* hi = lo + 4 * half;
   for (int r = 0; r < 4; ++r) out[r] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
+    prefetch4(next, Kh, g * half, (g + 1) * half);  // the next rows' lines, a group's worth per group
     for (int r = 0; r < 4; ++r) {
       const uint8_t* pr = p + r * Kh + g * half;
       float* l = lo + r * half;
