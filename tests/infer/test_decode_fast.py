@@ -1,5 +1,5 @@
 """The batch-1 decode fast path (one native call per layer) against its twin, FusedForward over the same
-modules (GGUF blocks, or fp32 matrices): same greedy tokens and log-probabilities equal to rounding on
+modules (GGUF blocks, tinyllm's int8/int4 formats, or fp32 matrices): same greedy tokens and log-probabilities equal to rounding on
 SmolLM2-135M, on every native build this CPU runs; it serves only a lone decoding sequence and only the models
 it reproduces. With int8-rounded activations (llama.cpp's arithmetic, the GGUF default) the rounding amplifies
 last-digit differences between the C++ and torch norms/SwiGLU, so there the check is closeness, not equality."""
@@ -91,10 +91,23 @@ def _count_fast_steps(runner, monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture(scope="module")
+def llm_int8() -> LLM:  # tinyllm's own int8 per-row weights (QuantLinear)
+    return LLM(smollm2_path(), quantization="int8", max_model_len=128, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def llm_int4() -> LLM:  # tinyllm's own int4 weights, groups of 32
+    return LLM(smollm2_path(), quantization="int4", group_size=32, max_model_len=128, max_num_seqs=4)
+
+
+WEIGHTS = {"gguf": "llm", "fp32": "llm_fp32", "int8": "llm_int8", "int4": "llm_int4"}
+
+
 @pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
-@pytest.mark.parametrize("weights", ["gguf", "fp32"])
-def test_fast_path_equals_fused_twin(llm, llm_fp32, isa, weights, monkeypatch) -> None:
-    llm = llm if weights == "gguf" else llm_fp32
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_fast_path_equals_fused_twin(request, isa, weights, monkeypatch) -> None:
+    llm = request.getfixturevalue(WEIGHTS[weights])
     saved = dict(cpu_kernels._state)
     assert cpu_kernels.load(isa)
     try:
@@ -110,6 +123,23 @@ def test_fast_path_equals_fused_twin(llm, llm_fp32, isa, weights, monkeypatch) -
         cpu_kernels._state.update(saved)
     assert fast[0] == ref[0]
     torch.testing.assert_close(torch.tensor(fast[1]), torch.tensor(ref[1]), rtol=0, atol=2e-3)
+
+
+def test_own_formats_take_the_fast_path_and_bad_layouts_are_refused(llm_int4) -> None:
+    step = llm_int4.engine.runner.decode1
+    assert step is not None and step.layers[0][5] == [cpu_kernels.OWN_INT4_TYPE] * 7
+    ln1, ln2, eps1, eps2, weights, types = step.layers[0]
+    assert len(weights) == 21  # packed, scale and zero for each of the seven projections
+    kv = llm_int4.engine.runner.cache.kv[0]
+    cos, sin = torch.ones(64), torch.zeros(64)
+    args = (cos, sin, kv, torch.zeros(1, dtype=torch.long), 0, 0.125, 9, 0)
+    with pytest.raises(RuntimeError, match="more weight tensors"):
+        cpu_kernels._ops().decode_layer(torch.zeros(576), ln1, ln2, eps1, eps2, [*weights, weights[0]], types, *args)
+    with pytest.raises(RuntimeError, match="too few weight tensors"):
+        cpu_kernels._ops().decode_layer(torch.zeros(576), ln1, ln2, eps1, eps2, weights[:-1], types, *args)
+    with pytest.raises(RuntimeError, match=r"\(int4\) must be contiguous uint8"):  # scales where the codes belong
+        cpu_kernels._ops().decode_layer(torch.zeros(576), ln1, ln2, eps1, eps2, [weights[1], *weights[1:]], types,
+                                        *args)
 
 
 def test_int8_activations_fast_path_follows_its_twin(llm_q8, monkeypatch) -> None:

@@ -659,6 +659,21 @@ struct XBlocks {
   std::vector<float> xs;         // Σ x over each block (fp32 activations, Q4_1)
   std::vector<int8_t> q;         // int8 codes (kXQ8)
   std::vector<float> d, s;       // their scales and d·Σq (kXQ8)
+  std::vector<float> xe, xo, xg;  // own int4: even and odd columns, Σ x over each group of `group`
+  int64_t group = 0;
+  void prepare_i4(const float* xp, int64_t K, int64_t g) {
+    x = xp;
+    if (group == g) return;
+    TORCH_CHECK(group == 0, "matrices reading the same x must share one int4 group size");
+    group = g;
+    xe.resize(K / 2); xo.resize(K / 2); xg.resize(K / g);
+    for (int64_t j = 0; j < K / 2; ++j) { xe[j] = xp[2 * j]; xo[j] = xp[2 * j + 1]; }
+    for (int64_t b = 0; b < K / g; ++b) {
+      float t = 0.f;
+      for (int64_t j = 0; j < g; ++j) t += xp[b * g + j];
+      xg[b] = t;
+    }
+  }
   void prepare(const float* xp, int64_t K, int64_t type) {
     x = xp;
     const int64_t nb = K / 32;
@@ -835,11 +850,48 @@ at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
 // Matrices that read the same x (q, k and v; gate and up) run as one parallel loop over all their blocks of
 // four rows: one hand-off to the threads instead of one per matrix, and k and v (a third of q's rows each
 // under GQA) no longer split into slivers. Each row is computed exactly as a lone matvec computes it.
+// tinyllm's own weight-only formats (`QuantLinear`) beside ggml's ids: int8 per row (q [N, K], scale [N]) and
+// int4 per group (packed [N, K/2], scale and zero [N, K/group]); each row computed as wo_int8 / wo_int4 compute it.
+constexpr int64_t kOwnI8 = 1024, kOwnI4 = 1025;
+
 struct MvJob {
-  int64_t type;  // kF32 or a ggml type id (kXQ8 allowed)
+  int64_t type;  // kF32, a ggml type id (kXQ8 allowed), kOwnI8 or kOwnI4
   const at::Tensor* w;
   float* y;
+  const at::Tensor* s = nullptr;  // own formats: scales
+  const at::Tensor* z = nullptr;  // kOwnI4: zeros
 };
+
+// rows [n0, n0 + 4) of an own-format matrix (fewer at the end), the next rows prefetched
+static void own_block(const MvJob& m, const XBlocks& xb, int64_t K, int64_t n0) {
+  const int64_t N = m.w->size(0), rows = std::min<int64_t>(4, N - n0);
+  const float* sp = m.s->data_ptr<float>();
+  if (m.type == kOwnI8) {
+    const int8_t* qp = m.w->data_ptr<int8_t>();
+    const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * K - 1) / (4 * K));
+    float out[4];
+    if (rows == 4) dot4_i8(xb.x, qp + n0 * K, K, out, n0 + 4 * ahead + 4 <= N ? qp + (n0 + 4 * ahead) * K : nullptr);
+    else for (int64_t r = 0; r < rows; ++r) out[r] = dot_i8(xb.x, qp + (n0 + r) * K, K);
+    for (int64_t r = 0; r < rows; ++r) m.y[n0 + r] = out[r] * sp[n0 + r];
+    return;
+  }
+  const uint8_t* pp = m.w->data_ptr<uint8_t>();
+  const float* zp = m.z->data_ptr<float>();
+  const int64_t Kh = K / 2, G = m.s->size(1), half = xb.group / 2;
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * Kh - 1) / (4 * Kh));
+  if (rows == 4) {
+    rows4_i4(xb.xe.data(), xb.xo.data(), xb.xg.data(), pp + n0 * Kh, Kh, G, half, sp + n0 * G, zp + n0 * G,
+             m.y + n0, n0 + 4 * ahead + 4 <= N ? pp + (n0 + 4 * ahead) * Kh : nullptr);
+    return;
+  }
+  for (int64_t n = n0; n < n0 + rows; ++n) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g)
+      acc += sp[n * G + g] * group1_i4(xb.xe.data() + g * half, xb.xo.data() + g * half, pp + n * Kh + g * half,
+                                       half) + zp[n * G + g] * xb.xg[g];
+    m.y[n] = acc;
+  }
+}
 
 static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> jobs) {
   const MvJob* job = jobs.begin();
@@ -849,7 +901,9 @@ static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> job
   XBlocks xb;
   for (int64_t j = 0; j < n; ++j) {
     first[j + 1] = first[j] + (job[j].w->size(0) + 3) / 4;
-    if (job[j].type != kF32) xb.prepare(x, K, job[j].type);
+    if (job[j].type == kOwnI4) xb.prepare_i4(x, K, K / job[j].s->size(1));
+    else if (job[j].type == kOwnI8) xb.x = x;
+    else if (job[j].type != kF32) xb.prepare(x, K, job[j].type);
   }
   at::parallel_for(0, first[n], 8, [&](int64_t begin, int64_t end) {
     int64_t j = 0;
@@ -858,6 +912,7 @@ static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> job
       const MvJob& m = job[j];
       const int64_t N = m.w->size(0), n0 = 4 * (q - first[j]);
       if (m.type == kF32) f32_block(x, m.w->data_ptr<float>(), m.y, K, N, n0);
+      else if (m.type == kOwnI8 || m.type == kOwnI4) own_block(m, xb, K, n0);
       else ggml_block_any(m.type, xb, m.w->data_ptr<uint8_t>(), m.y, K, N, n0);
     }
   });
@@ -885,28 +940,64 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
                   std::vector<int64_t> types, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
                   int64_t pos, double scale, int64_t H, int64_t window) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [d]");
-  TORCH_CHECK(w.size() == 7 && types.size() == 7, "seven weights (q, k, v, o, gate, up, down) and their types");
+  TORCH_CHECK(types.size() == 7, "seven weights (q, k, v, o, gate, up, down) and their types");
   TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous(),
               "kv must be a contiguous float32 pool layer [2, blocks, B, Hkv, D]");
   TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous(), "table must be contiguous int64");
   const int64_t d = x.size(0), NB = kv.size(1), B = kv.size(2), Hkv = kv.size(3), D = kv.size(4);
-  const int64_t I = w[4].size(0);
+  auto tensors_of = [](int64_t t) -> size_t { return t == kOwnI4 ? 3 : t == kOwnI8 ? 2 : 1; };
+  size_t gate_at = 0;
+  for (int i = 0; i < 4; ++i) gate_at += tensors_of(types[i]);
+  TORCH_CHECK(gate_at < w.size() && w[gate_at].dim() == 2, "too few weight tensors for the types given");
+  const int64_t I = w[gate_at].size(0);
   TORCH_CHECK(D <= 1024 && D % 2 == 0 && H % Hkv == 0 && cos.numel() == D && sin.numel() == D, "head shapes");
   TORCH_CHECK(pos / B < table.numel(), "position ", pos, " is past the block table");
   const int64_t K[7] = {d, d, d, H * D, d, d, I};
   const int64_t Nexp[7] = {H * D, Hkv * D, Hkv * D, d, I, I, d};
+  // w holds each matrix's tensors in order: one (fp32, ggml blocks), two (kOwnI8: q, scale) or three (kOwnI4:
+  // packed, scale, zero)
+  const at::Tensor* W[7];
+  const at::Tensor* S[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  const at::Tensor* Z[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  size_t at_w = 0;
   for (int i = 0; i < 7; ++i) {
+    const size_t need = tensors_of(types[i]);
+    TORCH_CHECK(at_w + need <= w.size(), "too few weight tensors for the types given");
+    W[i] = &w[at_w];
+    if (need > 1) S[i] = &w[at_w + 1];
+    if (need > 2) Z[i] = &w[at_w + 2];
+    at_w += need;
+    const at::Tensor& wi = *W[i];
     if (types[i] == kF32) {
-      TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous() && w[i].dim() == 2 &&
-                      w[i].size(0) == Nexp[i] && w[i].size(1) == K[i],
+      TORCH_CHECK(wi.scalar_type() == at::kFloat && wi.is_contiguous() && wi.dim() == 2 &&
+                      wi.size(0) == Nexp[i] && wi.size(1) == K[i],
                   "weight ", i, " (fp32) must be a contiguous float32 [", Nexp[i], ", ", K[i], "] matrix");
       continue;
     }
+    if (types[i] == kOwnI8) {
+      TORCH_CHECK(wi.scalar_type() == at::kChar && wi.is_contiguous() && wi.dim() == 2 && wi.size(0) == Nexp[i] &&
+                      wi.size(1) == K[i] && S[i]->scalar_type() == at::kFloat && S[i]->is_contiguous() &&
+                      S[i]->numel() == Nexp[i],
+                  "weight ", i, " (int8) must be contiguous int8 [", Nexp[i], ", ", K[i], "] with float32 scales [",
+                  Nexp[i], "]");
+      continue;
+    }
+    if (types[i] == kOwnI4) {
+      const int64_t G = S[i]->dim() == 2 ? S[i]->size(1) : 0;
+      TORCH_CHECK(wi.scalar_type() == at::kByte && wi.is_contiguous() && wi.dim() == 2 && wi.size(0) == Nexp[i] &&
+                      2 * wi.size(1) == K[i] && G > 0 && K[i] % G == 0 && (K[i] / G) % 32 == 0 &&
+                      S[i]->scalar_type() == at::kFloat && S[i]->is_contiguous() && S[i]->size(0) == Nexp[i] &&
+                      Z[i]->scalar_type() == at::kFloat && Z[i]->is_contiguous() && Z[i]->sizes() == S[i]->sizes(),
+                  "weight ", i, " (int4) must be contiguous uint8 [", Nexp[i], ", ", K[i] / 2,
+                  "] with float32 scales and zeros [", Nexp[i], ", K/group], group a multiple of 32");
+      continue;
+    }
     const int64_t bytes = ggml_block_bytes(types[i] & ~kXQ8);
-    TORCH_CHECK(bytes > 0 && w[i].scalar_type() == at::kByte && w[i].is_contiguous() && w[i].dim() == 2 &&
-                    K[i] % 32 == 0 && w[i].size(0) == Nexp[i] && w[i].size(1) == K[i] / 32 * bytes,
+    TORCH_CHECK(bytes > 0 && wi.scalar_type() == at::kByte && wi.is_contiguous() && wi.dim() == 2 &&
+                    K[i] % 32 == 0 && wi.size(0) == Nexp[i] && wi.size(1) == K[i] / 32 * bytes,
                 "weight ", i, " does not match its ggml type and the layer's shapes");
   }
+  TORCH_CHECK(at_w == w.size(), "more weight tensors than the types use");
   ln1 = ln1.contiguous().to(at::kFloat); ln2 = ln2.contiguous().to(at::kFloat);
   cos = cos.contiguous().to(at::kFloat); sin = sin.contiguous().to(at::kFloat);
   thread_local std::vector<float> buf;
@@ -921,7 +1012,7 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   float* u = g + I;
   float* xp = x.data_ptr<float>();
   rms_norm(xp, ln1.data_ptr<float>(), static_cast<float>(eps1), y, d);
-  mv_group(y, d, {{types[0], &w[0], q}, {types[1], &w[1], k}, {types[2], &w[2], v}});
+  mv_group(y, d, {{types[0], W[0], q, S[0], Z[0]}, {types[1], W[1], k, S[1], Z[1]}, {types[2], W[2], v, S[2], Z[2]}});
   rope_heads(q, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   rope_heads(k, Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   const int64_t* tp = table.data_ptr<int64_t>();
@@ -932,12 +1023,12 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   std::copy(v, v + Hkv * D, kvp + (NB * B + slot) * Hkv * D);
   const int64_t len = pos + 1;
   decode<float>(q, kvp, tp, &len, att, 1, H, Hkv, D, NB, B, table.numel(), static_cast<float>(scale), window);
-  mv_group(att, H * D, {{types[3], &w[3], t}});
+  mv_group(att, H * D, {{types[3], W[3], t, S[3], Z[3]}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
   rms_norm(xp, ln2.data_ptr<float>(), static_cast<float>(eps2), y, d);
-  mv_group(y, d, {{types[4], &w[4], g}, {types[5], &w[5], u}});
+  mv_group(y, d, {{types[4], W[4], g, S[4], Z[4]}, {types[5], W[5], u, S[5], Z[5]}});
   for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  mv_group(g, I, {{types[6], &w[6], t}});
+  mv_group(g, I, {{types[6], W[6], t, S[6], Z[6]}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
 }
 

@@ -231,6 +231,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
 
 GGML_NATIVE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # ggml type ids `ggml_linear` runs as stored
 F32_TYPE = 0  # ggml's F32 id: `decode_layer` takes a plain float32 [N, K] matrix under it
+OWN_INT8_TYPE = 1024  # `decode_layer`: a `QuantLinear` int8 matrix, given as (q, scale)
+OWN_INT4_TYPE = 1025  # `decode_layer`: a `QuantLinear` int4 matrix, given as (packed, scale, zero)
 
 
 def f32_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,14 @@ blocks, RoPE, the K/V write into the paged pool, paged attention, o-projection, 
 into preallocated state, so a step is the embedding row, 30 calls, the final norm and the LM head.
 
 It serves only what it reproduces: a model `FusedForward` supports whose seven projections per layer are all
-native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks, with fp32 or int8-rounded activations as the module says) or
-plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
+native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks, with fp32 or int8-rounded activations as the module says),
+native `QuantLinear` (tinyllm's int8 per-row and int4 per-group formats, each row computed by the kernels of
+`int8_linear` / `int4_linear`) or plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
 a prefetched four-row stream: batch-1 fp32 decode reads every weight once per token), without biases, SiLU
 gating, and an fp32 paged pool. The
 runner uses it when the step is exactly one sequence decoding one token; everything else (prefill, batches,
 speculative verification) keeps `FusedForward`, which is the reference twin: tests show the same greedy
-tokens and logits equal to rounding. Not covered: bf16/fp16 weights, int8 / int4 (`QuantLinear`), bf16 pools.
+tokens and logits equal to rounding. Not covered: bf16/fp16 weights, int4 with padded groups, bf16 pools.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from tinyllm.infer import cpu_kernels
-from tinyllm.infer.cpu_kernels import F32_TYPE, GGML_NATIVE_TYPES, X_Q8
+from tinyllm.infer.cpu_kernels import F32_TYPE, GGML_NATIVE_TYPES, OWN_INT4_TYPE, OWN_INT8_TYPE, X_Q8
 from tinyllm.infer.fused import FusedForward, _rms
 from tinyllm.infer.ggml_linear import GGMLLinear
+from tinyllm.infer.quant import QuantLinear
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
          "mlp.up_proj", "mlp.down_proj")
@@ -49,15 +51,22 @@ def _native(m: nn.Module) -> bool:
         return False
     if isinstance(m, GGMLLinear):
         return m.native
+    if isinstance(m, QuantLinear):  # int4: whole groups (no padded columns), groups of whole 32-column blocks
+        return m.native and m.dtype == torch.float32 and (
+            m.method == "int8" or (m.qweight.shape[1] * 2 == m.in_features and m.group_size % 32 == 0))
     return (type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
             and m.weight.is_contiguous())
 
 
-def _weight(m: nn.Module) -> tuple[torch.Tensor, int]:
-    """The tensor and type id `decode_layer` reads for projection `m`."""
+def _weight(m: nn.Module) -> tuple[list[torch.Tensor], int]:
+    """The tensors and type id `decode_layer` reads for projection `m`."""
     if isinstance(m, GGMLLinear):
-        return m.blocks, GGML_NATIVE_TYPES[m.ggml_type] | (X_Q8 if m.x_q8 else 0)
-    return m.weight.detach(), F32_TYPE
+        return [m.blocks], GGML_NATIVE_TYPES[m.ggml_type] | (X_Q8 if m.x_q8 else 0)
+    if isinstance(m, QuantLinear):
+        if m.method == "int8":
+            return [m.qweight, m.scale.float().contiguous()], OWN_INT8_TYPE
+        return [m.qweight, m.scale.float().contiguous(), m.zero.float().contiguous()], OWN_INT4_TYPE
+    return [m.weight.detach()], F32_TYPE
 
 
 class DecodeStep:
@@ -73,7 +82,7 @@ class DecodeStep:
             mods = [layer.get_submodule(p) for p in _PROJ]
             weights, types = zip(*(_weight(m) for m in mods), strict=True)
             self.layers.append((lay.ln1.float().contiguous(), lay.ln2.float().contiguous(), lay.eps1, lay.eps2,
-                                list(weights), list(types)))
+                                [t for ts in weights for t in ts], list(types)))
         self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
         head = getattr(model, "lm_head", None)
         # an fp32 LM head (SmolLM2's is the tied 49152 x 576 embedding, a fifth of the bytes a token reads) goes
