@@ -212,6 +212,20 @@ static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* ou
 }
 #endif
 
+// rows [n0, n0 + 4) of an int8 [N, K] matrix times x, each scaled by its row's scale (fewer rows at the end),
+// the next rows prefetched
+static void i8_block(const float* x, const int8_t* qp, const float* sp, float* y, int64_t K, int64_t N, int64_t n0) {
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * K - 1) / (4 * K));  // blocks
+  const int64_t rows = std::min<int64_t>(4, N - n0);
+  float out[4];
+  if (rows == 4) {
+    dot4_i8(x, qp + n0 * K, K, out, n0 + 4 * ahead + 4 <= N ? qp + (n0 + 4 * ahead) * K : nullptr);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) out[r] = dot_i8(x, qp + (n0 + r) * K, K);
+  }
+  for (int64_t r = 0; r < rows; ++r) y[n0 + r] = out[r] * sp[n0 + r];
+}
+
 at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1), "q must be int8 [N, K]");
@@ -221,21 +235,9 @@ at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * K - 1) / (4 * K));  // blocks
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * 4, rows = std::min<int64_t>(4, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * K;
-        float out[4];
-        if (rows == 4) {
-          dot4_i8(xm, qp + n0 * K, K, out, n0 + 4 * ahead + 4 <= N ? qp + (n0 + 4 * ahead) * K : nullptr);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) out[r] = dot_i8(xm, qp + (n0 + r) * K, K);
-        }
-        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = out[r] * sp[n0 + r];
-      }
-    }
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t m = 0; m < M; ++m) i8_block(xp + m * K, qp, sp, yp + m * N, K, N, 4 * b);
   });
   return y;
 }
@@ -343,6 +345,44 @@ static inline float group1_i4(const float* e, const float* o, const uint8_t* p, 
   return dot;
 }
 
+// x as the int4 kernels read it: even and odd columns apart (the low and high nibbles of a byte), Σ x per group
+struct XInt4 {
+  std::vector<float> e, o, sum;
+  int64_t group = 0;
+  void prepare(const float* x, int64_t K, int64_t g) {
+    if (group == g) return;
+    TORCH_CHECK(group == 0, "matrices reading the same x must share one int4 group size");
+    group = g;
+    e.resize(K / 2); o.resize(K / 2); sum.resize(K / g);
+    for (int64_t j = 0; j < K / 2; ++j) { e[j] = x[2 * j]; o[j] = x[2 * j + 1]; }
+    for (int64_t b = 0; b < K / g; ++b) {
+      float t = 0.f;
+      for (int64_t j = 0; j < g; ++j) t += x[b * g + j];
+      sum[b] = t;
+    }
+  }
+};
+
+// rows [n0, n0 + 4) of an int4 [N, 2·Kh] matrix (scale and zero [N, G]) times x (fewer rows at the end), the
+// next rows prefetched
+static void i4_block(const XInt4& x, const uint8_t* pp, const float* sp, const float* zp, float* y, int64_t Kh,
+                     int64_t G, int64_t N, int64_t n0) {
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * Kh - 1) / (4 * Kh));  // blocks
+  const int64_t rows = std::min<int64_t>(4, N - n0), half = x.group / 2;
+  if (rows == 4) {
+    rows4_i4(x.e.data(), x.o.data(), x.sum.data(), pp + n0 * Kh, Kh, G, half, sp + n0 * G, zp + n0 * G, y + n0,
+             n0 + 4 * ahead + 4 <= N ? pp + (n0 + 4 * ahead) * Kh : nullptr);
+    return;
+  }
+  for (int64_t n = n0; n < n0 + rows; ++n) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g)
+      acc += sp[n * G + g] * group1_i4(x.e.data() + g * half, x.o.data() + g * half, pp + n * Kh + g * half, half) +
+             zp[n * G + g] * x.sum[g];
+    y[n] = acc;
+  }
+}
+
 at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor zero, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, Kp]");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == x.size(1),
@@ -356,38 +396,11 @@ at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>(); const float* zp = zero.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  const int64_t Kh = Kp / 2;
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * Kh - 1) / (4 * Kh));  // blocks
-  std::vector<float> xsum(M * G), xeven(M * Kh), xodd(M * Kh);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < Kh; ++j) { xeven[m * Kh + j] = xp[m * Kp + 2 * j]; xodd[m * Kh + j] = xp[m * Kp + 2 * j + 1]; }
-    for (int64_t g = 0; g < G; ++g) {
-      float t = 0.f;
-      for (int64_t j = 0; j < group; ++j) t += xp[m * Kp + g * group + j];
-      xsum[m * G + g] = t;
-    }
-  }
+  std::vector<XInt4> xs(M);
+  for (int64_t m = 0; m < M; ++m) xs[m].prepare(xp + m * Kp, Kp, group);
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * 4, rows = std::min<int64_t>(4, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xe = xeven.data() + m * Kh; const float* xo = xodd.data() + m * Kh;
-        const float* xs = xsum.data() + m * G;
-        if (rows == 4) {
-          rows4_i4(xe, xo, xs, pp + n0 * Kh, Kh, G, half, sp + n0 * G, zp + n0 * G, yp + m * N + n0,
-                   n0 + 4 * ahead + 4 <= N ? pp + (n0 + 4 * ahead) * Kh : nullptr);
-          continue;
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r;
-          float acc = 0.f;
-          for (int64_t g = 0; g < G; ++g)
-            acc += sp[n * G + g] * group1_i4(xe + g * half, xo + g * half, pp + n * Kh + g * half, half) +
-                   zp[n * G + g] * xs[g];
-          yp[m * N + n] = acc;
-        }
-      }
-    }
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t m = 0; m < M; ++m) i4_block(xs[m], pp, sp, zp, yp + m * N, Kp / 2, G, N, 4 * b);
   });
   return y;
 }
@@ -659,21 +672,7 @@ struct XBlocks {
   std::vector<float> xs;         // Σ x over each block (fp32 activations, Q4_1)
   std::vector<int8_t> q;         // int8 codes (kXQ8)
   std::vector<float> d, s;       // their scales and d·Σq (kXQ8)
-  std::vector<float> xe, xo, xg;  // own int4: even and odd columns, Σ x over each group of `group`
-  int64_t group = 0;
-  void prepare_i4(const float* xp, int64_t K, int64_t g) {
-    x = xp;
-    if (group == g) return;
-    TORCH_CHECK(group == 0, "matrices reading the same x must share one int4 group size");
-    group = g;
-    xe.resize(K / 2); xo.resize(K / 2); xg.resize(K / g);
-    for (int64_t j = 0; j < K / 2; ++j) { xe[j] = xp[2 * j]; xo[j] = xp[2 * j + 1]; }
-    for (int64_t b = 0; b < K / g; ++b) {
-      float t = 0.f;
-      for (int64_t j = 0; j < g; ++j) t += xp[b * g + j];
-      xg[b] = t;
-    }
-  }
+  XInt4 i4;                      // own int4 formats
   void prepare(const float* xp, int64_t K, int64_t type) {
     x = xp;
     const int64_t nb = K / 32;
@@ -862,35 +861,13 @@ struct MvJob {
   const at::Tensor* z = nullptr;  // kOwnI4: zeros
 };
 
-// rows [n0, n0 + 4) of an own-format matrix (fewer at the end), the next rows prefetched
+// rows [n0, n0 + 4) of an own-format matrix (fewer at the end), as wo_int8 / wo_int4 compute them
 static void own_block(const MvJob& m, const XBlocks& xb, int64_t K, int64_t n0) {
-  const int64_t N = m.w->size(0), rows = std::min<int64_t>(4, N - n0);
-  const float* sp = m.s->data_ptr<float>();
-  if (m.type == kOwnI8) {
-    const int8_t* qp = m.w->data_ptr<int8_t>();
-    const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * K - 1) / (4 * K));
-    float out[4];
-    if (rows == 4) dot4_i8(xb.x, qp + n0 * K, K, out, n0 + 4 * ahead + 4 <= N ? qp + (n0 + 4 * ahead) * K : nullptr);
-    else for (int64_t r = 0; r < rows; ++r) out[r] = dot_i8(xb.x, qp + (n0 + r) * K, K);
-    for (int64_t r = 0; r < rows; ++r) m.y[n0 + r] = out[r] * sp[n0 + r];
-    return;
-  }
-  const uint8_t* pp = m.w->data_ptr<uint8_t>();
-  const float* zp = m.z->data_ptr<float>();
-  const int64_t Kh = K / 2, G = m.s->size(1), half = xb.group / 2;
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * Kh - 1) / (4 * Kh));
-  if (rows == 4) {
-    rows4_i4(xb.xe.data(), xb.xo.data(), xb.xg.data(), pp + n0 * Kh, Kh, G, half, sp + n0 * G, zp + n0 * G,
-             m.y + n0, n0 + 4 * ahead + 4 <= N ? pp + (n0 + 4 * ahead) * Kh : nullptr);
-    return;
-  }
-  for (int64_t n = n0; n < n0 + rows; ++n) {
-    float acc = 0.f;
-    for (int64_t g = 0; g < G; ++g)
-      acc += sp[n * G + g] * group1_i4(xb.xe.data() + g * half, xb.xo.data() + g * half, pp + n * Kh + g * half,
-                                       half) + zp[n * G + g] * xb.xg[g];
-    m.y[n] = acc;
-  }
+  if (m.type == kOwnI8)
+    i8_block(xb.x, m.w->data_ptr<int8_t>(), m.s->data_ptr<float>(), m.y, K, m.w->size(0), n0);
+  else
+    i4_block(xb.i4, m.w->data_ptr<uint8_t>(), m.s->data_ptr<float>(), m.z->data_ptr<float>(), m.y, K / 2,
+             m.s->size(1), m.w->size(0), n0);
 }
 
 static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> jobs) {
@@ -901,8 +878,10 @@ static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> job
   XBlocks xb;
   for (int64_t j = 0; j < n; ++j) {
     first[j + 1] = first[j] + (job[j].w->size(0) + 3) / 4;
-    if (job[j].type == kOwnI4) xb.prepare_i4(x, K, K / job[j].s->size(1));
-    else if (job[j].type == kOwnI8) xb.x = x;
+    if (job[j].type == kOwnI4 || job[j].type == kOwnI8) {
+      xb.x = x;
+      if (job[j].type == kOwnI4) xb.i4.prepare(x, K, K / job[j].s->size(1));
+    }
     else if (job[j].type != kF32) xb.prepare(x, K, job[j].type);
   }
   at::parallel_for(0, first[n], 8, [&](int64_t begin, int64_t end) {
