@@ -109,6 +109,17 @@ def test_sft_steps_for_budget_prices_each_batch_by_its_width() -> None:
     assert full.widths(10) == widths  # the estimate drew nothing
 
 
+def test_sft_learning_rate_scales_with_the_square_root_of_the_planned_batch() -> None:
+    from tinyllm.recipes.tiny_zh import SCALES, sft_learning_rate
+
+    sc = SCALES["default"]
+    assert sft_learning_rate(sc, sc.batch_size) == sc.sft_lr
+    assert sft_learning_rate(sc, sc.batch_size // 2) == pytest.approx(sc.sft_lr / 2**0.5)
+    assert sft_learning_rate(sc, sc.batch_size * 4) == pytest.approx(sc.sft_lr * 2)
+    with pytest.raises(ValueError, match="batch=0"):
+        sft_learning_rate(sc, 0)
+
+
 def test_run_sft_learns_and_saves_a_transformers_checkpoint(base_dir, tmp_path) -> None:
     d, tok = base_dir
     data = tmp_path / "data.jsonl"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 import time
@@ -87,7 +88,9 @@ class Scale:
     min_lr: float = 0.0
     schedule: str = "wsd"
     optimizer: str = "muon"
-    sft_lr: float = 1e-3
+    # SFT peak learning rate at the scale's batch_size; a plan with a smaller batch takes more, noisier steps in
+    # the same budget and scales it by sqrt(batch / batch_size) (`sft_learning_rate`)
+    sft_lr: float = 7e-4
     replay_fraction: float = 0.25  # share of SFT examples that are pretraining windows (keeps the LM)
     # fewer pretraining steps than this: re-plan (precision, halved batch). At a CPU's token budget more, smaller
     # steps win: on an AVX2-only EPYC (fp32, ~1.3 M tokens in the budget) batch 8 × 662 steps reached 6.30 bits/char
@@ -440,6 +443,18 @@ def sft_steps_for_budget(batches: Any, seconds: float, step_seconds: float, seq_
     return steps
 
 
+def sft_learning_rate(sc: Scale, batch: int) -> float:
+    """The SFT peak learning rate for the batch the plan chose: the scale's `sft_lr` at its own batch size, times
+    sqrt(batch / batch_size) for another batch (square-root scaling, as for Adam-style optimizers). Measured on an
+    AVX2 EPYC, SFT from the same pretrained models (bits/char drift after SFT, sentiment accuracy):
+    batch 16 (461 steps): lr 1e-3 +0.063 / 68.2 %, 7.07e-4 +0.028 / 68.2 %, 5e-4 +0.007 / 67.0 %;
+    batch 8 (735 steps): lr 1e-3 +0.146 / 66.5 %, 7.07e-4 +0.087 / 66.5 %, 5e-4 +0.043 / 67.2 %; more replay
+    instead (40 % of the rows, lr 1e-3) +0.016 but 59.8 % (BENCHMARKS.md, main job)."""
+    if batch <= 0:
+        raise ValueError(f"batch={batch} must be positive")
+    return sc.sft_lr * math.sqrt(batch / sc.batch_size)
+
+
 def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> Path:
     from tinyllm.tokenizer import load_tokenizer
     from tinyllm.train.sft import SFTBatches, SFTConfig, prepare_examples, run_sft
@@ -453,13 +468,14 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
             for r in _sft_records(cfg, sc):
                 f.write(json.dumps(chat_record(r), ensure_ascii=False) + "\n")
     batch = plan.get("batch_size", sc.batch_size)
+    lr = sft_learning_rate(sc, batch)
 
     def config(steps: int) -> SFTConfig:
         # rows of similar length share a batch (the replay windows fill theirs, the short task rows theirs): about
         # 0.6 of the padded tokens of random batches at the default scale, so more steps in the same time
         return SFTConfig(init_from=str(out / "pretrain" / "final"), data=str(data), tokenizer=str(out / "tokenizer"),
                          out_dir=str(out / "sft"), max_length=sc.seq_len, max_steps=steps, batch_size=batch,
-                         lr=sc.sft_lr, min_lr=sc.sft_lr / 10, warmup_steps=max(1, steps // 20),
+                         lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20),
                          precision=plan.get("precision", cfg.precision), replay_data=str(out / "shards"),
                          replay_fraction=sc.replay_fraction, group_by_length=True,
                          eval_interval=max(1, steps // 2), eval_steps=4, log_interval=max(1, steps // 30),
@@ -477,7 +493,7 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
         steps = max(20, sft_steps_for_budget(draws, sc.sft_seconds, plan["measured_step_seconds"], sc.seq_len))
     scfg = config(steps)
     _log(f"sft: {steps} steps on {len(SFT_TASKS)} derived tasks, {sc.replay_fraction:.0%} of the rows "
-         "pretraining text (replay), rows grouped by length")
+         f"pretraining text (replay), rows grouped by length, peak lr {lr:.2g}")
     scfg.resume = (out / "sft" / "checkpoints" / "latest").exists()
     result = run_sft(scfg, prepared)
     if result.interrupted:
