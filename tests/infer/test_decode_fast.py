@@ -55,6 +55,24 @@ def test_f32_matvec_equals_torch(isa) -> None:
         cpu_kernels._state.update(saved)
 
 
+@pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
+def test_f32_rows_do_not_depend_on_threads_or_neighbours(isa) -> None:
+    # rows are read four regions at a time: a row's value must not depend on which rows share its step
+    saved, threads = dict(cpu_kernels._state), torch.get_num_threads()
+    assert cpu_kernels.load(isa)
+    try:
+        g = torch.Generator().manual_seed(1)
+        w, x = torch.randn(1001, 576, generator=g), torch.randn(576, generator=g)
+        full = cpu_kernels.f32_matvec(x, w)
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_kernels.f32_matvec(x, w), full)
+        assert all(torch.equal(cpu_kernels.f32_matvec(x, w[i:i + n]), full[i:i + n])
+                   for i, n in ((0, 1), (5, 3), (17, 64), (500, 501)))
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels._state.update(saved)
+
+
 def test_few_row_products_take_the_native_stream_and_equal_torch(monkeypatch) -> None:
     from tinyllm.infer import fused
 

@@ -753,78 +753,105 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
 
 
 // ---------------------------------------------------------------- fp32 weights: y[n] = Σ_k w[n, k] · x[k]
-// The batch-1 fp32 path reads 4 bytes per weight, so it is a stream over memory: four rows at a time (four
-// independent FMA chains, each load of x serving four rows) and the next rows prefetched, split over threads.
-static inline void dot4_f32(const float* x, const float* w, int64_t K, float* out, const float* next) {
+// The batch-1 fp32 path reads 4 bytes per weight, so it is a stream over memory, and what limits it is how many
+// lines a core keeps in flight. A thread's rows are cut into four regions and each step takes one row from each
+// region: four sequential streams the hardware prefetchers follow side by side (each region's next row starts
+// where its last one ended). Four *adjacent* rows, the earlier shape (one 9 KB stream, software-prefetched
+// 64 KB ahead), read 0.6–0.8x as fast from memory on an AVX2 EPYC (measured: BENCHMARKS.md, batch-1 decode).
+// Every row is summed the same way wherever it falls (one FMA chain per row and vector lane, then the lanes),
+// so a row's value does not depend on the thread count or on which rows share its step.
+template <int R>
+static inline void dot_rows_f32(const float* x, const float* const* w, int64_t K, float* out) {
   int64_t k = 0;
 #if defined(TINYLLM_AVX512)
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) {
-    prefetch4(next, 4 * K, 4 * k, 4 * k + 64);
     const __m512 xv = _mm512_loadu_ps(x + k);
-    a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k), a0);
-    a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + K + k), a1);
-    a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 2 * K + k), a2);
-    a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 3 * K + k), a3);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[r] + k), a[r]);
   }
-  out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
 #elif defined(TINYLLM_AVX2)
-  __m256 a[4], b[4];
-  for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_ps();
+  __m256 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
   for (; k + 16 <= K; k += 16) {
-    prefetch4(next, 4 * K, 4 * k, 4 * k + 64);
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < 4; ++r) {
-      a[r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * K + k), a[r]);
-      b[r] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * K + k + 8), b[r]);
+    for (int r = 0; r < R; ++r) {
+      a[r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w[r] + k), a[r]);
+      b[r] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w[r] + k + 8), b[r]);
     }
   }
-  for (int r = 0; r < 4; ++r) out[r] = hsum256(_mm256_add_ps(a[r], b[r]));
+  for (int r = 0; r < R; ++r) out[r] = hsum256(_mm256_add_ps(a[r], b[r]));
 #else
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-  prefetch4(next, 4 * K, 0, 4 * K);
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t j = 0; j < K; ++j) {
-    a0 += x[j] * w[j]; a1 += x[j] * w[K + j]; a2 += x[j] * w[2 * K + j]; a3 += x[j] * w[3 * K + j];
+  for (int r = 0; r < R; ++r) {
+    const float* wr = w[r];
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < K; ++j) acc += x[j] * wr[j];
+    out[r] = acc;
   }
-  out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
   k = K;
 #endif
   for (; k < K; ++k)
-    for (int r = 0; r < 4; ++r) out[r] += x[k] * w[r * K + k];
+    for (int r = 0; r < R; ++r) out[r] += x[k] * w[r][k];
 }
 
-// fp32 rows are 4x the bytes of int8 ones, and asking 64 KB ahead (8 blocks of 576-wide rows) measured ~10 %
-// faster from memory than 4 KB on the 49152-row LM head (AVX2 EPYC, 1 thread), within noise on the layers.
-constexpr int64_t kPrefetchBytesF32 = 65536;
-
-// rows [n0, n0 + 4) of an fp32 [N, K] matrix (fewer at the end), the next rows prefetched unless `cached` (a
-// later row of x meeting the same weight rows)
-static void f32_block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0,
-                      bool cached = false) {
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytesF32 + 16 * K - 1) / (16 * K));  // blocks of 4 rows
-  if (n0 + 4 <= N) {
-    dot4_f32(x, w + n0 * K, K, y + n0, !cached && n0 + 4 * ahead + 4 <= N ? w + (n0 + 4 * ahead) * K : nullptr);
-    return;
+// Up to three fp32 matrices that read the same x (q, k, v; gate, up), their rows numbered one after another.
+struct F32Rows {
+  const float* w[3];
+  float* y[3];
+  int64_t first[4] = {0, 0, 0, 0};  // matrix j holds rows [first[j], first[j + 1])
+  int n = 0;
+  int64_t ystride[3];  // y of x's row m starts at y[j] + m · ystride[j]
+  void add(const float* wj, float* yj, int64_t N, int64_t ys) {
+    w[n] = wj; y[n] = yj; ystride[n] = ys; first[n + 1] = first[n] + N; ++n;
   }
-  for (int64_t n = n0; n < N; ++n) {
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < K; ++k) acc += x[k] * w[n * K + k];
-    y[n] = acc;
+  int64_t rows() const { return first[n]; }
+  int of(int64_t r) const { int j = 0; while (r >= first[j + 1]) ++j; return j; }
+};
+
+// rows [r0, r1) of `m` times the M rows of x (row stride K): four regions, one row of each per step; each row
+// comes from memory once and meets every row of x while it is in L1
+static void f32_rows(const F32Rows& m, const float* x, int64_t M, int64_t K, int64_t r0, int64_t r1) {
+  const int64_t h = (r1 - r0) / 4;
+  const float* w[4];
+  int job[4];
+  int64_t n[4];
+  float out[4];
+  auto put = [&](int cnt) {
+    for (int64_t mm = 0; mm < M; ++mm) {
+      if (cnt == 4) dot_rows_f32<4>(x + mm * K, w, K, out);
+      else dot_rows_f32<1>(x + mm * K, w, K, out);
+      for (int s = 0; s < cnt; ++s) m.y[job[s]][mm * m.ystride[job[s]] + n[s]] = out[s];
+    }
+  };
+  for (int s = 0; s < 4; ++s) job[s] = m.of(r0 + s * h);
+  for (int64_t i = 0; i < h; ++i) {
+    for (int s = 0; s < 4; ++s) {
+      const int64_t r = r0 + s * h + i;
+      while (r >= m.first[job[s] + 1]) ++job[s];
+      n[s] = r - m.first[job[s]];
+      w[s] = m.w[job[s]] + n[s] * K;
+    }
+    put(4);
+  }
+  for (int64_t r = r0 + 4 * h; r < r1; ++r) {
+    job[0] = m.of(r); n[0] = r - m.first[job[0]]; w[0] = m.w[job[0]] + n[0] * K;
+    put(1);
   }
 }
 
-// y[m] = W x[m] for the M rows of x: each block of four weight rows comes from memory once and meets every row of
-// x while it sits in L1. For a few rows (a short prompt's prefill, a small decode batch, a speculative
+static void f32_rows_parallel(const F32Rows& m, const float* x, int64_t M, int64_t K) {
+  at::parallel_for(0, m.rows(), 64, [&](int64_t begin, int64_t end) { f32_rows(m, x, M, K, begin, end); });
+}
+
+// y[m] = W x[m] for the M rows of x. For a few rows (a short prompt's prefill, a small decode batch, a speculative
 // verification) this streams the weights at the matvec's rate, where torch's GEMM measured 5–9 GB/s for M ≤ 16
 // on 2-core EPYCs (it repacks the weight on every call). Row m is bit-identical to the matvec of x[m].
 static void f32_matvec_impl(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q)
-      for (int64_t m = 0; m < M; ++m) f32_block(x + m * K, w, y + m * N, K, N, 4 * q, m > 0);
-  });
+  F32Rows m;
+  m.add(w, y, N, N);
+  f32_rows_parallel(m, x, M, K);
 }
 
 at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
@@ -875,6 +902,12 @@ static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> job
   const int64_t n = static_cast<int64_t>(jobs.size());
   int64_t first[4] = {0, 0, 0, 0};  // job j owns blocks [first[j], first[j + 1])
   TORCH_CHECK(n <= 3, "at most three matrices per group");
+  if (std::all_of(job, job + n, [](const MvJob& m) { return m.type == kF32; })) {
+    F32Rows rows;
+    for (int64_t j = 0; j < n; ++j) rows.add(job[j].w->data_ptr<float>(), job[j].y, job[j].w->size(0), 0);
+    f32_rows_parallel(rows, x, 1, K);
+    return;
+  }
   XBlocks xb;
   for (int64_t j = 0; j < n; ++j) {
     first[j + 1] = first[j] + (job[j].w->size(0) + 3) / 4;
@@ -890,8 +923,11 @@ static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> job
       while (q >= first[j + 1]) ++j;
       const MvJob& m = job[j];
       const int64_t N = m.w->size(0), n0 = 4 * (q - first[j]);
-      if (m.type == kF32) f32_block(x, m.w->data_ptr<float>(), m.y, K, N, n0);
-      else if (m.type == kOwnI8 || m.type == kOwnI4) own_block(m, xb, K, n0);
+      if (m.type == kF32) {
+        F32Rows rows;
+        rows.add(m.w->data_ptr<float>(), m.y, N, 0);
+        f32_rows(rows, x, 1, K, n0, std::min(n0 + 4, N));
+      } else if (m.type == kOwnI8 || m.type == kOwnI4) own_block(m, xb, K, n0);
       else ggml_block_any(m.type, xb, m.w->data_ptr<uint8_t>(), m.y, K, N, n0);
     }
   });
