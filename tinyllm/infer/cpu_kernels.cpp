@@ -125,83 +125,77 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv, at::Tensor tables, at::Tens
 }
 
 // ---------------------------------------------------------------- streaming the weights
-// A decode step reads each weight once, from memory (a model's weights exceed the caches), and the hardware
-// prefetchers fall behind four interleaved row streams. So the kernels ask for the cache lines of the block of
-// four rows at least 4 KB ahead, into L2, while they compute on this one: the lines holding bytes [from, to)
-// of each of its rows (every 64th byte of a row lands in a different line); `next` is null near the end.
-// Measured from memory on SmolLM2's shapes: int8 ~2x faster (spread through the loop; all at once was slower),
-// int4 ~1.6x on 1536-wide rows. Every kernel now spreads them: one block's (or group's) lines of the next rows
-// per block computed. Asking for all of them at the start of the four rows left the GGUF Q8_0 LM head at 6 GB/s a
-// core from memory (AVX2 EPYC), spread it reads 11; the int4 decode step ran ~1.1x faster at 2 threads.
-constexpr int64_t kPrefetchBytes = 4096;
-
-static inline void prefetch4(const void* next, int64_t stride, int64_t from, int64_t to) {
-  if (next == nullptr) return;
-  const char* p = static_cast<const char*>(next);
-  for (int64_t c = (from + 63) & ~int64_t(63); c < to; c += 64)
-    for (int r = 0; r < 4; ++r) __builtin_prefetch(p + r * stride + c, 0, 2);
+// A decode step reads each weight once, from memory (a model's weights exceed the caches), so what limits it is
+// how many cache lines a core keeps in flight. Every kernel computes four weight rows per step (each load of x
+// serves four rows), and the four come from four regions of the thread's rows: four sequential streams the
+// hardware prefetchers follow side by side, each region's next row starting where its last one ended. Four
+// *adjacent* rows, with the next ones software-prefetched, read 0.5–0.9x as fast from memory on an AVX2 EPYC
+// (fp32, Q8_0, Q4_1 matrices of SmolLM2's shapes; BENCHMARKS.md, batch-1 decode). Leftover rows (fewer than
+// four) go through the same four-row kernel with the row repeated, so every row is computed by the same code
+// wherever it falls: a row's value does not depend on the thread count or on its neighbours.
+// `step(rows, count)`: compute rows[0..4), keep the first `count`.
+template <typename F>
+static void four_streams(int64_t r0, int64_t r1, F&& step) {
+  const int64_t h = (r1 - r0) / 4;
+  int64_t rows[4];
+  for (int64_t i = 0; i < h; ++i) {
+    for (int s = 0; s < 4; ++s) rows[s] = r0 + s * h + i;
+    step(rows, 4);
+  }
+  for (int64_t r = r0 + 4 * h; r < r1; ++r) {
+    rows[0] = rows[1] = rows[2] = rows[3] = r;
+    step(rows, 1);
+  }
 }
 
 // ---------------------------------------------------------------- int8: y[m, n] = scale[n] · Σ_k x[m, k] · q[n, k]
-// Every path takes four weight rows at a time so each load of x serves four rows; leftover rows go one by one.
-static inline float dot_i8(const float* x, const int8_t* w, int64_t K) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < K; ++k) acc += x[k] * static_cast<float>(w[k]);
-  return acc;
-}
-
+// Four rows w[0..4) against one x, out[r] unscaled.
 #if defined(TINYLLM_AVX512)
-static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* out, const int8_t* next) {
+static inline void dot4_i8(const float* x, const int8_t* const* w, int64_t K, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    prefetch4(next, K, k, k + 16);
     const __m512 xv = _mm512_loadu_ps(x + k);
-    a0 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k)))), a0);
-    a1 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + K + k)))), a1);
-    a2 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 2 * K + k)))), a2);
-    a3 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 3 * K + k)))), a3);
+    a0 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w[0] + k)))), a0);
+    a1 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w[1] + k)))), a1);
+    a2 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w[2] + k)))), a2);
+    a3 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w[3] + k)))), a3);
   }
   out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
   out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
   for (; k < K; ++k)
-    for (int r = 0; r < 4; ++r) out[r] += x[k] * static_cast<float>(w[r * K + k]);
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * static_cast<float>(w[r][k]);
 }
 #elif defined(TINYLLM_AVX2)
 
 // eight int8 codes → eight floats (sign-extend to int32, then convert)
 static inline __m256 i8x8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
-static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* out, const int8_t* next) {
+static inline void dot4_i8(const float* x, const int8_t* const* w, int64_t K, float* out) {
   // two accumulators per row (low and high 8 of each 16 codes): eight independent FMA chains hide the latency
   __m256 a[4], b[4];
   for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    prefetch4(next, K, k, k + 16);
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
     for (int r = 0; r < 4; ++r) {
-      a[r] = _mm256_fmadd_ps(x0, i8x8_ps(_mm_loadl_epi64((const __m128i*)(w + r * K + k))), a[r]);
-      b[r] = _mm256_fmadd_ps(x1, i8x8_ps(_mm_loadl_epi64((const __m128i*)(w + r * K + k + 8))), b[r]);
+      a[r] = _mm256_fmadd_ps(x0, i8x8_ps(_mm_loadl_epi64((const __m128i*)(w[r] + k))), a[r]);
+      b[r] = _mm256_fmadd_ps(x1, i8x8_ps(_mm_loadl_epi64((const __m128i*)(w[r] + k + 8))), b[r]);
     }
   }
   for (; k + 8 <= K; k += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + k);
     for (int r = 0; r < 4; ++r)
-      a[r] = _mm256_fmadd_ps(x0, i8x8_ps(_mm_loadl_epi64((const __m128i*)(w + r * K + k))), a[r]);
+      a[r] = _mm256_fmadd_ps(x0, i8x8_ps(_mm_loadl_epi64((const __m128i*)(w[r] + k))), a[r]);
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum256(_mm256_add_ps(a[r], b[r]));
   for (; k < K; ++k)
-    for (int r = 0; r < 4; ++r) out[r] += x[k] * static_cast<float>(w[r * K + k]);
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * static_cast<float>(w[r][k]);
 }
 #else
-static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* out, const int8_t* next) {
-  const int8_t *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+static inline void dot4_i8(const float* x, const int8_t* const* w, int64_t K, float* out) {
+  const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-  // the next block is prefetched up front: a prefetch inside the loop would split it and cost more in
-  // reductions than it saves
-  prefetch4(next, K, 0, K);
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t k = 0; k < K; ++k) {
     const float xv = x[k];
@@ -212,71 +206,38 @@ static inline void dot4_i8(const float* x, const int8_t* w, int64_t K, float* ou
 }
 #endif
 
-// rows [n0, n0 + 4) of an int8 [N, K] matrix times x, each scaled by its row's scale (fewer rows at the end),
-// the next rows prefetched
-static void i8_block(const float* x, const int8_t* qp, const float* sp, float* y, int64_t K, int64_t N, int64_t n0) {
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * K - 1) / (4 * K));  // blocks
-  const int64_t rows = std::min<int64_t>(4, N - n0);
-  float out[4];
-  if (rows == 4) {
-    dot4_i8(x, qp + n0 * K, K, out, n0 + 4 * ahead + 4 <= N ? qp + (n0 + 4 * ahead) * K : nullptr);
-  } else {
-    for (int64_t r = 0; r < rows; ++r) out[r] = dot_i8(x, qp + (n0 + r) * K, K);
-  }
-  for (int64_t r = 0; r < rows; ++r) y[n0 + r] = out[r] * sp[n0 + r];
-}
-
-at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1), "q must be int8 [N, K]");
-  x = x.contiguous(); q = q.contiguous(); scale = scale.contiguous().to(at::kFloat);
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(scale.numel() == N, "scale must have one entry per weight row");
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>(); const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t m = 0; m < M; ++m) i8_block(xp + m * K, qp, sp, yp + m * N, K, N, 4 * b);
-  });
-  return y;
-}
-
 // ---------------------------------------------------------------- int4, group-wise, two codes per byte
 // y[m, n] = Σ_g s[n, g] · Σ_{j ∈ g} x[m, j] · c[n, j] + z[n, g] · Σ_{j ∈ g} x[m, j]
 // x is split into even and odd columns once, so the low nibbles of a byte run meet x_even and the high ones x_odd.
 // Four rows at a time (every load of x serves four rows): out[r] = Σ_g s[r, g] · t[r, g] + z[r, g] · xs[g] with
-// t[r, g] = Σ_j e[j]·lo(p_r[j]) + o[j]·hi(p_r[j]) over the group's `half` bytes; s, z, p start at row n0.
+// t[r, g] = Σ_j e[j]·lo(p_r[j]) + o[j]·hi(p_r[j]) over the group's `half` bytes; p[r], s[r], z[r] are row r's.
 #if defined(TINYLLM_AVX512)
-static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* p, int64_t Kh,
-                            int64_t G, int64_t half, const float* s, const float* z, float* out,
-                            const uint8_t* next) {
+static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* const* p, int64_t G,
+                            int64_t half, const float* const* s, const float* const* z, float* out) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   float zsum[4] = {0.f, 0.f, 0.f, 0.f};
   const __m512i mask = _mm512_set1_epi32(15);
   for (int64_t g = 0; g < G; ++g) {
-    prefetch4(next, Kh, g * half, (g + 1) * half);  // the next rows' lines, a group's worth per group
     __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t c = g * half; c < (g + 1) * half; c += 16) {
       const __m512 ev = _mm512_loadu_ps(e + c), ov = _mm512_loadu_ps(o + c);
       for (int r = 0; r < 4; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + r * Kh + c)));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p[r] + c)));
         const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
         const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
         t[r] = _mm512_fmadd_ps(ev, lo, _mm512_fmadd_ps(ov, hi, t[r]));
       }
     }
     for (int r = 0; r < 4; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * G + g]), t[r], acc[r]);
-      zsum[r] += z[r * G + g] * xs[g];
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r][g]), t[r], acc[r]);
+      zsum[r] += z[r][g] * xs[g];
     }
   }
   for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + zsum[r];
 }
 #elif defined(TINYLLM_AVX2)
-static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* p, int64_t Kh,
-                            int64_t G, int64_t half, const float* s, const float* z, float* out,
-                            const uint8_t* next) {
+static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* const* p, int64_t G,
+                            int64_t half, const float* const* s, const float* const* z, float* out) {
   // per 8 bytes of a row: widen to 8 int32, low nibble = and 15, high = shift right 4, convert, FMA with the
   // even / odd x; low and high nibbles go to separate accumulators (eight FMA chains for four rows)
   __m256 acc[4];
@@ -284,28 +245,26 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
   for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi32(15);
   for (int64_t g = 0; g < G; ++g) {
-    prefetch4(next, Kh, g * half, (g + 1) * half);  // the next rows' lines, a group's worth per group
     __m256 a[4], b[4];
     for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_ps();
     for (int64_t c = g * half; c < (g + 1) * half; c += 8) {
       const __m256 e0 = _mm256_loadu_ps(e + c), o0 = _mm256_loadu_ps(o + c);
       for (int r = 0; r < 4; ++r) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + r * Kh + c)));
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p[r] + c)));
         a[r] = _mm256_fmadd_ps(e0, _mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), a[r]);
         b[r] = _mm256_fmadd_ps(o0, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), b[r]);
       }
     }
     for (int r = 0; r < 4; ++r) {
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s[r * G + g]), _mm256_add_ps(a[r], b[r]), acc[r]);
-      zsum[r] += z[r * G + g] * xs[g];
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s[r][g]), _mm256_add_ps(a[r], b[r]), acc[r]);
+      zsum[r] += z[r][g] * xs[g];
     }
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum256(acc[r]) + zsum[r];
 }
 #else
-static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* p, int64_t Kh,
-                            int64_t G, int64_t half, const float* s, const float* z, float* out,
-                            const uint8_t* next) {
+static inline void rows4_i4(const float* e, const float* o, const float* xs, const uint8_t* const* p, int64_t G,
+                            int64_t half, const float* const* s, const float* const* z, float* out) {
   // decode a group's codes of the four rows to floats first (a plain u8 → f32 loop), then take float dot
   // products: two simple loops the compiler vectorises for the baseline ISA (~15% faster than one loop
   // mixing bytes, nibbles and four float reductions)
@@ -315,9 +274,8 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
   float* hi = lo + 4 * half;
   for (int r = 0; r < 4; ++r) out[r] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    prefetch4(next, Kh, g * half, (g + 1) * half);  // the next rows' lines, a group's worth per group
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* pr = p + r * Kh + g * half;
+      const uint8_t* pr = p[r] + g * half;
       float* l = lo + r * half;
       float* h = hi + r * half;
 #pragma omp simd
@@ -331,19 +289,11 @@ static inline void rows4_i4(const float* e, const float* o, const float* xs, con
       float t = 0.f;
 #pragma omp simd reduction(+ : t)
       for (int64_t j = 0; j < half; ++j) t += eg[j] * l[j] + og[j] * h[j];
-      out[r] += s[r * G + g] * t + z[r * G + g] * xs[g];
+      out[r] += s[r][g] * t + z[r][g] * xs[g];
     }
   }
 }
 #endif
-
-static inline float group1_i4(const float* e, const float* o, const uint8_t* p, int64_t half) {
-  float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < half; ++j)
-    dot += e[j] * static_cast<float>(p[j] & 15) + o[j] * static_cast<float>(p[j] >> 4);
-  return dot;
-}
 
 // x as the int4 kernels read it: even and odd columns apart (the low and high nibbles of a byte), Σ x per group
 struct XInt4 {
@@ -362,48 +312,6 @@ struct XInt4 {
     }
   }
 };
-
-// rows [n0, n0 + 4) of an int4 [N, 2·Kh] matrix (scale and zero [N, G]) times x (fewer rows at the end), the
-// next rows prefetched
-static void i4_block(const XInt4& x, const uint8_t* pp, const float* sp, const float* zp, float* y, int64_t Kh,
-                     int64_t G, int64_t N, int64_t n0) {
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * Kh - 1) / (4 * Kh));  // blocks
-  const int64_t rows = std::min<int64_t>(4, N - n0), half = x.group / 2;
-  if (rows == 4) {
-    rows4_i4(x.e.data(), x.o.data(), x.sum.data(), pp + n0 * Kh, Kh, G, half, sp + n0 * G, zp + n0 * G, y + n0,
-             n0 + 4 * ahead + 4 <= N ? pp + (n0 + 4 * ahead) * Kh : nullptr);
-    return;
-  }
-  for (int64_t n = n0; n < n0 + rows; ++n) {
-    float acc = 0.f;
-    for (int64_t g = 0; g < G; ++g)
-      acc += sp[n * G + g] * group1_i4(x.e.data() + g * half, x.o.data() + g * half, pp + n * Kh + g * half, half) +
-             zp[n * G + g] * x.sum[g];
-    y[n] = acc;
-  }
-}
-
-at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor zero, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, Kp]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == x.size(1),
-              "packed must be uint8 [N, Kp/2]");
-  x = x.contiguous(); packed = packed.contiguous();
-  scale = scale.contiguous().to(at::kFloat); zero = zero.contiguous().to(at::kFloat);
-  TORCH_CHECK(group > 0, "group must be positive, got ", group);
-  const int64_t M = x.size(0), Kp = x.size(1), N = packed.size(0), G = Kp / group, half = group / 2;
-  TORCH_CHECK(G * group == Kp && scale.numel() == N * G && zero.numel() == N * G && half % 16 == 0,
-              "group layout disagrees (group % 32 == 0, scale and zero [N, Kp/group]), group=", group);
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>(); const float* zp = zero.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  std::vector<XInt4> xs(M);
-  for (int64_t m = 0; m < M; ++m) xs[m].prepare(xp + m * Kp, Kp, group);
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t m = 0; m < M; ++m) i4_block(xs[m], pp, sp, zp, yp + m * N, Kp / 2, G, N, 4 * b);
-  });
-  return y;
-}
 
 
 // ---------------------------------------------------------------- GGUF blocks as stored: Q4_0, Q4_1, Q8_0
@@ -432,10 +340,9 @@ static inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-// four rows from `w` (row stride rb bytes) against one x; out[r] for r < 4. xs[b] = Σ x over block b (Q4_1).
+// four rows w[0..4) against one x; out[r] for r < 4. xs[b] = Σ x over block b (Q4_1).
 template <int64_t T>
-static void ggml_rows4(const float* x, const float* xs, const uint8_t* w, int64_t rb, int64_t nb, float* out,
-                       const uint8_t* next) {
+static void ggml_rows4(const float* x, const float* xs, const uint8_t* const* w, int64_t nb, float* out) {
   constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
   constexpr int64_t off = T == kQ4_1 ? 4 : 2;  // where the codes start
   float zsum[4] = {0.f, 0.f, 0.f, 0.f};
@@ -443,10 +350,9 @@ static void ggml_rows4(const float* x, const float* xs, const uint8_t* w, int64_
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i mask = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch4(next, rb, b * bytes, (b + 1) * bytes);  // next rows' lines, a block's worth per block
     const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* blk = w + r * rb + b * bytes;
+      const uint8_t* blk = w[r] + b * bytes;
       __m512 c0, c1;
       if constexpr (T == kQ8_0) {
         c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + off))));
@@ -469,12 +375,11 @@ static void ggml_rows4(const float* x, const float* xs, const uint8_t* w, int64_
   for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch4(next, rb, b * bytes, (b + 1) * bytes);  // next rows' lines, a block's worth per block
     const float* xb = x + 32 * b;
     const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8), x2 = _mm256_loadu_ps(xb + 16),
                  x3 = _mm256_loadu_ps(xb + 24);
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* blk = w + r * rb + b * bytes;
+      const uint8_t* blk = w[r] + b * bytes;
       __m256 c0, c1, c2, c3;  // elements 0–7, 8–15, 16–23, 24–31
       if constexpr (T == kQ8_0) {
         c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + off))));
@@ -507,10 +412,9 @@ static void ggml_rows4(const float* x, const float* xs, const uint8_t* w, int64_
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   float c[32];
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch4(next, rb, b * bytes, (b + 1) * bytes);  // next rows' lines, a block's worth per block
     const float* xb = x + 32 * b;
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* blk = w + r * rb + b * bytes;
+      const uint8_t* blk = w[r] + b * bytes;
       if constexpr (T == kQ8_0) {
         const int8_t* q = reinterpret_cast<const int8_t*>(blk + off);
         for (int j = 0; j < 32; ++j) c[j] = static_cast<float>(q[j]);
@@ -531,32 +435,6 @@ static void ggml_rows4(const float* x, const float* xs, const uint8_t* w, int64_
   }
   for (int r = 0; r < 4; ++r) out[r] = acc[r] + zsum[r];
 #endif
-}
-
-// one row (the last N mod 4): the reference loop, plain and scalar
-template <int64_t T>
-static float ggml_row1(const float* x, const uint8_t* w, int64_t nb) {
-  constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
-  float acc = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * bytes;
-    const float d = half_to_float(blk);
-    const float* xb = x + 32 * b;
-    float t = 0.f, s = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      float q;
-      if constexpr (T == kQ8_0) {
-        q = static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[j]);
-      } else {
-        const uint8_t byte = blk[(T == kQ4_1 ? 4 : 2) + (j & 15)];
-        q = static_cast<float>((j < 16 ? byte & 15 : byte >> 4) - (T == kQ4_0 ? 8 : 0));
-      }
-      t += xb[j] * q;
-      s += xb[j];
-    }
-    acc += d * t + (T == kQ4_1 ? half_to_float(blk + 2) * s : 0.f);
-  }
-  return acc;
 }
 
 // ---------------------------------------------------------------- llama.cpp's arithmetic: x as int8 blocks
@@ -604,8 +482,8 @@ static inline __m256i nibbles32(const uint8_t* p) {
 #endif
 
 template <int64_t T>
-static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, int64_t rb,
-                          int64_t nb, float* out, const uint8_t* next) {
+static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, const uint8_t* const* w, int64_t nb,
+                          float* out) {
   constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
   constexpr int64_t off = T == kQ4_1 ? 4 : 2;
   float zsum[4] = {0.f, 0.f, 0.f, 0.f};
@@ -614,11 +492,10 @@ static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, co
   for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch4(next, rb, b * bytes, (b + 1) * bytes);  // next rows' lines, a block's worth per block
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
     const float dx = xd[b];
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* blk = w + r * rb + b * bytes;
+      const uint8_t* blk = w[r] + b * bytes;
       __m256i p16;
       if constexpr (T == kQ4_1) {
         p16 = _mm256_maddubs_epi16(nibbles32(blk + off), xv);  // unsigned codes · signed x, pairs summed
@@ -637,10 +514,9 @@ static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, co
 #else
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch4(next, rb, b * bytes, (b + 1) * bytes);  // next rows' lines, a block's worth per block
     const int8_t* xb = xq + 32 * b;
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* blk = w + r * rb + b * bytes;
+      const uint8_t* blk = w[r] + b * bytes;
       int dot = 0;
       for (int j = 0; j < 32; ++j) dot += ggml_code<T>(blk, j) * xb[j];
       acc[r] += half_to_float(blk) * xd[b] * static_cast<float>(dot);
@@ -649,20 +525,6 @@ static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, co
   }
   for (int r = 0; r < 4; ++r) out[r] = acc[r] + zsum[r];
 #endif
-}
-
-template <int64_t T>
-static float ggml_row1_q8(const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, int64_t nb) {
-  constexpr int64_t bytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : 34;
-  float acc = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * bytes;
-    int dot = 0;
-    for (int j = 0; j < 32; ++j) dot += ggml_code<T>(blk, j) * xq[32 * b + j];
-    acc += half_to_float(blk) * xd[b] * static_cast<float>(dot) +
-           (T == kQ4_1 ? half_to_float(blk + 2) * xs[b] : 0.f);
-  }
-  return acc;
 }
 
 // x as the kernels of one ggml type read it: the float vector, Σx per 32-block (Q4_1), and, for kXQ8 types,
@@ -691,48 +553,156 @@ struct XBlocks {
   }
 };
 
-// rows [n0, n0 + 4) of an [N, K] matrix of ggml type T (fewer at the end), the next rows prefetched unless
-// `cached` (a later row of x meeting the same weight rows)
-template <int64_t T>
-static void ggml_block(const XBlocks& x, bool xq8, const uint8_t* wp, float* y, int64_t K, int64_t N, int64_t n0,
-                       bool cached) {
-  const int64_t nb = K / 32, rb = nb * ggml_block_bytes(T);
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + 4 * rb - 1) / (4 * rb));  // blocks of 4 rows
-  const int64_t rows = std::min<int64_t>(4, N - n0);
-  const uint8_t* next = !cached && n0 + 4 * ahead + 4 <= N ? wp + (n0 + 4 * ahead) * rb : nullptr;
-  if (xq8) {
-    if (rows == 4) {
-      ggml_rows4_q8<T>(x.q.data(), x.d.data(), x.s.data(), wp + n0 * rb, rb, nb, y + n0, next);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        y[n0 + r] = ggml_row1_q8<T>(x.q.data(), x.d.data(), x.s.data(), wp + (n0 + r) * rb, nb);
+// ---------------------------------------------------------------- fp32 weights: y[n] = Σ_k w[n, k] · x[k]
+// The batch-1 fp32 path reads 4 bytes per weight: a stream over memory, four rows w[0..4) at a time.
+static inline void dot4_f32(const float* x, const float* const* w, int64_t K, float* out) {
+  int64_t k = 0;
+#if defined(TINYLLM_AVX512)
+  __m512 a[4];
+  for (int r = 0; r < 4; ++r) a[r] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[r] + k), a[r]);
+  }
+  for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
+#elif defined(TINYLLM_AVX2)
+  __m256 a[4], b[4];
+  for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w[r] + k), a[r]);
+      b[r] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w[r] + k + 8), b[r]);
     }
-  } else if (rows == 4) {
-    ggml_rows4<T>(x.x, x.xs.data(), wp + n0 * rb, rb, nb, y + n0, next);
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum256(_mm256_add_ps(a[r], b[r]));
+#else
+  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t j = 0; j < K; ++j) {
+    a0 += x[j] * w0[j]; a1 += x[j] * w1[j]; a2 += x[j] * w2[j]; a3 += x[j] * w3[j];
+  }
+  out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
+  k = K;
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * w[r][k];
+}
+
+// ---------------------------------------------------------------- y = W x for any weight format
+// fp32 (kF32, ggml's F32 id), GGUF blocks (a ggml type id, kXQ8 set: x as int8 blocks), and tinyllm's own
+// weight-only formats (`QuantLinear`): int8 per row (q [N, K], scale [N]) and int4 per group (packed [N, K/2],
+// scale and zero [N, K/group]).
+constexpr int64_t kOwnI8 = 1024, kOwnI4 = 1025;
+
+struct MvJob {
+  int64_t type;  // kF32, a ggml type id (kXQ8 allowed), kOwnI8 or kOwnI4
+  const at::Tensor* w;
+  float* y;  // y for row m of x at y + m·N
+  const at::Tensor* s = nullptr;  // own formats: scales
+  const at::Tensor* z = nullptr;  // kOwnI4: zeros
+};
+
+// x as job `m` reads it (several jobs may share one XBlocks)
+static void prepare_x(XBlocks& xb, const float* x, int64_t K, const MvJob& m) {
+  xb.x = x;
+  if (m.type == kOwnI4) xb.i4.prepare(x, K, K / m.s->size(1));
+  else if (m.type != kF32 && m.type != kOwnI8) xb.prepare(x, K, m.type);
+}
+
+template <int64_t T>
+static void ggml_rows4_x(const XBlocks& x, bool xq8, const uint8_t* const* w, int64_t nb, float* out) {
+  if (xq8) ggml_rows4_q8<T>(x.q.data(), x.d.data(), x.s.data(), w, nb, out);
+  else ggml_rows4<T>(x.x, x.xs.data(), w, nb, out);
+}
+
+// rows r[0..4) of job m's matrix times x → out[0..4)
+static void rows4_of(const MvJob& m, const XBlocks& x, int64_t K, const int64_t* r, float* out) {
+  if (m.type == kF32) {
+    const float* wp = m.w->data_ptr<float>();
+    const float* w[4] = {wp + r[0] * K, wp + r[1] * K, wp + r[2] * K, wp + r[3] * K};
+    dot4_f32(x.x, w, K, out);
+  } else if (m.type == kOwnI8) {
+    const int8_t* qp = m.w->data_ptr<int8_t>();
+    const int8_t* w[4] = {qp + r[0] * K, qp + r[1] * K, qp + r[2] * K, qp + r[3] * K};
+    dot4_i8(x.x, w, K, out);
+    const float* sp = m.s->data_ptr<float>();
+    for (int i = 0; i < 4; ++i) out[i] *= sp[r[i]];
+  } else if (m.type == kOwnI4) {
+    const int64_t Kh = K / 2, G = m.s->size(1);
+    const uint8_t* pp = m.w->data_ptr<uint8_t>();
+    const float* sp = m.s->data_ptr<float>();
+    const float* zp = m.z->data_ptr<float>();
+    const uint8_t* p[4] = {pp + r[0] * Kh, pp + r[1] * Kh, pp + r[2] * Kh, pp + r[3] * Kh};
+    const float* s[4] = {sp + r[0] * G, sp + r[1] * G, sp + r[2] * G, sp + r[3] * G};
+    const float* z[4] = {zp + r[0] * G, zp + r[1] * G, zp + r[2] * G, zp + r[3] * G};
+    rows4_i4(x.i4.e.data(), x.i4.o.data(), x.i4.sum.data(), p, G, x.i4.group / 2, s, z, out);
   } else {
-    for (int64_t r = 0; r < rows; ++r) y[n0 + r] = ggml_row1<T>(x.x, wp + (n0 + r) * rb, nb);
+    const bool xq8 = (m.type & kXQ8) != 0;
+    const int64_t t = m.type & ~kXQ8, nb = K / 32, rb = nb * ggml_block_bytes(t);
+    const uint8_t* wp = m.w->data_ptr<uint8_t>();
+    const uint8_t* w[4] = {wp + r[0] * rb, wp + r[1] * rb, wp + r[2] * rb, wp + r[3] * rb};
+    if (t == kQ4_0) ggml_rows4_x<kQ4_0>(x, xq8, w, nb, out);
+    else if (t == kQ4_1) ggml_rows4_x<kQ4_1>(x, xq8, w, nb, out);
+    else ggml_rows4_x<kQ8_0>(x, xq8, w, nb, out);
   }
 }
 
-static void ggml_block_any(int64_t type, const XBlocks& x, const uint8_t* wp, float* y, int64_t K, int64_t N,
-                           int64_t n0, bool cached = false) {
-  const bool xq8 = (type & kXQ8) != 0;
-  type &= ~kXQ8;
-  if (type == kQ4_0) ggml_block<kQ4_0>(x, xq8, wp, y, K, N, n0, cached);
-  else if (type == kQ4_1) ggml_block<kQ4_1>(x, xq8, wp, y, K, N, n0, cached);
-  else ggml_block<kQ8_0>(x, xq8, wp, y, K, N, n0, cached);
+// y = W x for up to three matrices that read the same M rows of x (q, k, v; gate, up; or one matrix), as one
+// parallel loop over all their rows: one hand-off to the threads instead of one per matrix, and k and v (a third
+// of q's rows each under GQA) do not split into slivers. Each thread's rows of each matrix are read as four
+// streams, and each step's four weight rows meet every row of x while they are in L1.
+static void mv_group(const float* x, int64_t M, int64_t K, std::initializer_list<MvJob> jobs) {
+  const MvJob* job = jobs.begin();
+  const int64_t n = static_cast<int64_t>(jobs.size());
+  TORCH_CHECK(n <= 3, "at most three matrices per group");
+  int64_t first[4] = {0, 0, 0, 0};  // job j owns rows [first[j], first[j + 1])
+  std::vector<XBlocks> xb(M);
+  for (int64_t j = 0; j < n; ++j) {
+    first[j + 1] = first[j] + job[j].w->size(0);
+    for (int64_t i = 0; i < M; ++i) prepare_x(xb[i], x + i * K, K, job[j]);
+  }
+  at::parallel_for(0, first[n], 64, [&](int64_t begin, int64_t end) {
+    float out[4];
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t a = std::max(begin, first[j]), b = std::min(end, first[j + 1]), N = job[j].w->size(0);
+      if (a >= b) continue;
+      four_streams(a - first[j], b - first[j], [&](const int64_t* r, int count) {
+        for (int64_t i = 0; i < M; ++i) {
+          rows4_of(job[j], xb[i], K, r, out);
+          for (int c = 0; c < count; ++c) job[j].y[i * N + r[c]] = out[c];
+        }
+      });
+    }
+  });
 }
 
-// y[m] = W x[m] for each of the M rows of x; a ggml type id (kXQ8 set: x as int8 blocks) picks the kernel.
-// Each block of four weight rows meets every row of x while it is in cache.
-static void ggml_matvec_any(int64_t type, const float* x, const uint8_t* w, float* y, int64_t M, int64_t K,
-                            int64_t N) {
-  std::vector<XBlocks> xb(M);
-  for (int64_t m = 0; m < M; ++m) xb[m].prepare(x + m * K, K, type);
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q)
-      for (int64_t m = 0; m < M; ++m) ggml_block_any(type, xb[m], w, y + m * N, K, N, 4 * q, m > 0);
-  });
+at::Tensor wo_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1), "q must be int8 [N, K]");
+  x = x.contiguous(); q = q.contiguous(); scale = scale.contiguous().to(at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(scale.numel() == N, "scale must have one entry per weight row");
+  auto y = at::empty({M, N}, x.options());
+  mv_group(x.data_ptr<float>(), M, K, {{kOwnI8, &q, y.data_ptr<float>(), &scale}});
+  return y;
+}
+
+at::Tensor wo_int4(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor zero, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, Kp]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == x.size(1),
+              "packed must be uint8 [N, Kp/2]");
+  x = x.contiguous(); packed = packed.contiguous();
+  scale = scale.contiguous().to(at::kFloat); zero = zero.contiguous().to(at::kFloat);
+  TORCH_CHECK(group > 0, "group must be positive, got ", group);
+  const int64_t M = x.size(0), Kp = x.size(1), N = packed.size(0), G = Kp / group, half = group / 2;
+  TORCH_CHECK(G * group == Kp && scale.numel() == N * G && zero.numel() == N * G && half % 16 == 0,
+              "group layout disagrees (group % 32 == 0, scale and zero [N, Kp/group]), group=", group);
+  scale = scale.view({N, G}); zero = zero.view({N, G});
+  auto y = at::empty({M, N}, x.options());
+  mv_group(x.data_ptr<float>(), M, Kp, {{kOwnI4, &packed, y.data_ptr<float>(), &scale, &zero}});
+  return y;
 }
 
 at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
@@ -744,116 +714,14 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(1) == K / 32 * bytes,
               "blocks must be uint8 [N, K/32 * ", bytes, "]");
   x = x.contiguous(); blocks = blocks.contiguous();
-  const int64_t N = blocks.size(0);
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>(); const uint8_t* wp = blocks.data_ptr<uint8_t>(); float* yp = y.data_ptr<float>();
-  ggml_matvec_any(type, xp, wp, yp, M, K, N);
+  auto y = at::empty({M, blocks.size(0)}, x.options());
+  mv_group(x.data_ptr<float>(), M, K, {{type, &blocks, y.data_ptr<float>()}});
   return y;
-}
-
-
-// ---------------------------------------------------------------- fp32 weights: y[n] = Σ_k w[n, k] · x[k]
-// The batch-1 fp32 path reads 4 bytes per weight, so it is a stream over memory, and what limits it is how many
-// lines a core keeps in flight. A thread's rows are cut into four regions and each step takes one row from each
-// region: four sequential streams the hardware prefetchers follow side by side (each region's next row starts
-// where its last one ended). Four *adjacent* rows, the earlier shape (one 9 KB stream, software-prefetched
-// 64 KB ahead), read 0.6–0.8x as fast from memory on an AVX2 EPYC (measured: BENCHMARKS.md, batch-1 decode).
-// Every row is summed the same way wherever it falls (one FMA chain per row and vector lane, then the lanes),
-// so a row's value does not depend on the thread count or on which rows share its step.
-template <int R>
-static inline void dot_rows_f32(const float* x, const float* const* w, int64_t K, float* out) {
-  int64_t k = 0;
-#if defined(TINYLLM_AVX512)
-  __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[r] + k), a[r]);
-  }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
-#elif defined(TINYLLM_AVX2)
-  __m256 a[R], b[R];
-  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < R; ++r) {
-      a[r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w[r] + k), a[r]);
-      b[r] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w[r] + k + 8), b[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum256(_mm256_add_ps(a[r], b[r]));
-#else
-  for (int r = 0; r < R; ++r) {
-    const float* wr = w[r];
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < K; ++j) acc += x[j] * wr[j];
-    out[r] = acc;
-  }
-  k = K;
-#endif
-  for (; k < K; ++k)
-    for (int r = 0; r < R; ++r) out[r] += x[k] * w[r][k];
-}
-
-// Up to three fp32 matrices that read the same x (q, k, v; gate, up), their rows numbered one after another.
-struct F32Rows {
-  const float* w[3];
-  float* y[3];
-  int64_t first[4] = {0, 0, 0, 0};  // matrix j holds rows [first[j], first[j + 1])
-  int n = 0;
-  int64_t ystride[3];  // y of x's row m starts at y[j] + m · ystride[j]
-  void add(const float* wj, float* yj, int64_t N, int64_t ys) {
-    w[n] = wj; y[n] = yj; ystride[n] = ys; first[n + 1] = first[n] + N; ++n;
-  }
-  int64_t rows() const { return first[n]; }
-  int of(int64_t r) const { int j = 0; while (r >= first[j + 1]) ++j; return j; }
-};
-
-// rows [r0, r1) of `m` times the M rows of x (row stride K): four regions, one row of each per step; each row
-// comes from memory once and meets every row of x while it is in L1
-static void f32_rows(const F32Rows& m, const float* x, int64_t M, int64_t K, int64_t r0, int64_t r1) {
-  const int64_t h = (r1 - r0) / 4;
-  const float* w[4];
-  int job[4];
-  int64_t n[4];
-  float out[4];
-  auto put = [&](int cnt) {
-    for (int64_t mm = 0; mm < M; ++mm) {
-      if (cnt == 4) dot_rows_f32<4>(x + mm * K, w, K, out);
-      else dot_rows_f32<1>(x + mm * K, w, K, out);
-      for (int s = 0; s < cnt; ++s) m.y[job[s]][mm * m.ystride[job[s]] + n[s]] = out[s];
-    }
-  };
-  for (int s = 0; s < 4; ++s) job[s] = m.of(r0 + s * h);
-  for (int64_t i = 0; i < h; ++i) {
-    for (int s = 0; s < 4; ++s) {
-      const int64_t r = r0 + s * h + i;
-      while (r >= m.first[job[s] + 1]) ++job[s];
-      n[s] = r - m.first[job[s]];
-      w[s] = m.w[job[s]] + n[s] * K;
-    }
-    put(4);
-  }
-  for (int64_t r = r0 + 4 * h; r < r1; ++r) {
-    job[0] = m.of(r); n[0] = r - m.first[job[0]]; w[0] = m.w[job[0]] + n[0] * K;
-    put(1);
-  }
-}
-
-static void f32_rows_parallel(const F32Rows& m, const float* x, int64_t M, int64_t K) {
-  at::parallel_for(0, m.rows(), 64, [&](int64_t begin, int64_t end) { f32_rows(m, x, M, K, begin, end); });
 }
 
 // y[m] = W x[m] for the M rows of x. For a few rows (a short prompt's prefill, a small decode batch, a speculative
 // verification) this streams the weights at the matvec's rate, where torch's GEMM measured 5–9 GB/s for M ≤ 16
 // on 2-core EPYCs (it repacks the weight on every call). Row m is bit-identical to the matvec of x[m].
-static void f32_matvec_impl(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
-  F32Rows m;
-  m.add(w, y, N, N);
-  f32_rows_parallel(m, x, M, K);
-}
-
 at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
   TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.scalar_type() == at::kFloat, "x must be float32 [K] or [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) == x.size(-1),
@@ -861,76 +729,8 @@ at::Tensor f32_matvec(at::Tensor x, at::Tensor w) {
   x = x.contiguous(); w = w.contiguous();
   const int64_t M = x.dim() == 2 ? x.size(0) : 1, N = w.size(0);
   auto y = x.dim() == 2 ? at::empty({M, N}, x.options()) : at::empty({N}, x.options());
-  f32_matvec_impl(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, w.size(1), N);
+  mv_group(x.data_ptr<float>(), M, w.size(1), {{kF32, &w, y.data_ptr<float>()}});
   return y;
-}
-
-// ---------------------------------------------------------------- one decoder layer of a batch-1 decode step
-// The whole pre-norm LLaMA layer for one token, weights as GGUF blocks (any of Q4_0/Q4_1/Q8_0 per matrix) or
-// plain fp32 [N, K] matrices (type 0, ggml's F32 id), in
-// one call: at batch 1 the torch path spends as long on ~25 op dispatches per layer as on the weights.
-//   y = rms(x)·ln1;  q, k, v = Wq y, Wk y, Wv y;  rope(q), rope(k) (rotate-half, cos/sin of this position, sin
-//   signed as [−sin₁, sin₂]);  k, v → pool slot of `pos`;  a = paged attention over tokens 0..pos;
-//   x += Wo a;  y = rms(x)·ln2;  x += Wd (silu(Wg y) ⊙ Wu y)
-// The torch twin is FusedForward over the same GGMLLinear modules (same matrix-vector kernel).
-// Matrices that read the same x (q, k and v; gate and up) run as one parallel loop over all their blocks of
-// four rows: one hand-off to the threads instead of one per matrix, and k and v (a third of q's rows each
-// under GQA) no longer split into slivers. Each row is computed exactly as a lone matvec computes it.
-// tinyllm's own weight-only formats (`QuantLinear`) beside ggml's ids: int8 per row (q [N, K], scale [N]) and
-// int4 per group (packed [N, K/2], scale and zero [N, K/group]); each row computed as wo_int8 / wo_int4 compute it.
-constexpr int64_t kOwnI8 = 1024, kOwnI4 = 1025;
-
-struct MvJob {
-  int64_t type;  // kF32, a ggml type id (kXQ8 allowed), kOwnI8 or kOwnI4
-  const at::Tensor* w;
-  float* y;
-  const at::Tensor* s = nullptr;  // own formats: scales
-  const at::Tensor* z = nullptr;  // kOwnI4: zeros
-};
-
-// rows [n0, n0 + 4) of an own-format matrix (fewer at the end), as wo_int8 / wo_int4 compute them
-static void own_block(const MvJob& m, const XBlocks& xb, int64_t K, int64_t n0) {
-  if (m.type == kOwnI8)
-    i8_block(xb.x, m.w->data_ptr<int8_t>(), m.s->data_ptr<float>(), m.y, K, m.w->size(0), n0);
-  else
-    i4_block(xb.i4, m.w->data_ptr<uint8_t>(), m.s->data_ptr<float>(), m.z->data_ptr<float>(), m.y, K / 2,
-             m.s->size(1), m.w->size(0), n0);
-}
-
-static void mv_group(const float* x, int64_t K, std::initializer_list<MvJob> jobs) {
-  const MvJob* job = jobs.begin();
-  const int64_t n = static_cast<int64_t>(jobs.size());
-  int64_t first[4] = {0, 0, 0, 0};  // job j owns blocks [first[j], first[j + 1])
-  TORCH_CHECK(n <= 3, "at most three matrices per group");
-  if (std::all_of(job, job + n, [](const MvJob& m) { return m.type == kF32; })) {
-    F32Rows rows;
-    for (int64_t j = 0; j < n; ++j) rows.add(job[j].w->data_ptr<float>(), job[j].y, job[j].w->size(0), 0);
-    f32_rows_parallel(rows, x, 1, K);
-    return;
-  }
-  XBlocks xb;
-  for (int64_t j = 0; j < n; ++j) {
-    first[j + 1] = first[j] + (job[j].w->size(0) + 3) / 4;
-    if (job[j].type == kOwnI4 || job[j].type == kOwnI8) {
-      xb.x = x;
-      if (job[j].type == kOwnI4) xb.i4.prepare(x, K, K / job[j].s->size(1));
-    }
-    else if (job[j].type != kF32) xb.prepare(x, K, job[j].type);
-  }
-  at::parallel_for(0, first[n], 8, [&](int64_t begin, int64_t end) {
-    int64_t j = 0;
-    for (int64_t q = begin; q < end; ++q) {
-      while (q >= first[j + 1]) ++j;
-      const MvJob& m = job[j];
-      const int64_t N = m.w->size(0), n0 = 4 * (q - first[j]);
-      if (m.type == kF32) {
-        F32Rows rows;
-        rows.add(m.w->data_ptr<float>(), m.y, N, 0);
-        f32_rows(rows, x, 1, K, n0, std::min(n0 + 4, N));
-      } else if (m.type == kOwnI8 || m.type == kOwnI4) own_block(m, xb, K, n0);
-      else ggml_block_any(m.type, xb, m.w->data_ptr<uint8_t>(), m.y, K, N, n0);
-    }
-  });
 }
 
 static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t d) {
@@ -951,6 +751,15 @@ static void rope_heads(float* a, int64_t heads, int64_t D, const float* cos, con
   }
 }
 
+// ---------------------------------------------------------------- one decoder layer of a batch-1 decode step
+// The whole pre-norm LLaMA layer for one token, weights as GGUF blocks (any of Q4_0/Q4_1/Q8_0 per matrix), plain
+// fp32 [N, K] matrices or tinyllm's own int8/int4, in one call: at batch 1 the torch path spends as long on ~25
+// op dispatches per layer as on the weights.
+//   y = rms(x)·ln1;  q, k, v = Wq y, Wk y, Wv y;  rope(q), rope(k) (rotate-half, cos/sin of this position, sin
+//   signed as [−sin₁, sin₂]);  k, v → pool slot of `pos`;  a = paged attention over tokens 0..pos;
+//   x += Wo a;  y = rms(x)·ln2;  x += Wd (silu(Wg y) ⊙ Wu y)
+// The torch twin is FusedForward over the same modules (same matrix-vector kernels); matrices that read the same
+// x run as one `mv_group`, and each row is computed exactly as a lone matvec computes it.
 void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, double eps2, std::vector<at::Tensor> w,
                   std::vector<int64_t> types, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
                   int64_t pos, double scale, int64_t H, int64_t window) {
@@ -1027,7 +836,7 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   float* u = g + I;
   float* xp = x.data_ptr<float>();
   rms_norm(xp, ln1.data_ptr<float>(), static_cast<float>(eps1), y, d);
-  mv_group(y, d, {{types[0], W[0], q, S[0], Z[0]}, {types[1], W[1], k, S[1], Z[1]}, {types[2], W[2], v, S[2], Z[2]}});
+  mv_group(y, 1, d, {{types[0], W[0], q, S[0], Z[0]}, {types[1], W[1], k, S[1], Z[1]}, {types[2], W[2], v, S[2], Z[2]}});
   rope_heads(q, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   rope_heads(k, Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   const int64_t* tp = table.data_ptr<int64_t>();
@@ -1038,12 +847,12 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   std::copy(v, v + Hkv * D, kvp + (NB * B + slot) * Hkv * D);
   const int64_t len = pos + 1;
   decode<float>(q, kvp, tp, &len, att, 1, H, Hkv, D, NB, B, table.numel(), static_cast<float>(scale), window);
-  mv_group(att, H * D, {{types[3], W[3], t, S[3], Z[3]}});
+  mv_group(att, 1, H * D, {{types[3], W[3], t, S[3], Z[3]}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
   rms_norm(xp, ln2.data_ptr<float>(), static_cast<float>(eps2), y, d);
-  mv_group(y, d, {{types[4], W[4], g, S[4], Z[4]}, {types[5], W[5], u, S[5], Z[5]}});
+  mv_group(y, 1, d, {{types[4], W[4], g, S[4], Z[4]}, {types[5], W[5], u, S[5], Z[5]}});
   for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  mv_group(g, I, {{types[6], W[6], t, S[6], Z[6]}});
+  mv_group(g, 1, I, {{types[6], W[6], t, S[6], Z[6]}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
 }
 
