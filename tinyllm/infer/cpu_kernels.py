@@ -236,7 +236,7 @@ OWN_INT4_TYPE = 1025  # `decode_layer`: a `QuantLinear` int4 matrix, given as (p
 
 
 def f32_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] fp32 · x [K] → [N] (four rows at a time, prefetched, over the threads): the batch-1 fp32 kernel
+    """w [N, K] fp32 · x [K] → [N] (four rows at a time from four regions of each thread's rows): the batch-1 fp32 kernel
     of `decode_layer`, exposed for its test against torch. Requires `load()`."""
     return _ops().f32_matvec(x.float(), w)
 

@@ -12,7 +12,7 @@ It serves only what it reproduces: a model `FusedForward` supports whose seven p
 native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks, with fp32 or int8-rounded activations as the module says),
 native `QuantLinear` (tinyllm's int8 per-row and int4 per-group formats, each row computed by the kernels of
 `int8_linear` / `int4_linear`) or plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
-a prefetched four-row stream: batch-1 fp32 decode reads every weight once per token), without biases, SiLU
+four row streams per thread: batch-1 fp32 decode reads every weight once per token), without biases, SiLU
 gating, and an fp32 paged pool. The
 runner uses it when the step is exactly one sequence decoding one token; everything else (prefill, batches,
 speculative verification) keeps `FusedForward`, which is the reference twin: tests show the same greedy
@@ -86,7 +86,7 @@ class DecodeStep:
         self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
         head = getattr(model, "lm_head", None)
         # an fp32 LM head (SmolLM2's is the tied 49152 x 576 embedding, a fifth of the bytes a token reads) goes
-        # through the same prefetched stream as the layers; anything else stays the module's own forward
+        # through the same fp32 kernel as the layers; anything else stays the module's own forward
         self.head = head
         self.head_weight = head.weight.detach() if head is not None and _native(head) and type(head) is nn.Linear \
             else None
