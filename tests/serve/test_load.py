@@ -57,7 +57,12 @@ def test_16_concurrent_streams_equal_offline(server, checkpoint) -> None:
     assert steps < 16 * 24 / 3, f"{steps} engine steps for 16 × 24 tokens: the requests were not batched"
 
 
-def test_disconnect_aborts_and_frees_kv_blocks(server) -> None:
+def test_disconnect_aborts_and_frees_kv_blocks(server, monkeypatch) -> None:
+    # each engine step as slow as a real model's: the tiny model would otherwise finish all 300 tokens before the
+    # client has read four lines, and there would be nothing left to abort
+    engine = server.state.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or step())
     before = _metrics(server)
     assert before["tinyllm_kv_blocks_used"] == 0
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 300, "stream": True,
