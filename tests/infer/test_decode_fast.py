@@ -55,19 +55,43 @@ def test_f32_matvec_equals_torch(isa) -> None:
         cpu_kernels._state.update(saved)
 
 
+def _product(fmt: str, w: torch.Tensor):
+    """`f(x, rows)`: the native product of x with rows `rows` (a slice) of w stored in format `fmt`."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    from tinyllm.infer.quant import quantize_int4, quantize_int8
+
+    if fmt == "fp32":
+        return lambda x, r: cpu_kernels.f32_matvec(x, w[r])
+    if fmt == "int8":
+        q, sc = quantize_int8(w)
+        return lambda x, r: cpu_kernels.int8_linear(x[None], q[r], sc[r])[0]
+    if fmt == "int4":
+        p, sc, z = quantize_int4(w, 32)
+        return lambda x, r: cpu_kernels.int4_linear(x[None], p[r], sc[r], z[r], 32)[0]
+    qtype, x_q8 = fmt.split("-")[0], fmt.endswith("-q8")
+    blocks = torch.from_numpy(gguf_quantize(w.numpy(), getattr(GGMLQuantizationType, qtype)).copy())
+    return lambda x, r: cpu_kernels.ggml_linear(x[None], blocks[r], qtype, x_q8=x_q8)[0]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4", "Q4_0", "Q4_1-q8", "Q8_0-q8"])
 @pytest.mark.parametrize("isa", cpu_kernels.isas_to_test())
-def test_f32_rows_do_not_depend_on_threads_or_neighbours(isa) -> None:
-    # rows are read four regions at a time: a row's value must not depend on which rows share its step
+def test_rows_do_not_depend_on_threads_or_neighbours(isa, fmt) -> None:
+    # every kernel reads four rows per step from four regions of a thread's rows, leftovers through the same
+    # four-row code: a row's value must not depend on the thread count or on which rows share its step
     saved, threads = dict(cpu_kernels._state), torch.get_num_threads()
     assert cpu_kernels.load(isa)
     try:
         g = torch.Generator().manual_seed(1)
         w, x = torch.randn(1001, 576, generator=g), torch.randn(576, generator=g)
-        full = cpu_kernels.f32_matvec(x, w)
+        f = _product(fmt, w)
+        torch.set_num_threads(2)
+        full = f(x, slice(None))
         torch.set_num_threads(1)
-        assert torch.equal(cpu_kernels.f32_matvec(x, w), full)
-        assert all(torch.equal(cpu_kernels.f32_matvec(x, w[i:i + n]), full[i:i + n])
-                   for i, n in ((0, 1), (5, 3), (17, 64), (500, 501)))
+        assert torch.equal(f(x, slice(None)), full)
+        for i, n in ((0, 1), (5, 3), (17, 64), (500, 501)):
+            assert torch.equal(f(x, slice(i, i + n)), full[i:i + n]), (i, n)
     finally:
         torch.set_num_threads(threads)
         cpu_kernels._state.update(saved)
