@@ -445,6 +445,7 @@ static void ggml_rows4(const float* x, const float* xs, const uint8_t* const* w,
 // instructions of turning every code into a float. The result is the dequantized matmul with x replaced by
 // its int8 rounding (the reference in the tests), not the fp32 result: llama.cpp's logits, not transformers'.
 constexpr int64_t kXQ8 = 256;
+constexpr int64_t kOwnI8 = 1024, kOwnI4 = 1025;  // tinyllm's own int8 / int4 formats beside ggml's type ids
 
 static inline float as_fp16(float v) { return static_cast<float>(c10::Half(v)); }
 
@@ -527,18 +528,21 @@ static void ggml_rows4_q8(const int8_t* xq, const float* xd, const float* xs, co
 #endif
 }
 
-// x as the kernels of one ggml type read it: the float vector, Σx per 32-block (Q4_1), and, for kXQ8 types,
-// x rounded to int8 blocks with their scales and sums. Built once per x and shared by every matrix that reads it.
+// x as the kernels of one weight format read it: the float vector; Σx per 32-block (Q4_1); for kXQ8 types x
+// rounded to int8 blocks with their scales and sums; for own int4 (`group` columns per scale) x split into even and
+// odd columns. Built once per x and shared by every matrix that reads it (each part at most once).
 struct XBlocks {
   const float* x = nullptr;
   std::vector<float> xs;         // Σ x over each block (fp32 activations, Q4_1)
   std::vector<int8_t> q;         // int8 codes (kXQ8)
   std::vector<float> d, s;       // their scales and d·Σq (kXQ8)
   XInt4 i4;                      // own int4 formats
-  void prepare(const float* xp, int64_t K, int64_t type) {
+  void prepare(const float* xp, int64_t K, int64_t type, int64_t group = 0) {
     x = xp;
     const int64_t nb = K / 32;
-    if (type & kXQ8) {
+    if (type == kOwnI4) {
+      i4.prepare(xp, K, group);
+    } else if (type & kXQ8) {
       if (!q.empty()) return;
       q.resize(K); d.resize(nb); s.resize(nb);
       quantize_x_q8(xp, nb, q.data(), d.data(), s.data());
@@ -592,9 +596,8 @@ static inline void dot4_f32(const float* x, const float* const* w, int64_t K, fl
 
 // ---------------------------------------------------------------- y = W x for any weight format
 // fp32 (kF32, ggml's F32 id), GGUF blocks (a ggml type id, kXQ8 set: x as int8 blocks), and tinyllm's own
-// weight-only formats (`QuantLinear`): int8 per row (q [N, K], scale [N]) and int4 per group (packed [N, K/2],
-// scale and zero [N, K/group]).
-constexpr int64_t kOwnI8 = 1024, kOwnI4 = 1025;
+// weight-only formats (`QuantLinear`, kOwnI8 / kOwnI4): int8 per row (q [N, K], scale [N]) and int4 per group
+// (packed [N, K/2], scale and zero [N, K/group]).
 
 struct MvJob {
   int64_t type;  // kF32, a ggml type id (kXQ8 allowed), kOwnI8 or kOwnI4
@@ -603,13 +606,6 @@ struct MvJob {
   const at::Tensor* s = nullptr;  // own formats: scales
   const at::Tensor* z = nullptr;  // kOwnI4: zeros
 };
-
-// x as job `m` reads it (several jobs may share one XBlocks)
-static void prepare_x(XBlocks& xb, const float* x, int64_t K, const MvJob& m) {
-  xb.x = x;
-  if (m.type == kOwnI4) xb.i4.prepare(x, K, K / m.s->size(1));
-  else if (m.type != kF32 && m.type != kOwnI8) xb.prepare(x, K, m.type);
-}
 
 template <int64_t T>
 static void ggml_rows4_x(const XBlocks& x, bool xq8, const uint8_t* const* w, int64_t nb, float* out) {
@@ -661,7 +657,8 @@ static void mv_group(const float* x, int64_t M, int64_t K, std::initializer_list
   std::vector<XBlocks> xb(M);
   for (int64_t j = 0; j < n; ++j) {
     first[j + 1] = first[j] + job[j].w->size(0);
-    for (int64_t i = 0; i < M; ++i) prepare_x(xb[i], x + i * K, K, job[j]);
+    const int64_t group = job[j].type == kOwnI4 ? K / job[j].s->size(1) : 0;
+    for (int64_t i = 0; i < M; ++i) xb[i].prepare(x + i * K, K, job[j].type, group);
   }
   at::parallel_for(0, first[n], 64, [&](int64_t begin, int64_t end) {
     float out[4];
