@@ -288,6 +288,13 @@ CASES: dict[str, list[Case]] = {
         ("corrupt model", lambda f: ["pos", "--text", "我爱北京", "--model", _s(f.bad_pos_model)],
          lambda f: _s(f.bad_pos_model)),
     ],
+    "title": [
+        ("missing model", lambda f: ["title", "--model", _s(f.missing), "--text", "北京下雪"], lambda f: _s(f.missing)),
+        ("not a tagger", lambda f: ["title", "--model", _s(f.ckpt), "--text", "北京下雪"], lambda f: _s(f.ckpt)),
+        ("missing input", lambda f: ["title", "--model", _s(f.ckpt), "--input", _s(f.missing)],
+         lambda f: _s(f.missing)),
+        ("negative chars", lambda f: ["title", "--chars", "-3", "--text", "北京"], lambda f: "chars=-3"),
+    ],
     "keywords": [
         ("missing input", lambda f: ["keywords", "--input", _s(f.missing)], lambda f: _s(f.missing)),
         ("missing idf", lambda f: ["keywords", "--text", "注意力机制", "--idf", _s(f.missing)],

@@ -34,7 +34,8 @@ def _is_png(path) -> bool:
 def test_artefacts(run_dir) -> None:
     for rel in ("report.md", "metrics.json", "recipe_config.json", "tokenizer/tokenizer.json",
                 "model/model.safetensors", "model/tokenizer.json", "model/config.json",
-                "pretrain/metrics.jsonl", "sft/metrics.jsonl"):
+                "pretrain/metrics.jsonl", "sft/metrics.jsonl", "title_tagger/title_head.safetensors",
+                "title_tagger/tokenizer.json"):
         assert (run_dir / rel).exists(), rel
     assert _is_png(run_dir / "pretrain" / "loss.png") and _is_png(run_dir / "sft" / "loss.png")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -63,9 +64,10 @@ def test_heldout_bits_per_char_beside_kneser_ney(run_dir) -> None:
     delta = hb["delta_sft_minus_pretrain"]["bits_per_char"]
     assert delta == pytest.approx(rows[1]["bits_per_char"] - rows[0]["bits_per_char"])
     assert 0 <= metrics["title_lead_rouge_l_char"] <= 1 and metrics["title_lead_chars"] >= 1
+    assert 0 <= metrics["title_extractive_rouge_l_char"] <= 1 and metrics["title_extractive_chars"] >= 1
     report = (run_dir / "report.md").read_text()
     for needle in ("Held-out bits per character", "Kneser–Ney 3-gram", "Kneser–Ney 5-gram",
-                   "after SFT − after pretraining", "lead baseline", held["sha256"][:16]):
+                   "after SFT − after pretraining", "lead baseline", "extractive", held["sha256"][:16]):
         assert needle in report, needle
 
 
@@ -232,3 +234,15 @@ def test_plan_takes_a_narrower_model_only_where_it_buys_tokens(monkeypatch) -> N
     plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
     assert plan["model"]["hidden_size"] == 64 and "width" not in plan["reason"]
     assert [w["hidden_size"] for w in plan["width_probes"]] == [64, 48]
+
+
+def test_title_command_prints_a_subsequence_of_each_article(run_dir, capsys, tmp_path) -> None:
+    articles = ["北京今天下了一场大雪，道路结冰，多条公交线路停运。", "上海的天气很好，市民纷纷外出踏青。"]
+    (tmp_path / "a.txt").write_text("\n".join(articles) + "\n\n", encoding="utf-8")
+    assert main(["title", "--model", str(run_dir / "title_tagger"), "--input", str(tmp_path / "a.txt"),
+                 "--chars", "8"]) == 0
+    titles = capsys.readouterr().out.splitlines()
+    assert len(titles) == 2
+    for title, article in zip(titles, articles):
+        it = iter(article)
+        assert len(title) == 8 and all(c in it for c in title)

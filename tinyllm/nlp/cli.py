@@ -86,9 +86,9 @@ def run_seg(cfg: SegConfig) -> int:
               f"saved to {cfg.save}", file=sys.stderr)
         return 0
 
-    _check_input(cfg.input)
+    check_input(cfg.input)
     seg = _load_segmenter(cfg)
-    lines = _read_lines(cfg.input, cfg.text)
+    lines = read_lines(cfg.input, cfg.text)
     with atomic_open_or_stdout(cfg.output) as out:  # a file appears only whole
         it = lines
         if cfg.progress and len(lines) > 1000:
@@ -234,18 +234,18 @@ class PosConfig:
             raise ValueError("give either --input or --text, not both")
 
 
-def _check_input(input: str | None) -> None:
+def check_input(input: str | None) -> None:
     """Fail on a missing --input file before any slow model loading or training."""
     if input not in (None, "-") and not Path(input).is_file():
         raise SystemExit(f"error: --input {input!r}: no such file")
 
 
-def _read_lines(input: str | None, text: str | None) -> list[str]:
+def read_lines(input: str | None, text: str | None) -> list[str]:
     if text is not None:
         return [text]
     if input in (None, "-"):
         return sys.stdin.read().splitlines()
-    _check_input(input)
+    check_input(input)
     try:
         return Path(input).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -274,7 +274,7 @@ def _pos_model(cfg: PosConfig, flag: str = "--model"):
 def run_pos(cfg: PosConfig) -> int:
     if cfg.tagger == "jieba" and (cfg.train or cfg.eval):
         raise SystemExit("error: --train/--eval apply to the HMM tagger (--tagger hmm)")
-    _check_input(cfg.input)
+    check_input(cfg.input)
     model = _pos_model(cfg) if cfg.tagger == "hmm" else None
     if cfg.eval:
         from tinyllm.data.corpora import peoples_daily_tagged
@@ -286,7 +286,7 @@ def run_pos(cfg: PosConfig) -> int:
               f"({r['unknown_rate']:.2%} of words)")
     if (cfg.train or cfg.eval) and cfg.input is None and cfg.text is None:
         return 0
-    lines = _read_lines(cfg.input, cfg.text)
+    lines = read_lines(cfg.input, cfg.text)
     if model is None:
         from tinyllm.nlp.keywords import default_tagger as tag_text
     else:
@@ -335,7 +335,7 @@ class KeywordsConfig:
 def run_keywords(cfg: KeywordsConfig) -> int:
     from tinyllm.nlp import keywords as kw
 
-    text = "\n".join(_read_lines(cfg.input, cfg.text))
+    text = "\n".join(read_lines(cfg.input, cfg.text))
     try:
         idf = kw.jieba_idf() if cfg.idf == "jieba" else kw.IDF.load(cfg.idf)
         stop = kw.load_stop_words(cfg.stop_words) if cfg.stop_words else kw.STOP_WORDS

@@ -130,6 +130,16 @@ def evaluate(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> d
                                                       refs, "char")
     metrics["title_lead_chars"] = lead_chars
     metrics["title_examples"] = [{"reference": r["output"], "generated": g} for r, g in zip(titles[:5], gen[:5])]
+    if (out / "title_tagger").is_dir():
+        from tinyllm.recipes.tiny_zh_titles import extract_titles, load_title_tagger
+
+        tagger, title_chars = load_title_tagger(out / "title_tagger")
+        extracted = extract_titles(tagger, tokenizer, [r["input"] for r in titles], title_chars,
+                                   tokenizer.special_tokens["<|endoftext|>"])
+        metrics["title_extractive_rouge_l_char"] = mean_rouge_l(extracted, refs, "char")
+        metrics["title_extractive_chars"] = title_chars
+        for e, x in zip(metrics["title_examples"], extracted):
+            e["extracted"] = x
 
     samples = _greedy_batch(model, tokenizer,
                             [_encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in SAMPLE_PROMPTS],
@@ -225,11 +235,15 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         f"{TITLE_DECODING['encoder_repetition_penalty']}, no output bigram twice) | "
         f"{fmt(metrics['title_rouge_l_char'], '.3f')} |",
         f"| lead baseline: first sentence, at most {metrics.get('title_lead_chars', '–')} characters (mean "
-        f"reference length) | {fmt(metrics.get('title_lead_rouge_l_char'), '.3f')} |", "",
+        f"reference length) | {fmt(metrics.get('title_lead_rouge_l_char'), '.3f')} |",
+        f"| title ROUGE-L, extractive: the pretrained model fine-tuned to mark the article characters a title keeps, "
+        f"its {metrics.get('title_extractive_chars', '–')} best in order (`title_tagger/`) | "
+        f"{fmt(metrics.get('title_extractive_rouge_l_char'), '.3f')} |", "",
         *_bits_lines(metrics),
         *_alignment_lines(metrics),
-        "## Title samples", "", "| reference | generated |", "|---|---|",
-        *[f"| {e['reference']} | {e['generated'] or '∅'} |" for e in metrics["title_examples"]], "",
+        "## Title samples", "", "| reference | generated | extracted |", "|---|---|---|",
+        *[f"| {e['reference']} | {e['generated'] or '∅'} | {e.get('extracted') or '∅'} |"
+          for e in metrics["title_examples"]], "",
         "## Chat samples", "",
         *[f"**用户:** {s['prompt']}\n\n**模型:** {s['reply'] or '∅'}\n" for s in metrics["samples"]],
         "## Configuration", "", "```json",
