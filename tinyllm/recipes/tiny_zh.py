@@ -129,7 +129,7 @@ SCALES: dict[str, Scale] = {
                                     num_key_value_heads=2))),
     "quick": Scale(600_000, 4096, dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2),
-                   128, 16, 45.0, 20.0, 1500, 150, 30, min_steps=60),
+                   128, 16, 45.0, 20.0, 1500, 150, 30, min_steps=60, title_seconds=10.0),
     "test": Scale(40_000, 400, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2),
                   32, 4, 0.0, 0.0, 40, 12, 4, max_steps=6),
@@ -517,8 +517,8 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
 
 def stage_titles(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any], tokenizer: Any) -> Path:
     """The extractive title tagger (`tiny_zh_titles.py`), fine-tuned from the pretrained model on the same title
-    records SFT draws from, for `title_seconds` priced like an SFT step (tokens per step × the pretraining
-    probe's seconds per token); saved with the tokenizer in `title_tagger/`."""
+    records SFT draws from, for `title_seconds` priced like pretraining (tokens per step × the probe's seconds per
+    token); saved with the tokenizer in `title_tagger/`."""
     from tinyllm.data.corpora import sft_examples
     from tinyllm.model.hf import load_model
     from tinyllm.recipes.tiny_zh_titles import (
@@ -540,7 +540,8 @@ def stage_titles(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any], 
     else:
         width = 1 + sum(len(ids) for ids, _ in examples) / len(examples)
         step_seconds = plan["measured_step_seconds"] * width / sc.seq_len
-        steps = max(20, int(sc.title_seconds / step_seconds))
+        # at most two passes: a GPU's budget would otherwise buy dozens over 5 k articles
+        steps = max(20, min(int(sc.title_seconds / step_seconds), 2 * len(examples) // batch))
     _log(f"titles: extractive tagger, {steps} steps × {batch} articles ({steps * batch / len(examples):.2f} "
          f"epochs), {title_chars} characters a title")
     torch.manual_seed(cfg.seed)
