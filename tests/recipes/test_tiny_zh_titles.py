@@ -111,3 +111,11 @@ def test_bad_input_is_named(tok, tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"title_head\.safetensors"):
         load_title_tagger(tmp_path / "empty")
+
+
+def test_bf16_autocast_trains(tok) -> None:
+    """The plan trains in bf16 where the CPU or GPU runs it fast; the tagger follows it."""
+    examples = tagging_examples(tok, [{"input": "北京今天下大雪，道路结冰。", "output": "北京下大雪"}])
+    losses = train_title_tagger(_tagger(tok), examples, tok.special_tokens["<|endoftext|>"], steps=3, batch_size=2,
+                                precision="bf16")
+    assert len(losses) == 3 and all(0 < x < 2 for x in losses)
