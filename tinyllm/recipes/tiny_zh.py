@@ -515,44 +515,6 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
     return final
 
 
-def stage_titles(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any], tokenizer: Any) -> Path:
-    """The extractive title tagger (`tiny_zh_titles.py`), fine-tuned from the pretrained model on the same title
-    records SFT draws from, for `title_seconds` priced like pretraining (tokens per step × the probe's seconds per
-    token); saved with the tokenizer in `title_tagger/`."""
-    from tinyllm.data.corpora import sft_examples
-    from tinyllm.model.hf import load_model
-    from tinyllm.recipes.tiny_zh_titles import (
-        TitleTagger,
-        save_title_tagger,
-        tagging_examples,
-        train_title_tagger,
-    )
-
-    final = out / "title_tagger"
-    if final.is_dir():  # written whole or not at all
-        return final
-    records = sft_examples("title", "train", max_chars=120)
-    examples = tagging_examples(tokenizer, records)
-    title_chars = max(1, round(sum(len(r["output"]) for r in records) / len(records)))
-    batch = plan.get("batch_size", sc.batch_size)
-    if sc.max_steps is not None:
-        steps = sc.max_steps
-    else:
-        width = 1 + sum(len(ids) for ids, _ in examples) / len(examples)
-        step_seconds = plan["measured_step_seconds"] * width / sc.seq_len
-        # at most two passes: a GPU's budget would otherwise buy dozens over 5 k articles
-        steps = max(20, min(int(sc.title_seconds / step_seconds), 2 * len(examples) // batch))
-    _log(f"titles: extractive tagger, {steps} steps × {batch} articles ({steps * batch / len(examples):.2f} "
-         f"epochs), {title_chars} characters a title")
-    torch.manual_seed(cfg.seed)
-    tagger = TitleTagger(load_model(out / "pretrain" / "final"))
-    start = tokenizer.special_tokens["<|endoftext|>"]
-    train_title_tagger(tagger, examples, start, steps=steps, batch_size=batch, lr=sc.title_lr, seed=cfg.seed,
-                       precision=plan.get("precision", cfg.precision), device=plan.get("device", cfg.device),
-                       progress=cfg.progress)
-    return save_title_tagger(tagger.cpu(), final, title_chars, tokenizer)
-
-
 def _stop_at_end_of_turn(model_dir: Path) -> None:
     """A chat model stops at <|im_end|> as well as <|endoftext|>: list both as EOS for generators. Each file is
     replaced atomically, and a second run rewrites the same bytes (the list is set, not appended to)."""
@@ -569,6 +531,7 @@ def _stop_at_end_of_turn(model_dir: Path) -> None:
 
 def run_recipe(cfg: TinyZhConfig) -> int:
     from tinyllm.recipes.tiny_zh_eval import evaluate, write_report
+    from tinyllm.recipes.tiny_zh_titles import stage_titles
     from tinyllm.tokenizer import load_tokenizer
 
     sc = cfg.scale_settings()

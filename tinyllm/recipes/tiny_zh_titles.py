@@ -229,6 +229,40 @@ def load_title_tagger(directory: str | Path) -> tuple[TitleTagger, int]:
     return tagger.eval(), int(meta["title_chars"])
 
 
+# ------------------------------------------------------------------ the recipe stage
+def stage_titles(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], tokenizer: Any) -> Path:
+    """The recipe's `titles` stage (`tiny_zh.run_recipe`): the tagger fine-tuned from the pretrained model on the
+    title records SFT draws from, for `title_seconds` priced like pretraining (tokens per step × the probe's
+    seconds per token); saved with the tokenizer in `title_tagger/`."""
+    from tinyllm.data.corpora import sft_examples
+    from tinyllm.model.hf import load_model
+    from tinyllm.recipes.tiny_zh import _log
+
+    final = out / "title_tagger"
+    if final.is_dir():  # written whole or not at all
+        return final
+    records = sft_examples("title", "train", max_chars=120)
+    examples = tagging_examples(tokenizer, records)
+    title_chars = max(1, round(sum(len(r["output"]) for r in records) / len(records)))
+    batch = plan.get("batch_size", sc.batch_size)
+    if sc.max_steps is not None:
+        steps = sc.max_steps
+    else:
+        width = 1 + sum(len(ids) for ids, _ in examples) / len(examples)
+        step_seconds = plan["measured_step_seconds"] * width / sc.seq_len
+        # at most two passes: a GPU's budget would otherwise buy dozens over 5 k articles
+        steps = max(20, min(int(sc.title_seconds / step_seconds), 2 * len(examples) // batch))
+    _log(f"titles: extractive tagger, {steps} steps × {batch} articles ({steps * batch / len(examples):.2f} "
+         f"epochs), {title_chars} characters a title")
+    torch.manual_seed(cfg.seed)
+    tagger = TitleTagger(load_model(out / "pretrain" / "final"))
+    start = tokenizer.special_tokens["<|endoftext|>"]
+    train_title_tagger(tagger, examples, start, steps=steps, batch_size=batch, lr=sc.title_lr, seed=cfg.seed,
+                       precision=plan.get("precision", cfg.precision), device=plan.get("device", cfg.device),
+                       progress=cfg.progress)
+    return save_title_tagger(tagger.cpu(), final, title_chars, tokenizer)
+
+
 # ------------------------------------------------------------------ `tinyllm title`
 @dataclass
 class TitleConfig:
