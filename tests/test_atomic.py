@@ -343,6 +343,9 @@ def _litter(root: Path) -> list[str]:
     """Names that are not artefacts must be temps (hidden, recognisable): returns them."""
     out = []
     for d, names in ((root, ROOT_NAMES), (root / "model", None), (root / "run" / "checkpoints", None)):
+        if not d.exists():  # a swap killed between its two renames: the old version waits aside for sweep()
+            assert any(n.startswith(f".{d.name}.old-") for n in os.listdir(d.parent)), f"{d} is gone"
+            continue
         for name in os.listdir(d):
             if names is not None and name in names:
                 continue
