@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 BASE: dict[str, Any] = dict(vocab=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                             num_attention_heads=8, num_key_value_heads=4, seq_len=256, batch_size=16, lr=3e-3,
                             min_lr=3e-4, schedule="cosine", optimizer="adamw", hidden_act="silu",
-                            tie_word_embeddings=True, warmup=50, weight_decay=0.1)
+                            tie_word_embeddings=True, warmup=50, weight_decay=0.1, zero_init_residual=False)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -101,6 +101,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         batch_size=8),
         "d128-b8": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
                         batch_size=8),
+    }.items()},
+    # round 4, same CPU, one change from the round-3 winner (d160, batch 8) at its token budget
+    **{f"cpu-d160-b8-{k}": dict(num_hidden_layers=4, optimizer="muon", schedule="wsd", min_lr=0.0, hidden_size=160,
+                                intermediate_size=432, num_attention_heads=5, num_key_value_heads=1, batch_size=8,
+                                **v) for k, v in {
+        "zi": dict(zero_init_residual=True),
     }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
@@ -171,7 +177,12 @@ def build(cfg: dict[str, Any], vocab_size: int, eos: int) -> torch.nn.Module:
         num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
         max_position_embeddings=max(512, cfg["seq_len"]), tie_word_embeddings=cfg["tie_word_embeddings"],
         hidden_act=cfg["hidden_act"])
-    return build_model(mc)
+    model = build_model(mc)
+    if cfg["zero_init_residual"]:
+        from tinyllm.train.pretrain import zero_init_residual
+
+        zero_init_residual(model)
+    return model
 
 
 def probe(out: Path, names: list[str], seconds: float, precision: str) -> None:

@@ -95,6 +95,37 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest() -> None:
     assert all(g["lr"] == 5e-4 for o in (opt.muon, opt.adamw) for g in o.param_groups)
 
 
+def test_adamw_lr_scale_runs_the_adamw_part_of_muon_at_a_multiple_of_the_schedule(tmp_path) -> None:
+    from tinyllm.train.loop import TrainConfig
+
+    torch.manual_seed(0)
+    a = CausalLM(ModelConfig(**TINY, tie_word_embeddings=True))
+    b = CausalLM(ModelConfig(**TINY, tie_word_embeddings=True))
+    b.load_state_dict(a.state_dict())
+    scaled = build_optimizer(a.named_parameters(), 1e-3, 0.1, kind="muon", adamw_lr_scale=10.0)
+    assert all(g["lr"] == 1e-2 and g["lr_scale"] == 10.0 for g in scaled.adamw.param_groups)
+    assert all(g["lr"] == 1e-3 and "lr_scale" not in g for g in scaled.muon.param_groups)
+    # one step at scheduled lr 2e-3: the AdamW part moves as a plain AdamW at 2e-2, the Muon part as at 2e-3
+    plain = build_optimizer(b.named_parameters(), 2e-3, 0.1, kind="muon")
+    for g in plain.adamw.param_groups:
+        g["lr"] = 2e-2
+    for g in scaled.param_groups:  # what the training loop does each step
+        g["lr"] = 2e-3 * g.get("lr_scale", 1.0)
+    ids = torch.randint(0, 64, (2, 12))
+    for model, opt in ((a, scaled), (b, plain)):
+        model(ids).logsumexp(-1).mean().backward()
+        opt.step()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, msg=n)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="adamw_lr_scale"):
+            build_optimizer(a.named_parameters(), 1e-3, 0.1, kind="muon", adamw_lr_scale=bad)
+    with pytest.raises(ValueError, match="optimizer='muon'"):
+        build_optimizer(a.named_parameters(), 1e-3, 0.1, adamw_lr_scale=3.0)
+    with pytest.raises(ValueError, match=r"adamw_lr_scale=3\.0 applies to optimizer='muon'"):
+        TrainConfig(out_dir=str(tmp_path), adamw_lr_scale=3.0)
+
+
 def test_muon_update_equals_torch_muon_and_state_round_trips() -> None:
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**TINY))

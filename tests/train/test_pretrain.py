@@ -75,3 +75,36 @@ def test_config_errors_and_cli(shards: Path, tmp_path: Path) -> None:
     resolved = json.loads((out / "pretrain_config.json").read_text())
     assert resolved["betas"] == [0.9, 0.99] and resolved["model"]["num_hidden_layers"] == 1
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity_and_still_learns(shards: Path, tmp_path: Path) -> None:
+    from tinyllm.model.config import preset
+    from tinyllm.model.hf import build_model
+    from tinyllm.train.pretrain import build_pretrain_model, zero_init_residual
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=48, **SIZE)).eval()
+    assert zero_init_residual(model) == 2 * SIZE["num_hidden_layers"]
+    zeroed = {n for n, p in model.named_parameters() if not p.any()}
+    assert zeroed == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    # identity blocks: the logits are the final norm of the embeddings through the tied head
+    ids = torch.randint(0, 48, (2, 8))
+    with torch.no_grad():
+        emb = model.model.embed_tokens(ids)
+        torch.testing.assert_close(model(ids), model.model.norm(emb) @ model.model.embed_tokens.weight.T)
+    with pytest.raises(ValueError, match="found none"):
+        zero_init_residual(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+    cfg = PretrainConfig(data_dir=str(shards), out_dir=str(tmp_path / "zi"), seq_len=32, batch_size=8, max_steps=30,
+                         lr=1e-2, min_lr=1e-3, warmup_steps=3, eval_interval=0, eval_steps=0, log_interval=10,
+                         save_interval=0, device="cpu", progress=False, optimizer="muon", zero_init_residual=True, adamw_lr_scale=3.0,
+                         **SIZE)
+    from tinyllm.data.text import TokenShards
+
+    assert not build_pretrain_model(cfg, TokenShards(shards, "train")).model.layers[0].mlp.down_proj.weight.any()
+    res = run_pretrain(cfg)
+    assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5]) - 0.5
+    trained = load_model(tmp_path / "zi" / "final")
+    assert all(trained.model.layers[i].self_attn.o_proj.weight.any() for i in range(2))
+    with pytest.raises(ValueError, match="fresh model only"):
+        PretrainConfig(data_dir=str(shards), init_from=str(tmp_path / "zi" / "final"), zero_init_residual=True)

@@ -58,7 +58,14 @@ from torch import nn
 from tinyllm.atomic import atomic_write_json, trim_torn_tail
 from tinyllm.capability import PRECISION_CHOICES, resolve_precision
 from tinyllm.train import checkpoint as ckpt
-from tinyllm.train.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
+from tinyllm.train.optim import (
+    DECAY_SHAPES,
+    OPTIMIZERS,
+    SCHEDULES,
+    build_optimizer,
+    check_adamw_lr_scale,
+    lr_at,
+)
 from tinyllm.utils import pick_device, seed_everything
 
 PRECISIONS = PRECISION_CHOICES  # "auto": bf16 where measured faster (tinyllm.capability)
@@ -101,6 +108,8 @@ class TrainConfig:
     decay_shape: str = field(default="linear", metadata=_meta("wsd decay shape", choices=list(DECAY_SHAPES)))
     optimizer: str = field(default="adamw", metadata=_meta("adamw, or muon (Muon on hidden matrices, AdamW on "
                                                            "embeddings, head and gains)", choices=list(OPTIMIZERS)))
+    adamw_lr_scale: float = field(default=1.0, metadata=_meta(
+        "optimizer=muon: the AdamW part (embeddings, head, gains) runs at this multiple of the scheduled lr"))
     weight_decay: float = field(default=0.1, metadata=_meta("AdamW decoupled weight decay (≥2-D params)"))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_meta("AdamW β1 β2"))
     grad_clip: float = field(default=1.0, metadata=_meta("max global gradient norm (0: no clipping)"))
@@ -136,6 +145,7 @@ class TrainConfig:
                               ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        check_adamw_lr_scale(self.adamw_lr_scale, self.optimizer)
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction={self.decay_fraction!r} must be in (0, 1]")
         if self.weight_decay < 0:
@@ -281,11 +291,14 @@ class _Run:
 
             opt_args = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": tuple(cfg.betas),
                         "kind": cfg.optimizer}
+            if cfg.adamw_lr_scale != 1.0:
+                opt_args["adamw_lr_scale"] = cfg.adamw_lr_scale
             self.par = build_strategy(parallel, model, self.params, opt_args, cfg.batch_size, cfg.grad_accum_steps,
                                       cfg.grad_clip, self.precision == "bf16")
             self.opt, model = self.par.optimizer, self.par.model
         else:
-            self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas), kind=cfg.optimizer)
+            self.opt = build_optimizer(self.params, cfg.lr, cfg.weight_decay, tuple(cfg.betas), kind=cfg.optimizer,
+                                       adamw_lr_scale=cfg.adamw_lr_scale)
         self.main = self.par is None or self.par.rank == 0
         if cfg.compile and self.par is not None and hasattr(self.par, "forward_backward"):
             raise ValueError(f"compile=True with parallel strategy {self.par.name!r}: pipeline and context parallel "
@@ -341,7 +354,7 @@ class _Run:
         """One optimizer step; returns (mean micro-batch loss, tokens, grad norm, task metrics)."""
         lr = self.lr(step)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         k = self.cfg.grad_accum_steps
         total, tokens, metrics = 0.0, 0, {}
         par = self.par

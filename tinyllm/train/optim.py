@@ -20,7 +20,10 @@ Muon (Jordan et al. 2024; `train/muon.py`, equal to `torch.optim.Muon`) for the 
 orthogonalised by a few Newton–Schulz iterations before the update, so every direction of the matrix moves by
 the same amount. Embeddings, the output head and 1-D gains stay on AdamW (Muon is defined for hidden linear
 maps only). With Moonshot's `match_rms_adamw` scaling (update RMS 0.2·√max(A, B)) the AdamW learning rate and
-weight decay carry over unchanged, so one `lr` and one schedule drive both (`MuonAdamW`).
+weight decay carry over unchanged, so one `lr` and one schedule drive both (`MuonAdamW`). `adamw_lr_scale`
+runs the AdamW part at a multiple of that lr: each of its groups carries `lr_scale`, which the training loop
+applies to the scheduled lr (a tiny model's embedding table, most of its parameters, learns faster than its
+hidden matrices: see BENCHMARKS.md, speedrun round 4).
 
 Not covered: other optimizers (Lion, Adafactor), layer-wise lr decay, per-group schedules.
 """
@@ -94,13 +97,24 @@ class MuonAdamW:
             self.adamw.load_state_dict(state["adamw"])
 
 
+def check_adamw_lr_scale(scale: float, kind: str) -> None:
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"adamw_lr_scale={scale!r} must be a finite number > 0")
+    if scale != 1.0 and kind != "muon":
+        raise ValueError(f"adamw_lr_scale={scale!r} applies to optimizer='muon' (its AdamW part); with "
+                         f"optimizer={kind!r} change lr instead")
+
+
 def build_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    fused: bool | None = None, kind: str = "adamw") -> torch.optim.Optimizer | MuonAdamW:
+                    fused: bool | None = None, kind: str = "adamw",
+                    adamw_lr_scale: float = 1.0) -> torch.optim.Optimizer | MuonAdamW:
     """AdamW over `params` (named), fused when the parameters' device supports it (fused=None: try);
-    `kind="muon"`: Muon for hidden matrices and AdamW for embeddings, head and gains (`MuonAdamW`)."""
+    `kind="muon"`: Muon for hidden matrices and AdamW for embeddings, head and gains (`MuonAdamW`), the AdamW
+    part at `adamw_lr_scale` × lr (its groups carry `lr_scale` for the schedule)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer={kind!r} is not one of {list(OPTIMIZERS)}")
+    check_adamw_lr_scale(adamw_lr_scale, kind)
     params = list(params)
     if kind == "muon":
         hidden = [(n, p) for n, p in params
@@ -110,8 +124,11 @@ def build_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weigh
             raise ValueError("optimizer='muon' found no hidden 2-D weight to orthogonalise")
         muon = Muon([p for _, p in hidden], lr=lr, weight_decay=weight_decay)
         rest = [(n, p) for n, p in params if id(p) not in ids]
-        adamw = build_optimizer(rest, lr, weight_decay, betas, eps, fused) if any(
+        adamw = build_optimizer(rest, lr * adamw_lr_scale, weight_decay, betas, eps, fused) if any(
             p.requires_grad for _, p in rest) else None
+        if adamw is not None and adamw_lr_scale != 1.0:
+            for g in adamw.param_groups:
+                g["lr_scale"] = adamw_lr_scale
         return MuonAdamW(muon, adamw)
     groups = param_groups(params, weight_decay)
     if not groups:

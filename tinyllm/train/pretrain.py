@@ -69,9 +69,15 @@ class PretrainConfig(TrainConfig, ParallelFields):
     num_key_value_heads: int | None = None
     max_position_embeddings: int | None = field(default=None, metadata={"help": "default: ≥ seq_len"})
     tie_word_embeddings: bool | None = None
+    zero_init_residual: bool = field(default=False, metadata={
+        "help": "start each residual branch's output projection (o_proj, down_proj) at zero, so every block "
+                "begins as the identity (a fresh model only, not --init-from)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.zero_init_residual and self.init_from:
+            raise ValueError(f"zero_init_residual=True would wipe half of init_from={self.init_from!r}'s "
+                             "trained weights; it applies to a fresh model only")
         if not self.data_dir:
             raise ValueError("data_dir='' : pass the directory of token shards (--data-dir)")
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
@@ -135,7 +141,32 @@ def build_pretrain_model(cfg: PretrainConfig, shards: TokenShards) -> nn.Module:
         return model
     from tinyllm.model.hf import build_model
 
-    return build_model(cfg.model_config(shards.vocab_size, shards.eos_token_id))
+    model = build_model(cfg.model_config(shards.vocab_size, shards.eos_token_id))
+    if cfg.zero_init_residual:
+        zero_init_residual(model)
+    return model
+
+
+RESIDUAL_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def zero_init_residual(model: nn.Module) -> int:
+    """Zero the weights (and biases) of the projections that write into the residual stream, attention's o_proj
+    and the MLP's down_proj: each block then starts as the identity and the embeddings reach the head unchanged
+    (modded-nanogpt's "zero-init output projections"). Their gradients are not zero (their inputs are not), so
+    they leave zero on the first step; the layers before them start learning one step later. Returns the number
+    of matrices zeroed (2 per layer; an error if the model has none, e.g. a MoE MLP named otherwise)."""
+    hit = 0
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and name.endswith(RESIDUAL_OUTPUTS):
+                mod.weight.zero_()
+                if mod.bias is not None:
+                    mod.bias.zero_()
+                hit += 1
+    if not hit:
+        raise ValueError(f"zero_init_residual found none of {RESIDUAL_OUTPUTS} in {type(model).__name__}")
+    return hit
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
