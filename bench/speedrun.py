@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 BASE: dict[str, Any] = dict(vocab=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                             num_attention_heads=8, num_key_value_heads=4, seq_len=256, batch_size=16, lr=3e-3,
                             min_lr=3e-4, schedule="cosine", optimizer="adamw", hidden_act="silu",
-                            tie_word_embeddings=True, warmup=50, weight_decay=0.1, zero_init_residual=False)
+                            tie_word_embeddings=True, warmup=50, weight_decay=0.1, zero_init_residual=False,
+                            adamw_lr_scale=1.0)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -107,6 +108,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                 intermediate_size=432, num_attention_heads=5, num_key_value_heads=1, batch_size=8,
                                 **v) for k, v in {
         "zi": dict(zero_init_residual=True),
+        "emb3": dict(adamw_lr_scale=3.0),
+        **{f"zi-emb{m}": dict(zero_init_residual=True, adamw_lr_scale=float(m)) for m in (3, 5, 10, 30)},
     }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
@@ -217,7 +220,8 @@ def train_variant(out: Path, name: str, tokens: int, device: str, precision: str
     task = PretrainTask(d / "shards", cfg["batch_size"], cfg["seq_len"], seed, cfg["batch_size"])
     tc = TrainConfig(out_dir=str(out / "runs" / name), max_steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
                      min_lr=cfg["min_lr"], warmup_steps=min(cfg["warmup"], steps // 10), schedule=cfg["schedule"],
-                     optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"], precision=precision,
+                     optimizer=cfg["optimizer"], adamw_lr_scale=cfg["adamw_lr_scale"],
+                     weight_decay=cfg["weight_decay"], precision=precision,
                      eval_interval=0, eval_steps=0, log_interval=max(1, steps // 20), save_interval=0,
                      seed=seed, device=device, progress=False)
     t0 = time.time()
