@@ -35,7 +35,7 @@ BASE: dict[str, Any] = dict(vocab=8192, hidden_size=256, intermediate_size=688, 
                             num_attention_heads=8, num_key_value_heads=4, seq_len=256, batch_size=16, lr=3e-3,
                             min_lr=3e-4, schedule="cosine", optimizer="adamw", hidden_act="silu",
                             tie_word_embeddings=True, warmup=50, weight_decay=0.1, zero_init_residual=False,
-                            adamw_lr_scale=1.0)
+                            adamw_lr_scale=1.0, decay_fraction=0.2)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -110,6 +110,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "zi": dict(zero_init_residual=True),
         "emb3": dict(adamw_lr_scale=3.0),
         **{f"zi-emb{m}": dict(zero_init_residual=True, adamw_lr_scale=float(m)) for m in (3, 5, 10, 30)},
+        # round 5: around the round-4 winner
+        "zi-emb3-lr5e-3": dict(zero_init_residual=True, adamw_lr_scale=3.0, lr=5e-3),
+        **{f"zi-emb3-decay{f}": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=f) for f in (0.4, 0.6)},
+        "zi-emb3-warmup10": dict(zero_init_residual=True, adamw_lr_scale=3.0, warmup=10),
     }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
@@ -220,6 +224,7 @@ def train_variant(out: Path, name: str, tokens: int, device: str, precision: str
     task = PretrainTask(d / "shards", cfg["batch_size"], cfg["seq_len"], seed, cfg["batch_size"])
     tc = TrainConfig(out_dir=str(out / "runs" / name), max_steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
                      min_lr=cfg["min_lr"], warmup_steps=min(cfg["warmup"], steps // 10), schedule=cfg["schedule"],
+                     decay_fraction=cfg["decay_fraction"],
                      optimizer=cfg["optimizer"], adamw_lr_scale=cfg["adamw_lr_scale"],
                      weight_decay=cfg["weight_decay"], precision=precision,
                      eval_interval=0, eval_steps=0, log_interval=max(1, steps // 20), save_interval=0,
