@@ -114,6 +114,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "zi-emb3-lr5e-3": dict(zero_init_residual=True, adamw_lr_scale=3.0, lr=5e-3),
         **{f"zi-emb3-decay{f}": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=f) for f in (0.4, 0.6)},
         "zi-emb3-warmup10": dict(zero_init_residual=True, adamw_lr_scale=3.0, warmup=10),
+        # round 6: around round 5's winner (40 % decay)
+        "r6-warmup10": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4, warmup=10),
+        "r6-lr2e-3": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4, lr=2e-3),
     }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
