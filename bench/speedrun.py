@@ -118,6 +118,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "r6-warmup10": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4, warmup=10),
         "r6-lr2e-3": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4, lr=2e-3),
     }.items()},
+    # round 6 on the width and batch the probe chose in the last demo (d128): batch 16 vs 8 at equal tokens
+    **{f"cpu-d128-r6-b{b}": dict(num_hidden_layers=4, optimizer="muon", schedule="wsd", min_lr=0.0, hidden_size=128,
+                                 intermediate_size=344, num_attention_heads=4, num_key_value_heads=2, batch_size=b,
+                                 zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4) for b in (8, 16)},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
 }
