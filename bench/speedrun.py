@@ -112,7 +112,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         **{f"zi-emb{m}": dict(zero_init_residual=True, adamw_lr_scale=float(m)) for m in (3, 5, 10, 30)},
         # round 5: around the round-4 winner
         "zi-emb3-lr5e-3": dict(zero_init_residual=True, adamw_lr_scale=3.0, lr=5e-3),
-        **{f"zi-emb3-decay{f}": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=f) for f in (0.4, 0.6)},
+        **{f"zi-emb3-decay{f}": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=f)
+           for f in (0.4, 0.6)},
         "zi-emb3-warmup10": dict(zero_init_residual=True, adamw_lr_scale=3.0, warmup=10),
         # round 6: around round 5's winner (40 % decay)
         "r6-warmup10": dict(zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4, warmup=10),

@@ -97,8 +97,8 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_still_learns(
 
     cfg = PretrainConfig(data_dir=str(shards), out_dir=str(tmp_path / "zi"), seq_len=32, batch_size=8, max_steps=30,
                          lr=1e-2, min_lr=1e-3, warmup_steps=3, eval_interval=0, eval_steps=0, log_interval=10,
-                         save_interval=0, device="cpu", progress=False, optimizer="muon", zero_init_residual=True, adamw_lr_scale=3.0,
-                         **SIZE)
+                         save_interval=0, device="cpu", progress=False, optimizer="muon", zero_init_residual=True,
+                         adamw_lr_scale=3.0, **SIZE)
     from tinyllm.data.text import TokenShards
 
     assert not build_pretrain_model(cfg, TokenShards(shards, "train")).model.layers[0].mlp.down_proj.weight.any()
