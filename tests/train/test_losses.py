@@ -89,6 +89,30 @@ def test_chunked_cross_entropy_rejects_bad_labels_and_a_second_backward() -> Non
         loss.backward()
 
 
+def test_losses_keep_their_precision_where_the_label_has_almost_no_probability() -> None:
+    # on a CPU the loss is −log p_y from one softmax pass; rows whose p_y underflows (here z_y is 200 below the
+    # row's maximum, p_y = e^-200 = 0 in fp32) take log-softmax instead, so the loss stays finite and exact
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    logits[1, 1] -= 200.0
+    logits[4, 4] -= 60.0  # p_y ~ e^-60: representable, −log p_y keeps fp32's precision
+    ref_in = logits.float().requires_grad_()
+    ref = F.cross_entropy(ref_in, labels)
+    ref.backward()
+    ours_in = logits.float().requires_grad_()
+    ours = chunked_cross_entropy(ours_in, labels, chunk_rows=4)
+    ours.backward()
+    assert 30 < ours.item() < float("inf")
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-6, atol=1e-7)
+    # the same through the fused head: hidden = one-hot rows, weight = logitsᵀ, so hidden · weightᵀ = logits
+    hidden, weight = torch.eye(6).requires_grad_(), logits.float().t().contiguous().requires_grad_()
+    lin = linear_cross_entropy(hidden, weight, labels, chunk_rows=4)
+    lin.backward()
+    torch.testing.assert_close(lin, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight.grad.t(), ref_in.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_linear_cross_entropy_equals_lm_head_then_cross_entropy() -> None:
     g = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(37, 16, generator=g), 0.3 * torch.randn(29, 16, generator=g)
