@@ -35,7 +35,7 @@ BASE: dict[str, Any] = dict(vocab=8192, hidden_size=256, intermediate_size=688, 
                             num_attention_heads=8, num_key_value_heads=4, seq_len=256, batch_size=16, lr=3e-3,
                             min_lr=3e-4, schedule="cosine", optimizer="adamw", hidden_act="silu",
                             tie_word_embeddings=True, warmup=50, weight_decay=0.1, zero_init_residual=False,
-                            adamw_lr_scale=1.0, decay_fraction=0.2)
+                            adamw_lr_scale=1.0, decay_fraction=0.2, document_mask=False)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -123,6 +123,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"cpu-d128-r6-b{b}": dict(num_hidden_layers=4, optimizer="muon", schedule="wsd", min_lr=0.0, hidden_size=128,
                                  intermediate_size=344, num_attention_heads=4, num_key_value_heads=2, batch_size=b,
                                  zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4) for b in (8, 16)},
+    # round 7: around the d128 plan of the last demo, each variant at the tokens its own step time buys in 320 s
+    **{f"cpu-d128-r7-{k}": {**dict(num_hidden_layers=4, optimizer="muon", schedule="wsd", min_lr=0.0, hidden_size=128,
+                                   intermediate_size=344, num_attention_heads=4, num_key_value_heads=2, batch_size=16,
+                                   zero_init_residual=True, adamw_lr_scale=3.0, decay_fraction=0.4), **v} for k, v in {
+        "base": {},
+        "s128": dict(seq_len=128, batch_size=32),
+        "ff512": dict(intermediate_size=512),
+        "L5": dict(num_hidden_layers=5),
+        "kv4": dict(num_key_value_heads=4),
+        "lr4e-3": dict(lr=4e-3),
+        "h2": dict(num_attention_heads=2, num_key_value_heads=1),
+        "docmask": dict(document_mask=True),
+    }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
 }
@@ -229,7 +242,8 @@ def train_variant(out: Path, name: str, tokens: int, device: str, precision: str
     torch.manual_seed(seed)
     model = build(cfg, shards.vocab_size, shards.eos_token_id)
     steps = max(20, tokens // (cfg["batch_size"] * cfg["seq_len"]))
-    task = PretrainTask(d / "shards", cfg["batch_size"], cfg["seq_len"], seed, cfg["batch_size"])
+    task = PretrainTask(d / "shards", cfg["batch_size"], cfg["seq_len"], seed, cfg["batch_size"],
+                        document_mask=cfg["document_mask"])
     tc = TrainConfig(out_dir=str(out / "runs" / name), max_steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
                      min_lr=cfg["min_lr"], warmup_steps=min(cfg["warmup"], steps // 10), schedule=cfg["schedule"],
                      decay_fraction=cfg["decay_fraction"],

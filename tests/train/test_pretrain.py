@@ -108,3 +108,36 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_still_learns(
     assert all(trained.model.layers[i].self_attn.o_proj.weight.any() for i in range(2))
     with pytest.raises(ValueError, match="fresh model only"):
         PretrainConfig(data_dir=str(shards), init_from=str(tmp_path / "zi" / "final"), zero_init_residual=True)
+
+
+def test_document_mask_scores_each_packed_document_as_if_it_stood_alone(shards: Path) -> None:
+    from tinyllm.model.attention import document_attn_meta
+    from tinyllm.model.config import preset
+    from tinyllm.model.hf import build_model
+    from tinyllm.train.losses import model_lm_loss
+    from tinyllm.train.pretrain import PretrainTask
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)).eval()
+    eos = 0
+    # a window that starts inside one document, then two more, each opened by the boundary token
+    x = torch.tensor([[5, 6, 7, eos, 8, 9, eos, 10, 11, 12]])
+    y = torch.tensor([[6, 7, eos, 8, 9, eos, 10, 11, 12, 13]])
+    meta = document_attn_meta(x, eos)
+    packed = model(x, attn_meta=meta)
+    alone = torch.cat([model(x[:, a:b]) for a, b in ((0, 3), (3, 6), (6, 10))], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(x), alone, atol=1e-3)  # without the mask the later documents read the earlier
+    # the fused loss takes the same mask: equal to the mean of the documents' own token losses
+    ce = torch.nn.functional.cross_entropy(alone[0], y[0])
+    torch.testing.assert_close(model_lm_loss(model, x, y, attn_meta=meta), ce, rtol=1e-5, atol=1e-6)
+    # the pretraining task builds it from the shards' end-of-text id
+    task = PretrainTask(shards, 2, 16, 0, 2, document_mask=True)
+    bx, by = next(iter(task.train_batches()))
+    loss, _ = task.loss(model, (bx, by))
+    ref = model_lm_loss(model, bx, by, attn_meta=document_attn_meta(bx, task.train_shards.eos_token_id))
+    torch.testing.assert_close(loss, ref)
+    assert (bx == task.train_shards.eos_token_id).any()  # the batch really packs several documents
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        document_attn_meta(x[0], eos)

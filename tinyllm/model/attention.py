@@ -99,6 +99,20 @@ def build_attn_meta(
     return AttnMeta(mask, causal, k_idx.expand(batch, k_len))
 
 
+def document_attn_meta(input_ids: torch.Tensor, boundary_id: int) -> AttnMeta:
+    """Causal attention that stays inside each packed document: every `boundary_id` token starts a new segment
+    (the boundary belongs to the document it opens, as in `eval.bpc.lm_bits`, which prefixes each document with
+    it), and a query reads only the keys of its own segment. Positions stay those of the window (RoPE depends
+    on differences only)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    b, t = input_ids.shape
+    seg = (input_ids == boundary_id).cumsum(1)
+    idx = torch.arange(t, device=input_ids.device)
+    mask = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])[None]
+    return AttnMeta(mask[:, None], True, idx.expand(b, t))
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, Hkv, T, D] → [B, Hkv·n_rep, T, D]; head h of the result is K/V head h // n_rep."""
     if n_rep == 1:

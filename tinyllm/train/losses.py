@@ -32,6 +32,8 @@ CPU). `model_lm_loss(model, x, y)` runs a CausalLM with `hidden_only=True` and f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -215,11 +217,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 def model_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                  ignore_index: int = IGNORE_INDEX, attn_meta: Any = None) -> torch.Tensor:
     """causal_lm_loss(model(input_ids), labels), fused with the lm_head when the model is a plain CausalLM.
 
     `model` may be wrapped by torch.compile or DistributedDataParallel; a model whose lm_head is not a bias-free
-    nn.Linear (e.g. adapted) takes the plain path."""
+    nn.Linear (e.g. adapted) takes the plain path. `attn_meta` (e.g. `model.attention.document_attn_meta`) is
+    passed to a CausalLM's forward; other models refuse it."""
+    kw = {} if attn_meta is None else {"attn_meta": attn_meta}
     core = model
     while hasattr(core, "_orig_mod") or hasattr(core, "module"):
         core = getattr(core, "_orig_mod", None) or core.module
@@ -227,10 +231,10 @@ def model_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch
 
     head = getattr(core, "lm_head", None)
     if not isinstance(core, CausalLM) or type(head) is not torch.nn.Linear or head.bias is not None:
-        return causal_lm_loss(model(input_ids), labels, ignore_index)
+        return causal_lm_loss(model(input_ids, **kw), labels, ignore_index)
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    h = model(input_ids, hidden_only=True)
+    h = model(input_ids, hidden_only=True, **kw)
     return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, labels.reshape(-1), ignore_index)
 
 

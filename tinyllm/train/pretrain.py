@@ -27,6 +27,7 @@ from torch import nn
 
 from tinyllm.atomic import atomic_copy_files
 from tinyllm.data.text import PackedBatches, TokenShards
+from tinyllm.model.attention import document_attn_meta
 from tinyllm.train.loop import TrainConfig, TrainResult, train, write_run_config
 from tinyllm.train.losses import model_lm_loss
 from tinyllm.train.parallel.config import ParallelFields
@@ -103,10 +104,15 @@ class PretrainConfig(TrainConfig, ParallelFields):
 class PretrainTask:
     """Packed next-token prediction: loss = CE(model(x), y) (+ MoE aux loss), labels already shifted."""
 
-    def __init__(self, data_dir: str | Path, batch_size: int, seq_len: int, seed: int, eval_batch_size: int) -> None:
+    def __init__(self, data_dir: str | Path, batch_size: int, seq_len: int, seed: int, eval_batch_size: int,
+                 document_mask: bool = False) -> None:
         self.train_shards = TokenShards(data_dir, "train")
         self.val_shards = TokenShards(data_dir, "val")
         self.batch_size, self.seq_len, self.seed, self.eval_batch_size = batch_size, seq_len, seed, eval_batch_size
+        # attention stays inside each packed document (`document_attn_meta`), as held-out scoring reads them
+        self.document_mask = document_mask
+        if document_mask and self.train_shards.eos_token_id is None:
+            raise ValueError(f"document_mask needs the shards' end-of-text id, and {data_dir} records none")
 
     def train_batches(self) -> Iterator[Any]:
         return PackedBatches(self.train_shards, self.batch_size, self.seq_len, self.seed)
@@ -119,7 +125,8 @@ class PretrainTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = batch
-        ce = model_lm_loss(model, x, y)  # the lm_head fused into the loss: no [B, T, V] logits
+        meta = document_attn_meta(x, self.train_shards.eos_token_id) if self.document_mask else None
+        ce = model_lm_loss(model, x, y, attn_meta=meta)  # the lm_head fused into the loss: no [B, T, V] logits
         aux_fn = getattr(model, "aux_loss", None) or getattr(getattr(model, "_orig_mod", None), "aux_loss", None)
         aux = aux_fn() if aux_fn is not None else None
         if aux is None:
