@@ -133,8 +133,9 @@ SCALES: dict[str, Scale] = {
                      256, 16, 320.0, 135.0, 6000, 1000, 100,
                      narrower=(dict(hidden_size=160, intermediate_size=432, num_hidden_layers=4, num_attention_heads=5,
                                     num_key_value_heads=1),
-                               dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2))),
+                               # two 64-wide heads, one K/V head: 0.04 bits/char better than 4 × 32 / 2 (speedrun r7)
+                               dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=2,
+                                    num_key_value_heads=1))),
     "quick": Scale(600_000, 4096, dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2),
                    128, 16, 45.0, 20.0, 1500, 150, 30, min_steps=60, title_seconds=10.0),
