@@ -140,6 +140,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "v16384-h2": dict(vocab=16384, num_attention_heads=2, num_key_value_heads=1),
         "h2-lr4e-3": dict(num_attention_heads=2, num_key_value_heads=1, lr=4e-3),
         "h2-lr2e-3": dict(num_attention_heads=2, num_key_value_heads=1, lr=2e-3),
+        "h1": dict(num_attention_heads=1, num_key_value_heads=1),
+        "h2-kv2": dict(num_attention_heads=2, num_key_value_heads=2),
+        "h2-s128": dict(num_attention_heads=2, num_key_value_heads=1, seq_len=128, batch_size=32),
     }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender

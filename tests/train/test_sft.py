@@ -120,6 +120,18 @@ def test_sft_learning_rate_scales_with_the_square_root_of_the_planned_batch() ->
         sft_learning_rate(sc, 0)
 
 
+def test_sft_rows_hold_the_tokens_of_the_planned_pretraining_batch() -> None:
+    from tinyllm.recipes.tiny_zh import SCALES, sft_shape
+
+    sc = SCALES["default"]  # pretraining 32 × 128, SFT rows up to 256 tokens
+    assert sft_shape(sc, {"batch_size": sc.batch_size}) == (sc.batch_size * sc.seq_len // sc.sft_seq_len,
+                                                              sc.sft_seq_len)
+    assert sft_shape(sc, {"batch_size": sc.batch_size // 2})[0] * sc.sft_seq_len == sc.batch_size // 2 * sc.seq_len
+    quick = SCALES["quick"]  # no separate SFT width: the pretraining shape
+    assert sft_shape(quick, {"batch_size": 8}) == (8, quick.seq_len)
+    assert sft_shape(quick, {}) == (quick.batch_size, quick.seq_len)
+
+
 def test_run_sft_learns_and_saves_a_transformers_checkpoint(base_dir, tmp_path) -> None:
     d, tok = base_dir
     data = tmp_path / "data.jsonl"

@@ -105,6 +105,10 @@ class Scale:
     # the same budget and scales it by sqrt(batch / batch_size) (`sft_learning_rate`)
     sft_lr: float = 7e-4
     replay_fraction: float = 0.25  # share of SFT examples that are pretraining windows (keeps the LM)
+    # SFT (and the title tagger, DPO) rows up to this many tokens (0: seq_len), in batches of the pretraining
+    # batch's tokens: at the default scale pretraining packs 32 windows of 128 tokens, and SFT takes 16 rows of up
+    # to 256, as 12 % of its task rows run past 128 tokens and would lose their answers
+    sft_seq_len: int = 0
     # fewer pretraining steps than this: re-plan (precision, halved batch). At a CPU's token budget more, smaller
     # steps win: on an AVX2-only EPYC (fp32, ~1.3 M tokens in the budget) batch 8 × 662 steps reached 6.30 bits/char
     # against 6.46 for batch 16 × 313 (`bench/speedrun.py`, round 3 in BENCHMARKS.md); where bf16 is fast the
@@ -128,9 +132,10 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
+    # windows of 128 tokens, 32 a batch: 0.08 / 0.11 bits/char better than 16 × 256 (speedrun r7, seeds 0 / 1)
     "default": Scale(3_000_000, 8192, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                                            num_attention_heads=6, num_key_value_heads=2),
-                     256, 16, 320.0, 135.0, 6000, 1000, 100,
+                     128, 32, 320.0, 135.0, 6000, 1000, 100, sft_seq_len=256,
                      narrower=(dict(hidden_size=160, intermediate_size=432, num_hidden_layers=4, num_attention_heads=5,
                                     num_key_value_heads=1),
                                # two 64-wide heads, one K/V head: 0.04 bits/char better than 4 × 32 / 2 (speedrun r7)
@@ -466,15 +471,22 @@ def sft_steps_for_budget(batches: Any, seconds: float, step_seconds: float, seq_
 
 
 def sft_learning_rate(sc: Scale, batch: int) -> float:
-    """The SFT peak learning rate for the batch the plan chose: the scale's `sft_lr` at its own batch size, times
-    sqrt(batch / batch_size) for another batch (square-root scaling, as for Adam-style optimizers). Measured on an
-    AVX2 EPYC, SFT from the same pretrained models (bits/char drift after SFT, sentiment accuracy):
-    batch 16 (461 steps): lr 1e-3 +0.063 / 68.2 %, 7.07e-4 +0.028 / 68.2 %, 5e-4 +0.007 / 67.0 %;
+    """The SFT peak learning rate for the (pretraining) batch the plan chose: the scale's `sft_lr` at its own batch
+    size, times sqrt(batch / batch_size) for another batch (square-root scaling, as for Adam-style optimizers;
+    SFT's batch holds the same tokens, `sft_shape`). Measured on an AVX2 EPYC with 256-token windows, SFT from the
+    same pretrained models (bits/char drift after SFT, sentiment accuracy): batch 16 (461 steps): lr 1e-3 +0.063 / 68.2 %, 7.07e-4 +0.028 / 68.2 %, 5e-4 +0.007 / 67.0 %;
     batch 8 (735 steps): lr 1e-3 +0.146 / 66.5 %, 7.07e-4 +0.087 / 66.5 %, 5e-4 +0.043 / 67.2 %; more replay
     instead (40 % of the rows, lr 1e-3) +0.016 but 59.8 % (BENCHMARKS.md, main job)."""
     if batch <= 0:
         raise ValueError(f"batch={batch} must be positive")
     return sc.sft_lr * math.sqrt(batch / sc.batch_size)
+
+
+def sft_shape(sc: Scale, plan: dict[str, Any]) -> tuple[int, int]:
+    """(rows per batch, tokens per row) for SFT and the title tagger: rows up to `sc.sft_seq_len` tokens (default
+    `seq_len`), as many as make the plan's pretraining batch of tokens."""
+    width = sc.sft_seq_len or sc.seq_len
+    return max(1, plan.get("batch_size", sc.batch_size) * sc.seq_len // width), width
 
 
 def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> Path:
@@ -489,14 +501,14 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
         with atomic_open(data) as f:
             for r in _sft_records(cfg, sc):
                 f.write(json.dumps(chat_record(r), ensure_ascii=False) + "\n")
-    batch = plan.get("batch_size", sc.batch_size)
-    lr = sft_learning_rate(sc, batch)
+    batch, width = sft_shape(sc, plan)
+    lr = sft_learning_rate(sc, plan.get("batch_size", sc.batch_size))
 
     def config(steps: int) -> SFTConfig:
         # rows of similar length share a batch (the replay windows fill theirs, the short task rows theirs): about
         # 0.6 of the padded tokens of random batches at the default scale, so more steps in the same time
         return SFTConfig(init_from=str(out / "pretrain" / "final"), data=str(data), tokenizer=str(out / "tokenizer"),
-                         out_dir=str(out / "sft"), max_length=sc.seq_len, max_steps=steps, batch_size=batch,
+                         out_dir=str(out / "sft"), max_length=width, max_steps=steps, batch_size=batch,
                          lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20),
                          precision=plan.get("precision", cfg.precision), replay_data=str(out / "shards"),
                          replay_fraction=sc.replay_fraction, group_by_length=True,
@@ -512,7 +524,7 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
         # the budget priced batch by batch from the widths the run will draw, a full-width step costing about a
         # pretraining step (measured: 0.51 vs 0.525 s at the default scale)
         draws = SFTBatches(prepared[0], batch, 0, cfg.seed, group_by_length=True)
-        steps = max(20, sft_steps_for_budget(draws, sc.sft_seconds, plan["measured_step_seconds"], sc.seq_len))
+        steps = max(20, sft_steps_for_budget(draws, sc.sft_seconds, plan["measured_step_seconds"], width))
     scfg = config(steps)
     _log(f"sft: {steps} steps on {len(SFT_TASKS)} derived tasks, {sc.replay_fraction:.0%} of the rows "
          f"pretraining text (replay), rows grouped by length, peak lr {lr:.2g}")

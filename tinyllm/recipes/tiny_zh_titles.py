@@ -236,7 +236,7 @@ def stage_titles(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], tokenizer: 
     seconds per token); saved with the tokenizer in `title_tagger/`."""
     from tinyllm.data.corpora import sft_examples
     from tinyllm.model.hf import load_model
-    from tinyllm.recipes.tiny_zh import _log
+    from tinyllm.recipes.tiny_zh import _log, sft_shape
 
     final = out / "title_tagger"
     if final.is_dir():  # written whole or not at all
@@ -244,12 +244,12 @@ def stage_titles(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], tokenizer: 
     records = sft_examples("title", "train", max_chars=120)
     examples = tagging_examples(tokenizer, records)
     title_chars = max(1, round(sum(len(r["output"]) for r in records) / len(records)))
-    batch = plan.get("batch_size", sc.batch_size)
+    batch, row_tokens = sft_shape(sc, plan)
     if sc.max_steps is not None:
         steps = sc.max_steps
     else:
         width = 1 + sum(len(ids) for ids, _ in examples) / len(examples)
-        step_seconds = plan["measured_step_seconds"] * width / sc.seq_len
+        step_seconds = plan["measured_step_seconds"] * width / row_tokens
         # at most two passes: a GPU's budget would otherwise buy dozens over 5 k articles
         steps = max(20, min(int(sc.title_seconds / step_seconds), 2 * len(examples) // batch))
     _log(f"titles: extractive tagger, {steps} steps × {batch} articles ({steps * batch / len(examples):.2f} "
