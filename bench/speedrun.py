@@ -143,6 +143,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "h1": dict(num_attention_heads=1, num_key_value_heads=1),
         "h2-kv2": dict(num_attention_heads=2, num_key_value_heads=2),
         "h2-s128": dict(num_attention_heads=2, num_key_value_heads=1, seq_len=128, batch_size=32),
+        "h2-s128-L5": dict(num_attention_heads=2, num_key_value_heads=1, seq_len=128, batch_size=32,
+                           num_hidden_layers=5),
+        "h2-s64": dict(num_attention_heads=2, num_key_value_heads=1, seq_len=64, batch_size=64),
+        "h2-s32": dict(num_attention_heads=2, num_key_value_heads=1, seq_len=32, batch_size=128),
     }.items()},
     "smoke": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, seq_len=64, batch_size=4),  # checks the script, not a contender
