@@ -123,7 +123,7 @@ def test_sft_learning_rate_scales_with_the_square_root_of_the_planned_batch() ->
 def test_sft_rows_hold_the_tokens_of_the_planned_pretraining_batch() -> None:
     from tinyllm.recipes.tiny_zh import SCALES, sft_shape
 
-    sc = SCALES["default"]  # pretraining 32 × 128, SFT rows up to 256 tokens
+    sc = SCALES["default"]  # pretraining 64 × 64, SFT rows up to 256 tokens
     assert sft_shape(sc, {"batch_size": sc.batch_size}) == (sc.batch_size * sc.seq_len // sc.sft_seq_len,
                                                               sc.sft_seq_len)
     assert sft_shape(sc, {"batch_size": sc.batch_size // 2})[0] * sc.sft_seq_len == sc.batch_size // 2 * sc.seq_len

@@ -106,8 +106,8 @@ class Scale:
     sft_lr: float = 7e-4
     replay_fraction: float = 0.25  # share of SFT examples that are pretraining windows (keeps the LM)
     # SFT (and the title tagger, DPO) rows up to this many tokens (0: seq_len), in batches of the pretraining
-    # batch's tokens: at the default scale pretraining packs 32 windows of 128 tokens, and SFT takes 16 rows of up
-    # to 256, as 12 % of its task rows run past 128 tokens and would lose their answers
+    # batch's tokens: at the default scale pretraining packs 64 windows of 64 tokens, and SFT takes 16 rows of up
+    # to 256 (most task rows run past 64 tokens, 12 % past 128, and would lose their answers)
     sft_seq_len: int = 0
     # fewer pretraining steps than this: re-plan (precision, halved batch). At a CPU's token budget more, smaller
     # steps win: on an AVX2-only EPYC (fp32, ~1.3 M tokens in the budget) batch 8 × 662 steps reached 6.30 bits/char
@@ -132,10 +132,11 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # windows of 128 tokens, 32 a batch: 0.08 / 0.11 bits/char better than 16 × 256 (speedrun r7, seeds 0 / 1)
+    # windows of 64 tokens, 64 a batch: 0.08 / 0.11 bits/char better at 128 × 32 than 256 × 16, and 0.046 / 0.028
+    # more at 64 × 64 (speedrun r7, seeds 0 / 1; 32 × 128 loses again)
     "default": Scale(3_000_000, 8192, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                                            num_attention_heads=6, num_key_value_heads=2),
-                     128, 32, 320.0, 135.0, 6000, 1000, 100, sft_seq_len=256,
+                     64, 64, 320.0, 135.0, 6000, 1000, 100, sft_seq_len=256,
                      narrower=(dict(hidden_size=160, intermediate_size=432, num_hidden_layers=4, num_attention_heads=5,
                                     num_key_value_heads=1),
                                # two 64-wide heads, one K/V head: 0.04 bits/char better than 4 × 32 / 2 (speedrun r7)
