@@ -69,7 +69,7 @@ def stage_dpo(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> 
         write_pairs_jsonl(load_pairs("builtin:title,sentiment", "train", cfg.seed, al.dpo_pairs), data)
     _log(f"dpo: {al.dpo_steps} steps on {2 * al.dpo_pairs} inews preference pairs")
     dcfg = DPOConfig(init_from=str(model_dir), data=str(data), tokenizer=str(out / "tokenizer"),
-                     out_dir=str(out / "dpo"), max_length=sc.sft_seq_len or sc.seq_len, max_steps=al.dpo_steps, batch_size=8,
+                     out_dir=str(out / "dpo"), max_length=sc.sft_width, max_steps=al.dpo_steps, batch_size=8,
                      lr=5e-4, min_lr=5e-5, warmup_steps=max(1, al.dpo_steps // 10), beta=0.1,
                      precision=cfg.precision, val_fraction=0.05, eval_interval=0, eval_steps=4,
                      log_interval=max(1, al.dpo_steps // 20), save_interval=0, keep_last=1, seed=cfg.seed,
@@ -79,7 +79,7 @@ def stage_dpo(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> 
         raise KeyboardInterrupt
     # held-out: pairs of the inews test split, reference = the SFT model
     test_pairs = tokenize_pairs(load_pairs("builtin:title,sentiment", "test", cfg.seed, al.dpo_eval_pairs),
-                                tokenizer, True, sc.sft_seq_len or sc.seq_len)
+                                tokenizer, True, sc.sft_width)
     pad = tokenizer.pad_token_id or 0
     sft = load_model(model_dir)
     ref_pairs = attach_reference(sft, test_pairs, pad)
