@@ -119,3 +119,26 @@ def test_bf16_autocast_trains(tok) -> None:
     losses = train_title_tagger(_tagger(tok), examples, tok.special_tokens["<|endoftext|>"], steps=3, batch_size=2,
                                 precision="bf16")
     assert len(losses) == 3 and all(0 < x < 2 for x in losses)
+
+
+def test_time_budget_shortens_the_tagger_run(tok, monkeypatch) -> None:
+    """A budget the planned steps overrun: the run is re-planned from its measured step time (fake clock: each
+    step 0.1 s) and its learning rate still decays to the end of the shortened plan."""
+    import types
+
+    import tinyllm.recipes.tiny_zh_titles as titles
+
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 0.1  # read once a step, after it
+        return now[0]
+
+    monkeypatch.setattr(titles, "time", types.SimpleNamespace(perf_counter=clock))
+    examples = tagging_examples(tok, [{"input": "北京今天下大雪，道路结冰。", "output": "北京下大雪"}])
+    losses = train_title_tagger(_tagger(tok), examples, tok.special_tokens["<|endoftext|>"], steps=500, batch_size=2,
+                                time_budget_s=3.0)
+    assert 27 <= len(losses) <= 31
+    free = train_title_tagger(_tagger(tok), examples, tok.special_tokens["<|endoftext|>"], steps=12, batch_size=2,
+                              time_budget_s=1e6)
+    assert len(free) == 12

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.atomic import atomic_write_json
-from tinyllm.model.transformer import CausalLM
+from tinyllm.eval.harness import scored_logits
 
 CONVENTION = ("per-document scoring from the boundary token; the end of each document is predicted and counted "
               "as one character and one byte")
@@ -147,13 +147,6 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return docs
 
 
-def _scored_logits(model: nn.Module, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [n, V] at the `scored` positions of x [b, t]; a CausalLM applies its lm_head only there."""
-    if isinstance(model, CausalLM):
-        return model.lm_head(model(x, hidden_only=True)[scored]).float()
-    return model(x)[scored].float()
-
-
 @torch.no_grad()
 def lm_bits(model: nn.Module, token_docs: Sequence[Sequence[int]], texts: Sequence[str], boundary_id: int,
             context: int, stride: int | None = None, batch_tokens: int = 4096) -> BitsScore:
@@ -185,7 +178,7 @@ def lm_bits(model: nn.Module, token_docs: Sequence[Sequence[int]], texts: Sequen
             x[r, :k] = torch.tensor(toks[:-1])
             y[r, k - n_scored : k] = torch.tensor(toks[k + 1 - n_scored :])  # logits at t predict token t+1
         scored = y != -100
-        logits = _scored_logits(model, x.to(device), scored.to(device))  # [n_scored, V]
+        logits = scored_logits(model, x.to(device), scored.to(device))  # [n_scored, V]
         total += float(F.cross_entropy(logits, y[scored].to(device), reduction="sum"))
         count += int(scored.sum())
     model.train(was_training)

@@ -20,25 +20,50 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def scored_logits(model: nn.Module, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [n, V] at the `scored` positions (a bool mask) of x [b, t], in row-major order. A CausalLM
+    applies its lm_head only there: scoring a few positions of long prompts then skips the head's product (and
+    the softmax) over every other position — most of the work at a small model's vocabulary."""
+    from tinyllm.model.transformer import CausalLM
+
+    if isinstance(model, CausalLM):
+        return model.lm_head(model(x, hidden_only=True)[scored]).float()
+    return model(x)[scored].float()
+
+
 @torch.no_grad()
 def choice_logprobs(model: nn.Module, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]],
-                    batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
-    """[len(prompts), len(choices)] of Σ log p(choice | prompt) (same candidate list for every prompt)."""
+                    batch_size: int = 32, pad_id: int = 0) -> torch.Tensor:
+    """[len(prompts), len(choices)] of Σ log p(choice | prompt) (same candidate list for every prompt).
+    Rows are batched by length (little padding) and the logits taken only where a choice token is predicted."""
     if not choices or any(len(c) == 0 for c in choices):
         raise ValueError("every choice needs at least one token")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
     rows = [(list(p), list(c)) for p in prompts for c in choices]
+    if any(not p for p, _ in rows):
+        raise ValueError("every prompt needs at least one token (the first choice token is predicted from it)")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out = torch.empty(len(rows))
     device = next(model.parameters()).device
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        for r, (p, c) in enumerate(chunk):
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        scored = torch.zeros((len(idx), width), dtype=torch.bool)
+        targets = []
+        for r, i in enumerate(idx):
+            p, c = rows[i]
             ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-        logp = F.log_softmax(model(ids.to(device)).float(), dim=-1).cpu()  # [b, T, V]
-        for r, (p, c) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # logits at t predict token t+1
-            out[s + r] = logp[r, pos, torch.tensor(c)].sum()
+            scored[r, len(p) - 1 : len(p) + len(c) - 1] = True  # logits at t predict token t+1
+            targets += c
+        logp = F.log_softmax(scored_logits(model, ids.to(device), scored.to(device)), dim=-1).cpu()
+        picked = logp[torch.arange(len(targets)), torch.tensor(targets)]
+        k = 0
+        for i in idx:
+            n = len(rows[i][1])
+            out[i] = picked[k : k + n].sum()
+            k += n
     return out.view(len(prompts), len(choices))
 
 

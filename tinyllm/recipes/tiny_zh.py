@@ -281,7 +281,8 @@ def _pretrain_config(cfg: TinyZhConfig, sc: Scale, out: Path, shards: Path, plan
         data_dir=str(shards), out_dir=str(out / "pretrain"), tokenizer=str(out / "tokenizer"), seq_len=sc.seq_len,
         model_preset="tiny", max_position_embeddings=max(512, sc.seq_len), tie_word_embeddings=True,
         **plan.get("model", sc.model),
-        max_steps=max_steps, batch_size=plan["batch_size"], lr=sc.lr, min_lr=sc.min_lr, schedule=sc.schedule,
+        max_steps=max_steps, time_budget_s=sc.pretrain_seconds if sc.max_steps is None else 0.0,
+        batch_size=plan["batch_size"], lr=sc.lr, min_lr=sc.min_lr, schedule=sc.schedule,
         optimizer=sc.optimizer, adamw_lr_scale=sc.adamw_lr_scale if sc.optimizer == "muon" else 1.0,
         zero_init_residual=sc.zero_init_residual, decay_fraction=sc.decay_fraction,
         warmup_steps=max(1, min(50, max_steps // 10)), weight_decay=0.1,
@@ -480,6 +481,7 @@ def stage_sft(cfg: TinyZhConfig, sc: Scale, out: Path, plan: dict[str, Any]) -> 
         # 0.6 of the padded tokens of random batches at the default scale, so more steps in the same time
         return SFTConfig(init_from=str(out / "pretrain" / "final"), data=str(data), tokenizer=str(out / "tokenizer"),
                          out_dir=str(out / "sft"), max_length=width, max_steps=steps, batch_size=batch,
+                         time_budget_s=sc.sft_seconds if sc.max_steps is None else 0.0,
                          lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20),
                          precision=plan.get("precision", cfg.precision), replay_data=str(out / "shards"),
                          replay_fraction=sc.replay_fraction, group_by_length=True,

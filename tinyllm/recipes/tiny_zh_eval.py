@@ -206,7 +206,9 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         f"Scale `{cfg.scale}` on {plan.get('device_name', plan.get('device', '?'))}, precision "
         f"{plan.get('precision', cfg.precision)} (asked: {cfg.precision}), batch {plan.get('batch_size', '?')}, "
         f"seed {cfg.seed}. Measured before training: {fmt(tps, ',.0f')} tokens/s → {plan.get('max_steps')} "
-        f"pretraining steps ({plan.get('reason', '')}). Stage times: "
+        f"pretraining steps ({plan.get('reason', '')})"
+        + (f"; re-timed while it ran, pretraining kept to its budget with {pre['steps']} steps"
+           if pre["steps"] not in (None, plan.get("max_steps")) else "") + ". Stage times: "
         + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ".", "",
         "## Model", "",
         f"LLaMA-style decoder, {fmt(n_params, ',')} parameters: hidden {model_cfg['hidden_size']}, "

@@ -26,6 +26,7 @@ import bisect
 import json
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +130,15 @@ def _batch(rows: Sequence[list[int]], start_id: int, device: Any) -> torch.Tenso
 
 def train_title_tagger(tagger: TitleTagger, examples: Sequence[tuple[list[int], list[float]]], start_id: int, *,
                        steps: int, batch_size: int = 16, lr: float = 1e-3, head_lr: float = 3e-3, seed: int = 0,
-                       precision: str = "fp32", device: str = "cpu", progress: bool = False) -> list[float]:
+                       precision: str = "fp32", device: str = "cpu", progress: bool = False,
+                       time_budget_s: float = 0.0) -> list[float]:
     """Fine-tune the whole tagger with binary cross-entropy on the keep labels (AdamW, 20 warmup steps, linear
-    decay to 0, gradient clipping at 1). Returns the loss of every step."""
+    decay to 0, gradient clipping at 1). `time_budget_s` > 0: fewer steps if the measured step time says `steps`
+    would not fit it (re-planned during the first half, as a cosine run is: `train.budget`). Returns the loss of
+    every step."""
     from tqdm.auto import tqdm
+
+    from tinyllm.train.budget import StepBudget, replan_floor, replan_open
 
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be positive")
@@ -142,10 +148,13 @@ def train_title_tagger(tagger: TitleTagger, examples: Sequence[tuple[list[int], 
     head = [p for n, p in tagger.named_parameters() if not n.startswith("lm.")]
     opt = torch.optim.AdamW([{"params": tagger.lm.parameters(), "lr": lr}, {"params": head, "lr": head_lr}],
                             weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    plan = [steps]  # the step count the schedule decays over (a time budget may shorten it)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / plan[0]))
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
     rng, order, losses = random.Random(seed), [], []
-    for _ in tqdm(range(steps), desc="title tagger", unit="step", disable=not progress):
+    budget, t0 = (StepBudget(time_budget_s, steps) if time_budget_s else None), time.perf_counter()
+    bar = tqdm(total=steps, desc="title tagger", unit="step", disable=not progress)
+    while len(losses) < plan[0]:
         if len(order) < batch_size:
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -167,6 +176,11 @@ def train_title_tagger(tagger: TitleTagger, examples: Sequence[tuple[list[int], 
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"title tagger loss is {loss.item()} at step {len(losses)}")
         losses.append(loss.item())
+        bar.update(1)
+        done = len(losses)
+        if budget is not None and replan_open(done, plan[0], "cosine", 0.0):
+            plan[0] = bar.total = budget.replan(done, time.perf_counter() - t0, replan_floor(done, "cosine", 0.0))
+    bar.close()
     return losses
 
 
@@ -260,7 +274,7 @@ def stage_titles(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], tokenizer: 
     start = tokenizer.special_tokens["<|endoftext|>"]
     train_title_tagger(tagger, examples, start, steps=steps, batch_size=batch, lr=sc.title_lr, seed=cfg.seed,
                        precision=plan.get("precision", cfg.precision), device=plan.get("device", cfg.device),
-                       progress=cfg.progress)
+                       progress=cfg.progress, time_budget_s=sc.title_seconds if sc.max_steps is None else 0.0)
     return save_title_tagger(tagger.cpu(), final, title_chars, tokenizer)
 
 

@@ -58,6 +58,7 @@ from torch import nn
 from tinyllm.atomic import atomic_write_json, trim_torn_tail
 from tinyllm.capability import PRECISION_CHOICES, resolve_precision
 from tinyllm.train import checkpoint as ckpt
+from tinyllm.train.budget import StepBudget, replan_floor, replan_open
 from tinyllm.train.optim import (
     DECAY_SHAPES,
     OPTIMIZERS,
@@ -98,6 +99,9 @@ def _meta(help_text: str, **kw: Any) -> dict[str, Any]:
 class TrainConfig:
     out_dir: str = field(default="out", metadata=_meta("directory for checkpoints, metrics and plots"))
     max_steps: int = field(default=1000, metadata=_meta("optimizer steps"))
+    time_budget_s: float = field(default=0.0, metadata=_meta(
+        "wall-clock budget in seconds: re-plan max_steps from the measured step time so the run ends near it "
+        "(only shortens; wsd keeps its whole decay; single-process runs; 0: run max_steps)"))
     batch_size: int = field(default=8, metadata=_meta("sequences per micro-batch"))
     grad_accum_steps: int = field(default=1, metadata=_meta("micro-batches per optimizer step"))
     lr: float = field(default=3e-4, metadata=_meta("peak learning rate"))
@@ -139,6 +143,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not (self.time_budget_s >= 0 and math.isfinite(self.time_budget_s)):
+            raise ValueError(f"time_budget_s={self.time_budget_s!r} must be a finite number >= 0 (0: no budget)")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
         for name, allowed in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("precision", PRECISIONS),
@@ -283,6 +289,11 @@ class _Run:
             self.device = init_from_env(cfg.device, timeout_s=parallel.timeout_s)
         else:
             self.device = pick_device(cfg.device)
+        if cfg.time_budget_s and parallel is not None and parallel.enabled:
+            raise ValueError(f"time_budget_s={cfg.time_budget_s} with parallel={parallel.parallel!r}: every rank must "
+                             "run the same steps, and each would time its own; give a fixed --max-steps")
+        self.max_steps = cfg.max_steps  # the plan; a time budget may shorten it
+        self.spent_s = 0.0  # budget seconds used before a resume
         self.model.to(self.device)
         self.params = _named(task.trainable_parameters(model))
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -311,7 +322,7 @@ class _Run:
 
     def lr(self, step: int) -> float:
         c = self.cfg
-        return lr_at(step, c.schedule, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_fraction, c.decay_shape)
+        return lr_at(step, c.schedule, c.lr, c.min_lr, c.warmup_steps, self.max_steps, c.decay_fraction, c.decay_shape)
 
     def data_state(self) -> Any:
         fn = getattr(self.data, "state_dict", None)
@@ -332,10 +343,15 @@ class _Run:
         if state.get("data") is not None:
             self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
+        if self.cfg.time_budget_s and state.get("max_steps"):  # the plan as it stood, and the budget used
+            self.max_steps = min(self.cfg.max_steps, int(state["max_steps"]))
+            self.spent_s = float(state.get("budget_spent_s", 0.0))
         return int(state["step"])
 
-    def save(self, step: int, data_state: Any, rng: dict[str, Any]) -> Path | None:
+    def save(self, step: int, data_state: Any, rng: dict[str, Any], spent_s: float = 0.0) -> Path | None:
         trainer_state = {"lr_schedule_step": step, "rng": rng, "data": data_state}
+        if self.cfg.time_budget_s:
+            trainer_state.update(max_steps=self.max_steps, budget_spent_s=spent_s)
         if self.par is None:
             return ckpt.save_checkpoint(self.out, step, self.model, self.opt, trainer_state,
                                         dataclasses.asdict(self.cfg), self.cfg.keep_last)
@@ -418,7 +434,8 @@ class _Run:
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, parallel: Any = None) -> TrainResult:
-    """Optimise `model` on `task` for cfg.max_steps steps (see the module docstring). `parallel`: a
+    """Optimise `model` on `task` for cfg.max_steps steps, or fewer to fit cfg.time_budget_s (train.budget; see
+    the module docstring). `parallel`: a
     train.parallel.config.ParallelConfig (data-parallel strategy, activation checkpointing) or None."""
     seed_everything(cfg.seed)
     run = _Run(model, task, cfg, parallel)
@@ -467,7 +484,9 @@ def _train(run: _Run) -> TrainResult:
     t_start = t_window = time.perf_counter()
     peak = None
     interrupted, last_ckpt = False, None
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and run.main),
+    budget = (StepBudget(cfg.time_budget_s, run.max_steps, spent=run.spent_s, start=start)
+              if cfg.time_budget_s else None)
+    bar = tqdm(total=run.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and run.main),
                dynamic_ncols=True)
     step, in_step, data_state, rng = start, False, None, None
     with open(metrics_path if run.main else os.devnull, "a") as log:
@@ -476,7 +495,7 @@ def _train(run: _Run) -> TrainResult:
             log.flush()
 
         try:
-            while step < cfg.max_steps:
+            while step < run.max_steps:
                 # what a checkpoint of "step completed steps" must hold, captured before the step consumes it
                 in_step, data_state, rng = True, run.data_state(), ckpt.rng_state()
                 loss, tokens, norm, task_metrics = run.step(step)
@@ -486,7 +505,7 @@ def _train(run: _Run) -> TrainResult:
                 window_losses.append(loss)
                 total_tokens += tokens
                 window_tokens += tokens
-                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                if step % cfg.log_interval == 0 or step == run.max_steps:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - t_window, 1e-9)
                     if peak is None:
@@ -495,25 +514,32 @@ def _train(run: _Run) -> TrainResult:
                     mfu = tps * (run.flops_per_token or 0.0) / peak
                     emit({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": run.lr(step - 1),
                           "grad_norm": norm, "tokens": total_tokens, "tokens_per_s": tps, "mfu": mfu,
-                          "elapsed_s": now - t_start,
+                          "elapsed_s": now - t_start, **({"max_steps": run.max_steps} if budget else {}),
                           **{k: float(v) for k, v in task_metrics.items() if k != "tokens"}})
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
                     t_window, window_tokens, window_losses = now, 0, []
                 bar.update(1)
-                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == run.max_steps:
                     ev = run.evaluate()
                     if ev is not None:
                         run.eval_losses[step] = ev
                         emit({"step": step, "eval_loss": ev})
-                if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps:
-                    last_ckpt = run.save(step, run.data_state(), ckpt.rng_state())
+                if (cfg.save_interval and step % cfg.save_interval == 0) or step == run.max_steps:
+                    last_ckpt = run.save(step, run.data_state(), ckpt.rng_state(),
+                                         run.spent_s + time.perf_counter() - t_start)
+                if budget is not None and replan_open(step, run.max_steps, cfg.schedule, cfg.decay_fraction):
+                    planned = budget.replan(step, time.perf_counter() - t_start,
+                                            replan_floor(step, cfg.schedule, cfg.decay_fraction))
+                    if planned != run.max_steps:
+                        run.max_steps = bar.total = planned
+                        bar.refresh()
         except KeyboardInterrupt:
             interrupted = True
             run.opt.zero_grad(set_to_none=True)
             if not in_step:  # the step had completed: its own end state is the one to keep
                 data_state, rng = run.data_state(), ckpt.rng_state()
             bar.write(f"interrupted: saving a checkpoint of step {step}")
-            last_ckpt = run.save(step, data_state, rng)
+            last_ckpt = run.save(step, data_state, rng, run.spent_s + time.perf_counter() - t_start)
         finally:
             bar.close()
     plot_path = write_plot(metrics_path, run.out / "loss.png") if run.main else None
