@@ -49,6 +49,13 @@ def test_flags_parse_into_the_dataclass(echo_command, capsys) -> None:
     assert "'verbose': True" in out and "'mode': 'b'" in out and "'limit': 7" in out
 
 
+def test_boolean_flags_take_a_value_or_a_no_form(echo_command, capsys) -> None:
+    for argv, want in ((["--verbose", "false"], False), (["--verbose", "yes"], True), (["--no-verbose"], False),
+                       (["--verbose", "--no-verbose"], False), (["--no-verbose", "--verbose"], True)):
+        assert cli.main(["echo", *argv]) == 0
+        assert f"'verbose': {want}" in capsys.readouterr().out
+
+
 def test_defaults_and_subcommands(echo_command, capsys) -> None:
     assert cli.main(["grp", "sub"]) == 0
     assert "'count': 1" in capsys.readouterr().out

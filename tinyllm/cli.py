@@ -141,6 +141,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                                 default=argparse.SUPPRESS, help=help_text)
         if tp is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, **kwargs)
+            # `--no-progress` as well as `--progress false`
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                help=f"same as {flag} false")
         elif origin is list:
             (item,) = typing.get_args(tp) or (str,)
             parser.add_argument(flag, type=item, nargs="*", **kwargs)
