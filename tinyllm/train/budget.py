@@ -60,7 +60,8 @@ class StepBudget:
     `replan(step, elapsed)` after each completed step: once `settle` steps have run (the first steps pay one-off
     costs: allocation, compilation, cold caches), the mean seconds per step since then gives the steps that still
     fit, and the plan becomes min(plan, step + steps that fit), never below `floor` (what the schedule needs).
-    `spent` is the budget already used by an earlier, resumed part of the run."""
+    A resumed run passes `spent`, the budget its earlier part used, and `start`, the step it resumes from (the
+    settling steps count from there)."""
 
     def __init__(self, seconds: float, max_steps: int, settle: int = 5, spent: float = 0.0, start: int = 0) -> None:
         if not seconds > 0:

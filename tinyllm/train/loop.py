@@ -271,6 +271,10 @@ class _Run:
     """State of one `train` call; methods are the loop's phases."""
 
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, parallel: Any = None) -> None:
+        # before touching the model or joining a process group: a refused run must not leave one behind
+        if cfg.time_budget_s and parallel is not None and parallel.enabled:
+            raise ValueError(f"time_budget_s={cfg.time_budget_s} with parallel={parallel.parallel!r}: every rank must "
+                             "run the same steps, and each would time its own; give a fixed --max-steps")
         self.model, self.task, self.cfg = model, task, cfg
         self.out = Path(cfg.out_dir)
         self.par = None
@@ -289,9 +293,6 @@ class _Run:
             self.device = init_from_env(cfg.device, timeout_s=parallel.timeout_s)
         else:
             self.device = pick_device(cfg.device)
-        if cfg.time_budget_s and parallel is not None and parallel.enabled:
-            raise ValueError(f"time_budget_s={cfg.time_budget_s} with parallel={parallel.parallel!r}: every rank must "
-                             "run the same steps, and each would time its own; give a fixed --max-steps")
         self.max_steps = cfg.max_steps  # the plan; a time budget may shorten it
         self.spent_s = 0.0  # budget seconds used before a resume
         self.model.to(self.device)
@@ -486,6 +487,10 @@ def _train(run: _Run) -> TrainResult:
     interrupted, last_ckpt = False, None
     budget = (StepBudget(cfg.time_budget_s, run.max_steps, spent=run.spent_s, start=start)
               if cfg.time_budget_s else None)
+
+    def spent() -> float:  # budget seconds used so far, earlier parts of a resumed run included
+        return run.spent_s + time.perf_counter() - t_start
+
     bar = tqdm(total=run.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and run.main),
                dynamic_ncols=True)
     step, in_step, data_state, rng = start, False, None, None
@@ -525,8 +530,7 @@ def _train(run: _Run) -> TrainResult:
                         run.eval_losses[step] = ev
                         emit({"step": step, "eval_loss": ev})
                 if (cfg.save_interval and step % cfg.save_interval == 0) or step == run.max_steps:
-                    last_ckpt = run.save(step, run.data_state(), ckpt.rng_state(),
-                                         run.spent_s + time.perf_counter() - t_start)
+                    last_ckpt = run.save(step, run.data_state(), ckpt.rng_state(), spent())
                 if budget is not None and replan_open(step, run.max_steps, cfg.schedule, cfg.decay_fraction):
                     planned = budget.replan(step, time.perf_counter() - t_start,
                                             replan_floor(step, cfg.schedule, cfg.decay_fraction))
@@ -539,7 +543,7 @@ def _train(run: _Run) -> TrainResult:
             if not in_step:  # the step had completed: its own end state is the one to keep
                 data_state, rng = run.data_state(), ckpt.rng_state()
             bar.write(f"interrupted: saving a checkpoint of step {step}")
-            last_ckpt = run.save(step, data_state, rng, run.spent_s + time.perf_counter() - t_start)
+            last_ckpt = run.save(step, data_state, rng, spent())
         finally:
             bar.close()
     plot_path = write_plot(metrics_path, run.out / "loss.png") if run.main else None
