@@ -32,7 +32,8 @@ install-dev: $(DEV_STAMP)
 demo: $(STAMP)
 	$(BIN)/tinyllm recipe tiny-zh --out runs/tiny-zh $(DEMO_ARGS)
 	$(BIN)/tinyllm generate --model runs/tiny-zh/model --chat --prompt "$$(printf '今天股市大涨，多家企业公布了亮眼的业绩。\n\n为上面的新闻写一个标题。')" --max-new-tokens 32 \
-		--temperature 0.7 --top-p 0.9 --repetition-penalty 1.1 --seed 0
+		--temperature 0.7 --top-p 0.9 --repetition-penalty 1.1 --no-repeat-ngram-size 3 --no-repeat-ngram-scope output \
+		--seed 0
 	$(BIN)/tinyllm title --model runs/tiny-zh/title_tagger --text "$$(printf '12月1日上午，北京市朝阳区人民法院通过网络司法拍卖平台拍出26套房产，成交总额超过1.2亿元，多套房产溢价成交，吸引了大量竞买人参与。')"
 
 # Two pytest workers, each taking whole test files (module fixtures such as a loaded SmolLM2 are built once): many

@@ -4,6 +4,7 @@ the printed text equals the generator's output, chat keeps history and obeys its
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -173,6 +174,29 @@ def test_bad_values_are_rejected(checkpoint: Path, capsys) -> None:
     assert "top_p=1.5" in capsys.readouterr().err
     assert main(["generate", "--model", str(checkpoint), "--temperature", "-1"]) == 2
     assert "temperature=-1" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint), "--no-repeat-ngram-size", "-2"]) == 2
+    assert "no_repeat_ngram_size=-2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["all", "output"])
+def test_no_repeat_ngram_in_engine_and_reference(checkpoint: Path, capsys, scope: str) -> None:
+    """--no-repeat-ngram-size reaches the engine and the reference generator alike; no output bigram twice."""
+    outs = []
+    for engine in ("true", "false"):
+        assert main(["generate", "--model", str(checkpoint), "--prompt", "the model", "--max-new-tokens", "16",
+                     "--stream", "false", "--device", "cpu", "--engine", engine, "--no-repeat-ngram-size", "2",
+                     "--no-repeat-ngram-scope", scope]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
+    prompt = tok.encode("the model")
+    ref = generate(model, torch.tensor([prompt]), max_new_tokens=16, eos_token_id=[2], no_repeat_ngram_size=2,
+                   no_repeat_ngram_scope=scope)[0, len(prompt):].tolist()
+    ref = ref[: ref.index(2)] if 2 in ref else ref
+    assert outs[0] == tok.decode(ref, skip_special_tokens=True) + "\n"
+    seq = (prompt if scope == "all" else []) + ref
+    bigrams = list(itertools.pairwise(seq))
+    assert len(bigrams) == len(set(bigrams))
 
 
 @pytest.mark.slow  # the 98 MB GGUF is parsed twice (tokenizer, weights): ~30-50 s on 2 shared cores

@@ -231,6 +231,16 @@ def test_repetition_and_presence_penalties(model, prompts) -> None:
                               use_tqdm=False)[0].outputs[0].token_ids
     ref = generate(model, torch.tensor([p]), max_new_tokens=10, eos_token_id=[], **kw)
     assert out == ref[0, len(p):].tolist()
+    # no repeated n-gram, over prompt and output (transformers) or over the output only
+    for kw in (dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=3, no_repeat_ngram_scope="output",
+                                                   repetition_penalty=1.1),
+               dict(no_repeat_ngram_size=1, no_repeat_ngram_scope="output")):
+        out = LLM(model).generate([p, prompts[3]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, **kw),
+                                  use_tqdm=False)
+        for o, q in zip(out, [p, prompts[3]], strict=True):
+            ref = generate(model, torch.tensor([q]), max_new_tokens=12, eos_token_id=[], **kw)[0, len(q):].tolist()
+            assert o.outputs[0].token_ids == ref, kw
+    assert len(set(ref)) == 12  # size 1 over the output: no token twice
     scores = torch.zeros(1, 5)
     got = presence_frequency(scores, [1, 1, 3], presence=0.5, frequency=0.25)
     assert torch.allclose(got, torch.tensor([[0.0, -1.0, 0.0, -0.75, 0.0]]))
@@ -257,7 +267,8 @@ def test_llm_from_checkpoint_directory(tmp_path, model) -> None:
     (dict(min_p=1.5), "min_p=1.5"), (dict(n=0), "n=0"), (dict(max_tokens=0), "max_tokens=0"),
     (dict(repetition_penalty=0.0), "repetition_penalty=0.0"), (dict(presence_penalty=3.0), "presence_penalty=3.0"),
     (dict(encoder_repetition_penalty=-1.0), "encoder_repetition_penalty=-1.0"),
-    (dict(frequency_penalty=-2.5), "frequency_penalty=-2.5"), (dict(logprobs=-1), "logprobs=-1"),
+    (dict(frequency_penalty=-2.5), "frequency_penalty=-2.5"), (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    (dict(no_repeat_ngram_scope="prompt"), "no_repeat_ngram_scope='prompt'"), (dict(logprobs=-1), "logprobs=-1"),
     (dict(stop=[""]), "stop="), (dict(stop_token_ids=[-4]), "stop_token_ids="), (dict(seed=1.5), "seed=1.5"),
 ])
 def test_invalid_sampling_params(kw, name) -> None:

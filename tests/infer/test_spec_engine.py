@@ -1,8 +1,8 @@
 """Speculative decoding inside the engine (notes ch.06.3.k; Leviathan et al. 2023): greedy output token-exact
 with plain decoding over a batch of mixed prompts (prompt lookup and draft-model drafters, prefix caching on
 and off, a pool small enough to preempt, gather attention), every block returned; stop conditions,
-penalties and logprobs as in plain decoding; sampled output distributed as the target's (chi-square on a
-tiny vocabulary, for a one-hot draft and for a different draft model); prompt lookup ≡ its plain-loop twin;
+penalties, no-repeat n-grams and logprobs as in plain decoding; sampled output distributed as the target's
+(chi-square on a tiny vocabulary, for a one-hot draft and for a different draft model); prompt lookup ≡ its plain-loop twin;
 config errors."""
 
 from __future__ import annotations
@@ -133,8 +133,10 @@ def test_stops_penalties_and_logprobs_as_plain(model, prompts, spec) -> None:
     params += [SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, repetition_penalty=1.4,
                               presence_penalty=0.5, frequency_penalty=0.3)] * len(prompts)
     params += [SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=3)] * len(prompts)
-    a = plain.generate(prompts * 3, params, use_tqdm=False)
-    b = fast.generate(prompts * 3, params, use_tqdm=False)
+    params += [SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, no_repeat_ngram_size=2,
+                              no_repeat_ngram_scope="output")] * len(prompts)
+    a = plain.generate(prompts * 4, params, use_tqdm=False)
+    b = fast.generate(prompts * 4, params, use_tqdm=False)
     for x, y in zip(a, b, strict=True):
         ox, oy = x.outputs[0], y.outputs[0]
         assert (ox.token_ids, ox.finish_reason, ox.stop_reason) == (oy.token_ids, oy.finish_reason, oy.stop_reason)

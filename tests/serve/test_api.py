@@ -57,6 +57,12 @@ def test_chat_greedy_equals_offline_engine(client, offline) -> None:
     r2 = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_completion_tokens=5,
                                         extra_body=LONG)
     assert r2.usage.completion_tokens == 5 and text.startswith(r2.choices[0].message.content)
+    # the no-repeat n-gram extension reaches the engine, over the reply only
+    r3 = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=12,
+                                        extra_body={**LONG, "no_repeat_ngram_size": 1})
+    _, text3, _ = offline_chat(offline, HELLO, temperature=0, max_tokens=12, ignore_eos=True, no_repeat_ngram_size=1,
+                               no_repeat_ngram_scope="output")
+    assert r3.choices[0].message.content == text3
 
 
 def test_chat_stream_adds_up_and_reports_usage(client, offline) -> None:

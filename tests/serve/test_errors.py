@@ -48,6 +48,7 @@ def _bad(client, status: int = 400, **kw):
     (dict(max_tokens=-3), "max_tokens"),
     (dict(top_p=1.5), "top_p"),
     (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(extra_body={"no_repeat_ngram_size": -1}), "no_repeat_ngram_size"),
     (dict(n=0), "n"),
     (dict(logprobs=True, top_logprobs=50), "top_logprobs"),
 ])

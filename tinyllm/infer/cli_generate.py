@@ -39,6 +39,9 @@ _SAMPLING_HELP = {
     "min_p": "keep tokens with p >= min_p * max p (0 = off)",
     "repetition_penalty": "CTRL penalty for tokens already present (1 = off)",
     "encoder_repetition_penalty": "reward for tokens of the prompt, > 1 favours copying from it (1 = off)",
+    "no_repeat_ngram_size": "never let an n-gram of this many tokens occur twice (0 = off)",
+    "no_repeat_ngram_scope": "where --no-repeat-ngram-size looks: all (prompt and reply, as transformers) or "
+                             "output (the reply only, so it may still quote the prompt once)",
 }
 
 
@@ -54,6 +57,9 @@ class GenerateConfig:
     repetition_penalty: float = field(default=1.0, metadata={"help": _SAMPLING_HELP["repetition_penalty"]})
     encoder_repetition_penalty: float = field(default=1.0, metadata={
         "help": _SAMPLING_HELP["encoder_repetition_penalty"]})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": _SAMPLING_HELP["no_repeat_ngram_size"]})
+    no_repeat_ngram_scope: str = field(default="all", metadata={"help": _SAMPLING_HELP["no_repeat_ngram_scope"],
+                                                                "choices": ["all", "output"]})
     num_beams: int = field(default=1, metadata={"help": "beam search width (1 = no beam search)"})
     seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
@@ -98,6 +104,8 @@ class GenerateConfig:
                                 temperature=self.temperature if sampling else 1.0, top_k=self.top_k,
                                 top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                 encoder_repetition_penalty=self.encoder_repetition_penalty,
+                                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                                no_repeat_ngram_scope=self.no_repeat_ngram_scope,
                                 num_beams=self.num_beams, seed=self.seed, **extra)
 
     def speculative_config(self) -> Any:
@@ -116,7 +124,9 @@ class GenerateConfig:
 
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repetition_penalty=self.repetition_penalty,
-                              encoder_repetition_penalty=self.encoder_repetition_penalty, seed=self.seed,
+                              encoder_repetition_penalty=self.encoder_repetition_penalty,
+                              no_repeat_ngram_size=self.no_repeat_ngram_size,
+                              no_repeat_ngram_scope=self.no_repeat_ngram_scope, seed=self.seed,
                               max_tokens=self.max_new_tokens)
 
 

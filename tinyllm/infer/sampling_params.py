@@ -6,7 +6,8 @@ does any temperature below 1e-5, which would overflow the logits into inf/NaN); 
 output tokens, as transformers does); encoder_repetition_penalty is transformers' reward for the prompt's own
 tokens (> 1 favours copying from the prompt, e.g. a title from its article); presence/frequency penalties are OpenAI's additive ones over the output
 tokens only: z_i ← z_i − presence·[c_i > 0] − frequency·c_i with c_i the count of token i in the output.
-Processing order: encoder repetition → repetition → presence/frequency → temperature → top-k → top-p → min-p.
+Processing order: encoder repetition → repetition → no-repeat n-gram → presence/frequency → temperature → top-k →
+top-p → min-p.
 
 `seed` gives the request its own `torch.Generator`, so its samples do not depend on which other requests
 share the batch; with n > 1, sample i draws from a generator seeded with seed + i.
@@ -41,6 +42,8 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     encoder_repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # ban any n-gram from occurring twice (0 = off)
+    no_repeat_ngram_scope: str = "all"  # "all": prompt and output (transformers); "output": the output only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -78,6 +81,9 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed!r} must be an integer in [-2**63, 2**64 - n] or None")
         if self.logprobs is not None:
             require_int("logprobs", self.logprobs, 0)
+        require_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.no_repeat_ngram_scope not in ("all", "output"):
+            raise ValueError(f"no_repeat_ngram_scope={self.no_repeat_ngram_scope!r} must be 'all' or 'output'")
         if self.num_speculative_tokens is not None:
             require_int("num_speculative_tokens", self.num_speculative_tokens, 0)
         if isinstance(self.stop, str):
@@ -100,12 +106,19 @@ class SamplingParams:
     def processors(self, prompt_token_ids: list[int] | None = None
                    ) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
         """(penalties, warpers): the transformers-ordered chains of `tinyllm.infer.sampling` for this request;
-        the presence/frequency penalties go between the two. The encoder repetition penalty needs the prompt."""
+        the presence/frequency penalties go between the two. The encoder repetition penalty and the output-only
+        no-repeat rule need the prompt."""
         prompt = None  # built only for the encoder penalty: most requests never read their prompt here
         if self.encoder_repetition_penalty != 1.0 and prompt_token_ids is not None:
             prompt = torch.tensor([prompt_token_ids], dtype=torch.long)
+        start = 0
+        if self.no_repeat_ngram_size and self.no_repeat_ngram_scope == "output":
+            if prompt_token_ids is None:
+                raise ValueError("no_repeat_ngram_scope='output' needs the prompt's token ids")
+            start = len(prompt_token_ids)
         penalties = build_processors(do_sample=False, repetition_penalty=self.repetition_penalty,
-                                     encoder_repetition_penalty=self.encoder_repetition_penalty, prompt_ids=prompt)
+                                     encoder_repetition_penalty=self.encoder_repetition_penalty, prompt_ids=prompt,
+                                     no_repeat_ngram_size=self.no_repeat_ngram_size, no_repeat_start=start)
         warpers = [] if self.greedy else build_processors(
             do_sample=True, temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
             min_p=self.min_p)

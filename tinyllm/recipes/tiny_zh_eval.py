@@ -53,7 +53,10 @@ def lead_title(article: str, max_chars: int) -> str:
 # trigrams 0.126 / 0.138 / 0.140; beams of 4 0.068. A model this small rarely copies unprompted, and loops.
 TITLE_DECODING = dict(repetition_penalty=1.0, encoder_repetition_penalty=2.0, no_repeat_ngram_size=2,
                       no_repeat_ngram_scope="output")
-CHAT_DECODING = dict(repetition_penalty=1.2)  # greedy with a mild CTRL penalty: tiny models otherwise loop
+# Chat replies: greedy with a mild CTRL penalty and no output trigram twice. Tiny models otherwise loop, and the
+# penalty alone does not stop a strong favourite (a default-scale model answered 你好 with 我喜欢吃喝喝喝… to the
+# token limit; with the trigram rule: 我喜欢吃喝喝喝的酒吧，什么是什么？).
+CHAT_DECODING = dict(repetition_penalty=1.2, no_repeat_ngram_size=3, no_repeat_ngram_scope="output")
 
 
 def _greedy_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, stop: list[int],
@@ -247,6 +250,8 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         *[f"| {e['reference']} | {e['generated'] or '∅'} | {e.get('extracted') or '∅'} |"
           for e in metrics["title_examples"]], "",
         "## Chat samples", "",
+        f"Greedy, CTRL repetition penalty {CHAT_DECODING['repetition_penalty']}, no output "
+        f"{CHAT_DECODING['no_repeat_ngram_size']}-gram twice.", "",
         *[f"**用户:** {s['prompt']}\n\n**模型:** {s['reply'] or '∅'}\n" for s in metrics["samples"]],
         "## Configuration", "", "```json",
         json.dumps({"recipe": dataclasses.asdict(cfg), "scale": dataclasses.asdict(sc), "plan": plan},

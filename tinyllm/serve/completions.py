@@ -52,7 +52,8 @@ def sampling_params(st: ServerState, req: P._Sampling, max_tokens: int | None, p
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0, presence_penalty=req.presence_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0, no_repeat_ngram_size=req.no_repeat_ngram_size or 0,
+            no_repeat_ngram_scope="output", presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=req.seed, max_tokens=max_tokens, stop=req.stop,
             logprobs=logprobs, ignore_eos=req.ignore_eos)
     except ValueError as e:

@@ -45,6 +45,7 @@ class _Sampling(_Lenient):
     top_k: int | None = None  # vLLM extension
     min_p: float | None = None  # vLLM extension
     repetition_penalty: float | None = None  # vLLM extension
+    no_repeat_ngram_size: int | None = None  # extension: transformers' generate parameter, over the output only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
