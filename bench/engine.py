@@ -28,9 +28,12 @@ with ratio = ours / peer.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -41,6 +44,13 @@ from _common import copy_traffic, machine_ceilings, paired_median_seconds, repor
 
 FIGURES = ("decode", "decode_int4", "offline", "llama_cpp", "prefix", "batch1")
 LLAMA_CPP_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (~6 min build; benchmark-only)'
+# A native build on a Xeon with AMX dies in ggml's AMX matmul (SIGSEGV in ggml_backend_amx_mul_mat, 0.3.36): build
+# the same instruction sets with AMX off instead.
+LLAMA_CPP_NO_AMX_BUILD = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON '
+    '-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
+    '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --force-reinstall --no-deps '
+    '--no-cache-dir llama-cpp-python')
 
 
 def load(name: str, dtype: torch.dtype):
@@ -137,6 +147,24 @@ def llama_cpp_info() -> dict | None:
     return {"bench": "llama_cpp_build", "version": llama_cpp.__version__, "system_info": flags}
 
 
+@functools.cache
+def llama_cpp_crash(path: str, threads: int) -> str | None:
+    """Why llama.cpp cannot run here, or None: it loads the model and decodes a few tokens in a child process
+    first, so a build that crashes on this CPU is reported instead of killing the benchmark."""
+    code = ("import sys, llama_cpp; m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]),"
+            " verbose=False); m('Hi', max_tokens=4, temperature=0)")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, path, str(threads)], capture_output=True, text=True,
+                           timeout=300)
+    except subprocess.TimeoutExpired:
+        return "llama.cpp did not decode 4 tokens in 300 s"
+    if r.returncode == 0:
+        return None
+    how = f"signal {signal.Signals(-r.returncode).name}" if r.returncode < 0 else f"exit status {r.returncode}"
+    return (f"llama.cpp died with {how} ({r.stderr.strip()[-200:] or 'no message'}); on a CPU with AMX rebuild "
+            f"without it: {LLAMA_CPP_NO_AMX_BUILD}")
+
+
 def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int, name: str = "llama_cpp",
                     **extra) -> dict | None:
     try:
@@ -146,6 +174,10 @@ def bench_llama_cpp(path, llm, prompt: list[int], n: int, repeats: int, name: st
               flush=True)
         return None
     threads = torch.get_num_threads()
+    crash = llama_cpp_crash(str(path), threads)
+    if crash:
+        print(json.dumps({"bench": name, "skipped": crash}), flush=True)
+        return None
     native = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def theirs() -> list[int]:
