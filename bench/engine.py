@@ -160,8 +160,10 @@ def llama_cpp_crash(path: str, threads: int) -> str | None:
         return "llama.cpp did not decode 4 tokens in 300 s"
     if r.returncode == 0:
         return None
-    how = f"signal {signal.Signals(-r.returncode).name}" if r.returncode < 0 else f"exit status {r.returncode}"
-    return (f"llama.cpp died with {how} ({r.stderr.strip()[-200:] or 'no message'}); on a CPU with AMX rebuild "
+    said = r.stderr.strip()[-200:] or "no message"
+    if r.returncode > 0:
+        return f"llama.cpp failed with exit status {r.returncode}: {said}"
+    return (f"llama.cpp died with signal {signal.Signals(-r.returncode).name} ({said}); on a CPU with AMX rebuild "
             f"without it: {LLAMA_CPP_NO_AMX_BUILD}")
 
 
