@@ -1,4 +1,4 @@
-"""The batch-1 decode fast path (one native call per layer) against its twin, FusedForward over the same
+"""The batch-1 decode fast path (one native call per step; per layer, its twin) against FusedForward over the same
 modules (GGUF blocks, tinyllm's int8/int4 formats, or fp32 matrices): same greedy tokens and log-probabilities equal to rounding on
 SmolLM2-135M, on every native build this CPU runs; it serves only a lone decoding sequence and only the models
 it reproduces. With int8-rounded activations (llama.cpp's arithmetic, the GGUF default) the rounding amplifies
@@ -222,3 +222,38 @@ def test_only_models_it_reproduces_are_served(llm) -> None:
     biased = LLM(build_model(ModelConfig(**{**cfg.__dict__, "attention_bias": True})), max_model_len=32,
                  max_num_seqs=1)
     assert biased.engine.runner.decode1 is None  # biases: FusedForward only
+
+
+@pytest.mark.parametrize("weights", ["gguf", "int4"])
+def test_plan_equals_one_call_per_layer(request, weights, monkeypatch) -> None:
+    llm = request.getfixturevalue(WEIGHTS[weights])
+    step = llm.engine.runner.decode1
+    prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
+    one_call = _run(llm, [prompt])[0]
+    assert cpu_kernels.active_isa() in step.plans
+    monkeypatch.setattr(step, "per_layer", True)
+    assert _run(llm, [prompt])[0] == one_call  # same kernels in the same order: bit-identical
+
+
+def test_plans_are_freed_and_bad_steps_named(llm_int4) -> None:
+    step = llm_int4.engine.runner.decode1
+    ops = cpu_kernels._ops()
+    before = ops.decode_plan_count()
+    plan = cpu_kernels.DecodePlan(step.layers, 9, 3, 64, 0.125)
+    assert ops.decode_plan_count() == before + 1
+    kv = llm_int4.engine.runner.cache.kv
+    x, cos, sin, table = torch.zeros(576), torch.ones(64), torch.zeros(64), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"kv must be the pool \[30, 2"):
+        plan(x, cos, sin, kv[0], table, 0)  # one layer of the pool where the plan wants all of them
+    with pytest.raises(RuntimeError, match="position 999 is past the block table"):
+        plan(x, cos, sin, kv, table, 999)
+    with pytest.raises(RuntimeError, match="7 types, 2 norms and 2 eps per layer"):
+        cpu_kernels.DecodePlan([(*lay[:5], lay[5][:6]) for lay in step.layers], 9, 3, 64, 0.125)
+    with pytest.raises(RuntimeError, match=r"weight 3 \(int4\) must be contiguous uint8 \[576, 288\]"):
+        ln1, ln2, eps1, eps2, w, types = step.layers[0]
+        cpu_kernels.DecodePlan([(ln1, ln2, eps1, eps2, [*w[:9], w[10], *w[10:]], types)], 9, 3, 64, 0.125)
+    stale = plan.id
+    del plan
+    assert ops.decode_plan_count() == before
+    with pytest.raises(RuntimeError, match=f"no decode plan {stale}"):
+        ops.decode_plan_run(stale, x, cos, sin, kv, table, 0, 0.125, 0)

@@ -13,7 +13,10 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
@@ -752,38 +755,47 @@ static void rope_heads(float* a, int64_t heads, int64_t D, const float* cos, con
 //   x += Wo a;  y = rms(x)·ln2;  x += Wd (silu(Wg y) ⊙ Wu y)
 // The torch twin is FusedForward over the same modules (same matrix-vector kernels); matrices that read the same
 // x run as one `mv_group`, and each row is computed exactly as a lone matvec computes it.
-void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, double eps2, std::vector<at::Tensor> w,
-                  std::vector<int64_t> types, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
-                  int64_t pos, double scale, int64_t H, int64_t window) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [d]");
+
+// One layer's checked weights: the tensors (held), their types, and per projection where its codes, scales and
+// zeros sit in `w`.
+struct LayerWeights {
+  std::vector<at::Tensor> w;
+  int64_t types[7];
+  const at::Tensor* W[7];
+  const at::Tensor* S[7];
+  const at::Tensor* Z[7];
+  at::Tensor ln1, ln2;
+  float eps1, eps2;
+  int64_t I;  // the MLP's width
+};
+
+// Checks the seven projections (q, k, v, o, gate, up, down) against a layer of width d with H query heads and Hkv
+// key/value heads of size D. `w` holds each matrix's tensors in order: one (fp32, ggml blocks), two (kOwnI8: q,
+// scale) or three (kOwnI4: packed, scale, zero).
+static LayerWeights check_layer(std::vector<at::Tensor> w, const std::vector<int64_t>& types, at::Tensor ln1,
+                                at::Tensor ln2, double eps1, double eps2, int64_t d, int64_t H, int64_t Hkv,
+                                int64_t D) {
   TORCH_CHECK(types.size() == 7, "seven weights (q, k, v, o, gate, up, down) and their types");
-  TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous(),
-              "kv must be a contiguous float32 pool layer [2, blocks, B, Hkv, D]");
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous(), "table must be contiguous int64");
-  const int64_t d = x.size(0), NB = kv.size(1), B = kv.size(2), Hkv = kv.size(3), D = kv.size(4);
   auto tensors_of = [](int64_t t) -> size_t { return t == kOwnI4 ? 3 : t == kOwnI8 ? 2 : 1; };
   size_t gate_at = 0;
   for (int i = 0; i < 4; ++i) gate_at += tensors_of(types[i]);
   TORCH_CHECK(gate_at < w.size() && w[gate_at].dim() == 2, "too few weight tensors for the types given");
-  const int64_t I = w[gate_at].size(0);
-  TORCH_CHECK(D <= 1024 && D % 2 == 0 && H % Hkv == 0 && cos.numel() == D && sin.numel() == D, "head shapes");
-  TORCH_CHECK(pos / B < table.numel(), "position ", pos, " is past the block table");
+  LayerWeights L;
+  L.w = std::move(w);
+  L.I = L.w[gate_at].size(0);
+  const int64_t I = L.I;
   const int64_t K[7] = {d, d, d, H * D, d, d, I};
   const int64_t Nexp[7] = {H * D, Hkv * D, Hkv * D, d, I, I, d};
-  // w holds each matrix's tensors in order: one (fp32, ggml blocks), two (kOwnI8: q, scale) or three (kOwnI4:
-  // packed, scale, zero)
-  const at::Tensor* W[7];
-  const at::Tensor* S[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  const at::Tensor* Z[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   size_t at_w = 0;
   for (int i = 0; i < 7; ++i) {
     const size_t need = tensors_of(types[i]);
-    TORCH_CHECK(at_w + need <= w.size(), "too few weight tensors for the types given");
-    W[i] = &w[at_w];
-    if (need > 1) S[i] = &w[at_w + 1];
-    if (need > 2) Z[i] = &w[at_w + 2];
+    TORCH_CHECK(at_w + need <= L.w.size(), "too few weight tensors for the types given");
+    L.types[i] = types[i];
+    L.W[i] = &L.w[at_w];
+    L.S[i] = need > 1 ? &L.w[at_w + 1] : nullptr;
+    L.Z[i] = need > 2 ? &L.w[at_w + 2] : nullptr;
     at_w += need;
-    const at::Tensor& wi = *W[i];
+    const at::Tensor& wi = *L.W[i];
     if (types[i] == kF32) {
       TORCH_CHECK(wi.scalar_type() == at::kFloat && wi.is_contiguous() && wi.dim() == 2 &&
                       wi.size(0) == Nexp[i] && wi.size(1) == K[i],
@@ -791,19 +803,21 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
       continue;
     }
     if (types[i] == kOwnI8) {
+      const at::Tensor& s = *L.S[i];
       TORCH_CHECK(wi.scalar_type() == at::kChar && wi.is_contiguous() && wi.dim() == 2 && wi.size(0) == Nexp[i] &&
-                      wi.size(1) == K[i] && S[i]->scalar_type() == at::kFloat && S[i]->is_contiguous() &&
-                      S[i]->numel() == Nexp[i],
+                      wi.size(1) == K[i] && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                      s.numel() == Nexp[i],
                   "weight ", i, " (int8) must be contiguous int8 [", Nexp[i], ", ", K[i], "] with float32 scales [",
                   Nexp[i], "]");
       continue;
     }
     if (types[i] == kOwnI4) {
-      const int64_t G = S[i]->dim() == 2 ? S[i]->size(1) : 0;
+      const at::Tensor &s = *L.S[i], &z = *L.Z[i];
+      const int64_t G = s.dim() == 2 ? s.size(1) : 0;
       TORCH_CHECK(wi.scalar_type() == at::kByte && wi.is_contiguous() && wi.dim() == 2 && wi.size(0) == Nexp[i] &&
                       2 * wi.size(1) == K[i] && G > 0 && K[i] % G == 0 && (K[i] / G) % 32 == 0 &&
-                      S[i]->scalar_type() == at::kFloat && S[i]->is_contiguous() && S[i]->size(0) == Nexp[i] &&
-                      Z[i]->scalar_type() == at::kFloat && Z[i]->is_contiguous() && Z[i]->sizes() == S[i]->sizes(),
+                      s.scalar_type() == at::kFloat && s.is_contiguous() && s.size(0) == Nexp[i] &&
+                      z.scalar_type() == at::kFloat && z.is_contiguous() && z.sizes() == s.sizes(),
                   "weight ", i, " (int4) must be contiguous uint8 [", Nexp[i], ", ", K[i] / 2,
                   "] with float32 scales and zeros [", Nexp[i], ", K/group], group a multiple of 32");
       continue;
@@ -813,9 +827,25 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
                     K[i] % 32 == 0 && wi.size(0) == Nexp[i] && wi.size(1) == K[i] / 32 * bytes,
                 "weight ", i, " does not match its ggml type and the layer's shapes");
   }
-  TORCH_CHECK(at_w == w.size(), "more weight tensors than the types use");
-  ln1 = ln1.contiguous().to(at::kFloat); ln2 = ln2.contiguous().to(at::kFloat);
-  cos = cos.contiguous().to(at::kFloat); sin = sin.contiguous().to(at::kFloat);
+  TORCH_CHECK(at_w == L.w.size(), "more weight tensors than the types use");
+  TORCH_CHECK(ln1.numel() == d && ln2.numel() == d, "norm weights must have ", d, " entries");
+  L.ln1 = ln1.contiguous().to(at::kFloat);
+  L.ln2 = ln2.contiguous().to(at::kFloat);
+  L.eps1 = static_cast<float>(eps1);
+  L.eps2 = static_cast<float>(eps2);
+  return L;
+}
+
+// Where one step writes and reads: the position, its rotary row, the pool layer geometry and the block table.
+struct StepAt {
+  int64_t pos, NB, B, Hkv, D, H, ntable, window;
+  const float *cos, *sin;
+  const int64_t* table;
+  float scale;
+};
+
+static void run_layer(const LayerWeights& L, float* xp, int64_t d, float* kvp, const StepAt& at) {
+  const int64_t H = at.H, Hkv = at.Hkv, D = at.D, I = L.I, B = at.B, NB = at.NB;
   thread_local std::vector<float> buf;
   buf.resize(2 * d + (H + 2 * Hkv) * D + H * D + 2 * I);
   float* y = buf.data();
@@ -826,26 +856,128 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
   float* att = v + Hkv * D;
   float* g = att + H * D;
   float* u = g + I;
-  float* xp = x.data_ptr<float>();
-  rms_norm(xp, ln1.data_ptr<float>(), static_cast<float>(eps1), y, d);
-  mv_group(y, 1, d, {{types[0], W[0], q, S[0], Z[0]}, {types[1], W[1], k, S[1], Z[1]}, {types[2], W[2], v, S[2], Z[2]}});
-  rope_heads(q, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-  rope_heads(k, Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-  const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t slot = tp[pos / B] * B + pos % B;
-  TORCH_CHECK(tp[pos / B] >= 0 && tp[pos / B] < NB, "block ", tp[pos / B], " is outside the pool");
-  float* kvp = kv.data_ptr<float>();
+  const int64_t* ty = L.types;
+  rms_norm(xp, L.ln1.data_ptr<float>(), L.eps1, y, d);
+  mv_group(y, 1, d, {{ty[0], L.W[0], q, L.S[0], L.Z[0]}, {ty[1], L.W[1], k, L.S[1], L.Z[1]},
+                     {ty[2], L.W[2], v, L.S[2], L.Z[2]}});
+  rope_heads(q, H, D, at.cos, at.sin);
+  rope_heads(k, Hkv, D, at.cos, at.sin);
+  const int64_t block = at.table[at.pos / B];
+  TORCH_CHECK(block >= 0 && block < NB, "block ", block, " is outside the pool");
+  const int64_t slot = block * B + at.pos % B;
   std::copy(k, k + Hkv * D, kvp + slot * Hkv * D);
   std::copy(v, v + Hkv * D, kvp + (NB * B + slot) * Hkv * D);
-  const int64_t len = pos + 1;
-  decode<float>(q, kvp, tp, &len, att, 1, H, Hkv, D, NB, B, table.numel(), static_cast<float>(scale), window);
-  mv_group(att, 1, H * D, {{types[3], W[3], t, S[3], Z[3]}});
+  const int64_t len = at.pos + 1;
+  decode<float>(q, kvp, at.table, &len, att, 1, H, Hkv, D, NB, B, at.ntable, at.scale, at.window);
+  mv_group(att, 1, H * D, {{ty[3], L.W[3], t, L.S[3], L.Z[3]}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
-  rms_norm(xp, ln2.data_ptr<float>(), static_cast<float>(eps2), y, d);
-  mv_group(y, 1, d, {{types[4], W[4], g, S[4], Z[4]}, {types[5], W[5], u, S[5], Z[5]}});
+  rms_norm(xp, L.ln2.data_ptr<float>(), L.eps2, y, d);
+  mv_group(y, 1, d, {{ty[4], L.W[4], g, L.S[4], L.Z[4]}, {ty[5], L.W[5], u, L.S[5], L.Z[5]}});
   for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  mv_group(g, 1, I, {{types[6], W[6], t, S[6], Z[6]}});
+  mv_group(g, 1, I, {{ty[6], L.W[6], t, L.S[6], L.Z[6]}});
   for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
+}
+
+// x [d], cos/sin [D], one pool layer kv [2, NB, B, Hkv, D] (or the whole pool [L, 2, NB, B, Hkv, D]), table
+static StepAt check_step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
+                         const at::Tensor& table, int64_t pos, double scale, int64_t H, int64_t window) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [d]");
+  const int64_t r = kv.dim() - 5;
+  TORCH_CHECK((r == 0 || r == 1) && kv.size(r) == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous(),
+              "kv must be a contiguous float32 pool layer [2, blocks, B, Hkv, D] or pool [layers, 2, ...]");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous(), "table must be contiguous int64");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous(), "cos and sin must be contiguous float32");
+  StepAt at;
+  at.NB = kv.size(r + 1); at.B = kv.size(r + 2); at.Hkv = kv.size(r + 3); at.D = kv.size(r + 4); at.H = H;
+  TORCH_CHECK(at.D <= 1024 && at.D % 2 == 0 && H % at.Hkv == 0 && cos.numel() == at.D && sin.numel() == at.D,
+              "head shapes");
+  TORCH_CHECK(pos >= 0 && pos / at.B < table.numel(), "position ", pos, " is past the block table");
+  at.pos = pos; at.ntable = table.numel(); at.window = window; at.scale = static_cast<float>(scale);
+  at.cos = cos.data_ptr<float>(); at.sin = sin.data_ptr<float>(); at.table = table.data_ptr<int64_t>();
+  return at;
+}
+
+void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, double eps2, std::vector<at::Tensor> w,
+                  std::vector<int64_t> types, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
+                  int64_t pos, double scale, int64_t H, int64_t window) {
+  cos = cos.contiguous().to(at::kFloat); sin = sin.contiguous().to(at::kFloat);
+  const StepAt at = check_step(x, cos, sin, kv, table, pos, scale, H, window);
+  TORCH_CHECK(kv.dim() == 5, "kv must be one pool layer [2, blocks, B, Hkv, D]");
+  const LayerWeights L = check_layer(std::move(w), types, ln1, ln2, eps1, eps2, x.size(0), H, at.Hkv, at.D);
+  run_layer(L, x.data_ptr<float>(), x.size(0), kv.data_ptr<float>(), at);
+}
+
+// ---------------------------------------------------------------- a decode plan: every layer in one call
+// `decode_layer` per layer costs a Python → dispatcher → C++ crossing and a check of seven weights each time;
+// measured on SmolLM2-135M fp32 at 2 threads that was ~2 ms of a 25 ms step (30 crossings, each starting with
+// caches the previous layer's weights had flushed). A plan checks and holds every layer's weights once; a step
+// is then one call that runs the layers in order, each exactly as `decode_layer` runs it.
+struct DecodePlan {
+  std::vector<LayerWeights> layers;
+  int64_t d, H, Hkv, D;
+};
+
+static std::mutex plans_lock;
+static std::unordered_map<int64_t, std::shared_ptr<const DecodePlan>> plans;
+static int64_t next_plan = 1;
+
+// weights and types: every layer's `decode_layer` lists, concatenated; norms: ln1, ln2 per layer; eps likewise
+int64_t decode_plan_new(std::vector<at::Tensor> w, std::vector<int64_t> types, std::vector<at::Tensor> norms,
+                        std::vector<double> eps, int64_t H, int64_t Hkv, int64_t D) {
+  const int64_t n = static_cast<int64_t>(norms.size()) / 2;
+  TORCH_CHECK(n > 0 && norms.size() == 2 * static_cast<size_t>(n) && eps.size() == norms.size() &&
+                  types.size() == 7 * static_cast<size_t>(n),
+              "a plan takes 7 types, 2 norms and 2 eps per layer: got ", types.size(), " types, ", norms.size(),
+              " norms, ", eps.size(), " eps");
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && D <= 1024 && D % 2 == 0, "head shapes");
+  auto plan = std::make_shared<DecodePlan>();
+  plan->d = norms[0].numel(); plan->H = H; plan->Hkv = Hkv; plan->D = D;
+  auto tensors_of = [](int64_t t) -> size_t { return t == kOwnI4 ? 3 : t == kOwnI8 ? 2 : 1; };
+  size_t at_w = 0;
+  for (int64_t l = 0; l < n; ++l) {
+    std::vector<int64_t> ty(types.begin() + 7 * l, types.begin() + 7 * (l + 1));
+    size_t need = 0;
+    for (int64_t t : ty) need += tensors_of(t);
+    TORCH_CHECK(at_w + need <= w.size(), "layer ", l, ": too few weight tensors for the types given");
+    std::vector<at::Tensor> wl(w.begin() + at_w, w.begin() + at_w + need);
+    at_w += need;
+    plan->layers.push_back(check_layer(std::move(wl), ty, norms[2 * l], norms[2 * l + 1], eps[2 * l],
+                                       eps[2 * l + 1], plan->d, H, Hkv, D));
+  }
+  TORCH_CHECK(at_w == w.size(), "more weight tensors than the types use");
+  std::lock_guard<std::mutex> g(plans_lock);
+  plans[next_plan] = std::move(plan);
+  return next_plan++;
+}
+
+void decode_plan_free(int64_t id) {
+  std::lock_guard<std::mutex> g(plans_lock);
+  plans.erase(id);
+}
+
+int64_t decode_plan_count() {
+  std::lock_guard<std::mutex> g(plans_lock);
+  return static_cast<int64_t>(plans.size());
+}
+
+// every layer of the plan on x [d] in place; kv is the whole pool [layers, 2, NB, B, Hkv, D]
+void decode_plan_run(int64_t id, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
+                     int64_t pos, double scale, int64_t window) {
+  std::shared_ptr<const DecodePlan> plan;
+  {
+    std::lock_guard<std::mutex> g(plans_lock);
+    auto it = plans.find(id);
+    TORCH_CHECK(it != plans.end(), "no decode plan ", id, " (freed, or made by another build)");
+    plan = it->second;
+  }
+  const StepAt at = check_step(x, cos, sin, kv, table, pos, scale, plan->H, window);
+  const int64_t n = static_cast<int64_t>(plan->layers.size());
+  TORCH_CHECK(kv.dim() == 6 && kv.size(0) == n && at.Hkv == plan->Hkv && at.D == plan->D && x.size(0) == plan->d,
+              "kv must be the pool [", n, ", 2, blocks, B, ", plan->Hkv, ", ", plan->D, "] and x [", plan->d, "]");
+  float* kvp = kv.data_ptr<float>();
+  const int64_t stride = kv.stride(0);
+  for (int64_t l = 0; l < n; ++l) run_layer(plan->layers[l], x.data_ptr<float>(), plan->d, kvp + l * stride, at);
 }
 
 }  // namespace
@@ -859,5 +991,9 @@ TINYLLM_LIBRARY(TINYLLM_NS, m) {
   m.def("wo_int4", &wo_int4);
   m.def("ggml_matvec", &ggml_matvec);
   m.def("decode_layer", &decode_layer);
+  m.def("decode_plan_new", &decode_plan_new);
+  m.def("decode_plan_run", &decode_plan_run);
+  m.def("decode_plan_free", &decode_plan_free);
+  m.def("decode_plan_count", &decode_plan_count);
   m.def("f32_matvec", &f32_matvec);
 }

@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,27 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps1: fl
     attention over positions 0..pos, o-projection and residual, RMSNorm, SwiGLU MLP and residual."""
     _ops().decode_layer(x, ln1, ln2, float(eps1), float(eps2), weights, types, cos, sin, kv_layer, table, int(pos),
                         float(scale), int(heads), int(window) if window else 0)
+
+
+class DecodePlan:
+    """Every layer of a batch-1 decode step in one native call: `layers` is a list of `decode_layer`'s per-layer
+    arguments (ln1, ln2, eps1, eps2, weights, types), checked once here and held by the build that is active now.
+    `plan(x, cos, sin, kv, table, pos)` runs them in order on x [d] in place, each exactly as `decode_layer`
+    would, with kv the whole fp32 pool [layers, 2, blocks, B, Hkv, D]. One call instead of one per layer: each
+    crossing from Python into the kernels costs tens of microseconds when the layer before has flushed the
+    caches (BENCHMARKS.md, batch-1 decode)."""
+
+    def __init__(self, layers: list[tuple], heads: int, kv_heads: int, head_dim: int, scale: float,
+                 window: int | None = None) -> None:
+        self.ops, self.isa = _ops(), active_isa()
+        weights = [w for lay in layers for w in lay[4]]
+        types = [int(t) for lay in layers for t in lay[5]]
+        norms = [n for lay in layers for n in lay[:2]]
+        eps = [float(e) for lay in layers for e in lay[2:4]]
+        self.id = self.ops.decode_plan_new(weights, types, norms, eps, int(heads), int(kv_heads), int(head_dim))
+        self.scale, self.window = float(scale), int(window) if window else 0
+        weakref.finalize(self, self.ops.decode_plan_free, self.id)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, table: torch.Tensor,
+                 pos: int) -> None:
+        self.ops.decode_plan_run(self.id, x, cos, sin, kv, table, int(pos), self.scale, self.window)

@@ -1,4 +1,4 @@
-"""The batch-1 decode fast path: one native call per layer for a lone running sequence (notes ch.06.3
+"""The batch-1 decode fast path: one native call per step for a lone running sequence (notes ch.06.3
 "inference optimisation": operator fusion, fewer kernel launches; the issue's profile in BENCHMARKS.md).
 
 A chat user sees batch-1 decode. There a 135M model's step is ~100 small operations per layer-stack of
@@ -6,7 +6,8 @@ Python and torch dispatch around matrix–vector products that themselves take a
 profile of SmolLM2-135M on GGUF blocks showed the kernels at well under half of the step. `DecodeStep`
 runs each decoder layer as one native call (`cpu_kernels.decode_layer`: RMSNorm, q/k/v from the GGUF
 blocks, RoPE, the K/V write into the paged pool, paged attention, o-projection, RMSNorm, SwiGLU, residuals),
-into preallocated state, so a step is the embedding row, 30 calls, the final norm and the LM head.
+into preallocated state; a `cpu_kernels.DecodePlan` holds every layer's checked weights, so a step is the embedding
+row, one native call for all layers, the final norm and the LM head (`per_layer=True`: one call per layer).
 
 It serves only what it reproduces: a model `FusedForward` supports whose seven projections per layer are all
 native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks, with fp32 or int8-rounded activations as the module says),
@@ -84,6 +85,8 @@ class DecodeStep:
             self.layers.append((lay.ln1.float().contiguous(), lay.ln2.float().contiguous(), lay.eps1, lay.eps2,
                                 [t for ts in weights for t in ts], list(types)))
         self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
+        self.plans: dict[str | None, cpu_kernels.DecodePlan] = {}
+        self.per_layer = False  # True: one `decode_layer` call per layer instead of the plan's one call per step
         head = getattr(model, "lm_head", None)
         # an fp32 LM head (SmolLM2's is the tied 49152 x 576 embedding, a fifth of the bytes a token reads) goes
         # through the same fp32 kernel as the layers; anything else stays the module's own forward
@@ -104,7 +107,18 @@ class DecodeStep:
         table = torch.tensor(block_table, dtype=torch.long)
         x = self.x
         x.copy_(self.embed[token])
-        for i, (ln1, ln2, eps1, eps2, weights, types) in enumerate(self.layers):
-            cpu_kernels.decode_layer(x, ln1, ln2, eps1, eps2, weights, types, c, s, kv[i], table, pos, f.scale,
-                                     f.h, self.window)
+        if self.per_layer:  # the reference twin of the plan: one native call per layer
+            for i, (ln1, ln2, eps1, eps2, weights, types) in enumerate(self.layers):
+                cpu_kernels.decode_layer(x, ln1, ln2, eps1, eps2, weights, types, c, s, kv[i], table, pos, f.scale,
+                                         f.h, self.window)
+        else:
+            self.plan()(x, c, s, kv, table, pos)
         return _rms(x[None], self.norm.weight, self.norm.eps)
+
+    def plan(self) -> cpu_kernels.DecodePlan:
+        """The plan of every layer for the build active now (made on first use per build)."""
+        isa = cpu_kernels.active_isa()
+        if isa not in self.plans:
+            f = self.fused
+            self.plans[isa] = cpu_kernels.DecodePlan(self.layers, f.h, f.hkv, f.d, f.scale, self.window)
+        return self.plans[isa]

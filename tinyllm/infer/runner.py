@@ -61,7 +61,7 @@ class ModelRunner:
         self.split_head = hasattr(model, "model") and hasattr(model, "lm_head")
         # the flat forward of fused.py for the LLaMA family; the model's own forward is the reference
         self.fused = FusedForward(model) if fused and fused_supports(model) else None
-        # a lone sequence decoding one token: one native call per layer (decode_fast; FusedForward is its twin)
+        # a lone sequence decoding one token: one native call per step (decode_fast; FusedForward is its twin)
         self.decode1 = DecodeStep(model, self.fused) if fused and decode_supports(model, self.fused, cache.kv) else None
 
     @torch.inference_mode()
