@@ -6,7 +6,7 @@ Each part is timed by wrapping the engine's own methods with perf_counter (media
 steps); the forward's op mix comes from torch.profiler (self CPU time per op, summed by kind). One JSON
 line per configuration.
 
-    python bench/decode_profile.py [--model smollm2] [--steps 48] [--configs fp32 int4 gguf gguf_fused] [--threads N]
+    python bench/decode_profile.py [--model smollm2] [--steps 48] [--prompt-len 16] [--configs fp32 int4 gguf gguf_fused] [--threads N]
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--prompt-len", type=int, default=16, help="context before the profiled steps")
     ap.add_argument("--configs", nargs="*", default=["fp32", "int4", "gguf"],
                     choices=["fp32", "int8", "int4", "gguf", "gguf_fused"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
-    prompt = torch.randint(3, 49152, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(3, 49152, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     for cfg in args.configs:
         with torch.inference_mode():
             llm = build(cfg, path, tokenizer)

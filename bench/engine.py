@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="GGUF file, HF directory or short name")
     ap.add_argument("--new-tokens", type=int, default=64, help="decode length for (a) and (c)")
+    ap.add_argument("--prompt-len", type=int, default=16,
+                    help="prompt tokens before the decode (a longer context makes attention a larger share)")
     ap.add_argument("--requests", type=int, default=64, help="requests for (b)")
     ap.add_argument("--sequential-sample", type=int, default=8, help="(b): HF sequential timed on this many")
     ap.add_argument("--hf-batch", type=int, default=0, help="(b): HF padded batch size (0 = all at once)")
@@ -295,13 +297,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         path = resolve_model_path(args.model)
         tokenizer = load_tokenizer(path)
-        prompt = torch.randint(3, 49152, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+        prompt = torch.randint(3, 49152, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         with torch.inference_mode():
             return lines + bench_batch1(path, tokenizer, prompt, args.new_tokens, args.repeats, dtype)
     path, ours, peer = load(args.model, dtype)
     vocab = ours.config.vocab_size
     tokenizer = load_tokenizer(path)
-    prompt = torch.randint(3, vocab, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(3, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
         llm = LLM(ours, tokenizer, max_model_len=1024, max_num_seqs=args.requests)
         if "decode" not in args.skip:
