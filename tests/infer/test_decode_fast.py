@@ -118,14 +118,16 @@ def test_few_row_products_take_the_native_stream_and_equal_torch(monkeypatch) ->
     assert calls == [1, 5, fused.NATIVE_ROWS, 3]
 
 
-def _count_fast_steps(runner, monkeypatch) -> list[int]:
-    """Route the runner's fast path through a recorder of each step's position; returns the record."""
+def _count_fast_steps(runner, monkeypatch) -> list[list[int]]:
+    """Route the runner's fast path through a recorder of each step's positions; returns the record."""
     step, calls = runner.decode1, []
 
     class Counting:
-        def __call__(self, *a):
-            calls.append(a[1])
-            return step(*a)
+        max_rows = step.max_rows
+
+        def rows(self, tokens, positions, tables, kv):
+            calls.append(list(positions))
+            return step.rows(tokens, positions, tables, kv)
 
         logits = staticmethod(step.logits)
 
@@ -158,7 +160,8 @@ def test_fast_path_equals_fused_twin(request, isa, weights, monkeypatch) -> None
         calls = _count_fast_steps(runner, monkeypatch)
         prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
         fast = _run(llm, [prompt])[0]
-        assert calls == list(range(len(prompt), len(prompt) + 11))  # every decode step but the prefill's token
+        # the 8-token prefill in one call, then every decode step
+        assert calls == [list(range(len(prompt)))] + [[p] for p in range(len(prompt), len(prompt) + 11)]
         monkeypatch.setattr(runner, "decode1", None)
         ref = _run(llm, [prompt])[0]
     finally:
@@ -198,13 +201,26 @@ def test_int8_activations_fast_path_follows_its_twin(llm_q8, monkeypatch) -> Non
     assert max(abs(a - b) for a, b in zip(fast[1][:same], ref[1][:same], strict=True)) < 0.25
 
 
-def test_batches_keep_the_fused_path(llm, monkeypatch) -> None:
+def test_small_batches_take_one_call_and_follow_the_twin(llm, monkeypatch) -> None:
     runner = llm.engine.runner
     calls = _count_fast_steps(runner, monkeypatch)
-    both = _run(llm, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], n=4)
-    assert calls == []  # two running sequences: never the lone-sequence path
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    both = _run(llm, prompts, n=4)
+    # both prefills in one call (9 rows, two block tables), then one row per sequence each step
+    assert calls == [[0, 1, 2, 3, 0, 1, 2, 3, 4], [4, 5], [5, 6], [6, 7]]
     monkeypatch.setattr(runner, "decode1", None)
-    assert [t for t, _ in both] == [t for t, _ in _run(llm, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], n=4)]
+    ref = _run(llm, prompts, n=4)
+    for (t, lp), (rt, rlp) in zip(both, ref, strict=True):
+        assert t == rt
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(rlp), rtol=0, atol=2e-3)
+
+
+def test_more_rows_than_the_kernels_take_keep_the_fused_path(llm, monkeypatch) -> None:
+    runner = llm.engine.runner
+    calls = _count_fast_steps(runner, monkeypatch)
+    long = list(range(10, 10 + runner.decode1.max_rows + 1))
+    _run(llm, [long], n=2)
+    assert calls == [[len(long)]]  # the prefill went through FusedForward; the decode step did not
 
 
 def test_only_models_it_reproduces_are_served(llm) -> None:
@@ -243,10 +259,15 @@ def test_plans_are_freed_and_bad_steps_named(llm_int4) -> None:
     assert ops.decode_plan_count() == before + 1
     kv = llm_int4.engine.runner.cache.kv
     x, cos, sin, table = torch.zeros(576), torch.ones(64), torch.zeros(64), torch.zeros(1, dtype=torch.long)
+    at = torch.tensor([0])
     with pytest.raises(RuntimeError, match=r"kv must be the pool \[30, 2"):
-        plan(x, cos, sin, kv[0], table, 0)  # one layer of the pool where the plan wants all of them
+        plan(x, cos, sin, kv[0], table, at)  # one layer of the pool where the plan wants all of them
     with pytest.raises(RuntimeError, match="position 999 is past the block table"):
-        plan(x, cos, sin, kv, table, 999)
+        plan(x, cos, sin, kv, table, torch.tensor([999]))
+    with pytest.raises(RuntimeError, match="one entry per row of x"):
+        plan(torch.zeros(2, 576), cos.repeat(2), sin.repeat(2), kv, table.expand(2, 1).contiguous(), at)
+    with pytest.raises(RuntimeError, match="one row per row of x"):
+        plan(torch.zeros(2, 576), cos.repeat(2), sin.repeat(2), kv, table, torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="7 types, 2 norms and 2 eps per layer"):
         cpu_kernels.DecodePlan([(*lay[:5], lay[5][:6]) for lay in step.layers], 9, 3, 64, 0.125)
     with pytest.raises(RuntimeError, match=r"weight 3 \(int4\) must be contiguous uint8 \[576, 288\]"):
@@ -256,4 +277,4 @@ def test_plans_are_freed_and_bad_steps_named(llm_int4) -> None:
     del plan
     assert ops.decode_plan_count() == before
     with pytest.raises(RuntimeError, match=f"no decode plan {stale}"):
-        ops.decode_plan_run(stale, x, cos, sin, kv, table, 0, 0.125, 0)
+        ops.decode_plan_run(stale, x, cos, sin, kv, table, at, 0.125, 0)

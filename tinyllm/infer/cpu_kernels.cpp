@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 #include <c10/util/Half.h>
 #include <algorithm>
@@ -932,65 +933,86 @@ static LayerWeights check_layer(std::vector<at::Tensor> w, const std::vector<int
   return L;
 }
 
-// Where one step writes and reads: the position, its rotary row, the pool layer geometry and the block table.
+// Where one step writes and reads: R rows (tokens), each with its position, rotary row and block table (rows of
+// one sequence share a table; their positions are consecutive), and the pool layer geometry.
 struct StepAt {
-  int64_t pos, NB, B, Hkv, D, H, ntable, window;
-  const float *cos, *sin;
-  const int64_t* table;
+  int64_t R, NB, B, Hkv, D, H, nbmax, window;
+  const float *cos, *sin;  // [R, D]
+  const int64_t* tables;   // [R, nbmax]
+  const int64_t* pos;      // [R]
   float scale;
 };
 
+// The layer for R rows at once: each row's products are computed exactly as for a lone row (`mv_group`), every
+// row's K/V is written before any row attends, and row r attends over positions 0..pos[r] of its table — so R
+// consecutive tokens of one sequence give what R single-token steps give, bit for bit.
 static void run_layer(const LayerWeights& L, float* xp, int64_t d, float* kvp, const StepAt& at) {
-  const int64_t H = at.H, Hkv = at.Hkv, D = at.D, I = L.I, B = at.B, NB = at.NB;
+  const int64_t R = at.R, H = at.H, Hkv = at.Hkv, D = at.D, I = L.I, B = at.B, NB = at.NB;
   thread_local std::vector<float> buf;
-  buf.resize(2 * d + (H + 2 * Hkv) * D + H * D + 2 * I);
+  thread_local std::vector<int64_t> lens;
+  buf.resize(R * (2 * d + (H + 2 * Hkv) * D + H * D + 2 * I));
+  lens.resize(R);
   float* y = buf.data();
-  float* t = y + d;
-  float* q = t + d;
-  float* k = q + H * D;
-  float* v = k + Hkv * D;
-  float* att = v + Hkv * D;
-  float* g = att + H * D;
-  float* u = g + I;
+  float* t = y + R * d;
+  float* q = t + R * d;
+  float* k = q + R * H * D;
+  float* v = k + R * Hkv * D;
+  float* att = v + R * Hkv * D;
+  float* g = att + R * H * D;
+  float* u = g + R * I;
   const int64_t* ty = L.types;
-  rms_norm(xp, L.ln1.data_ptr<float>(), L.eps1, y, d);
-  mv_group(y, 1, d, {{ty[0], L.W[0], q, L.S[0], L.Z[0]}, {ty[1], L.W[1], k, L.S[1], L.Z[1]},
+  for (int64_t r = 0; r < R; ++r) rms_norm(xp + r * d, L.ln1.data_ptr<float>(), L.eps1, y + r * d, d);
+  mv_group(y, R, d, {{ty[0], L.W[0], q, L.S[0], L.Z[0]}, {ty[1], L.W[1], k, L.S[1], L.Z[1]},
                      {ty[2], L.W[2], v, L.S[2], L.Z[2]}});
-  rope_heads(q, H, D, at.cos, at.sin);
-  rope_heads(k, Hkv, D, at.cos, at.sin);
-  const int64_t block = at.table[at.pos / B];
-  TORCH_CHECK(block >= 0 && block < NB, "block ", block, " is outside the pool");
-  const int64_t slot = block * B + at.pos % B;
-  std::copy(k, k + Hkv * D, kvp + slot * Hkv * D);
-  std::copy(v, v + Hkv * D, kvp + (NB * B + slot) * Hkv * D);
-  const int64_t len = at.pos + 1;
-  decode<float>(q, kvp, at.table, &len, att, 1, H, Hkv, D, NB, B, at.ntable, at.scale, at.window);
-  mv_group(att, 1, H * D, {{ty[3], L.W[3], t, L.S[3], L.Z[3]}});
-  for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
-  rms_norm(xp, L.ln2.data_ptr<float>(), L.eps2, y, d);
-  mv_group(y, 1, d, {{ty[4], L.W[4], g, L.S[4], L.Z[4]}, {ty[5], L.W[5], u, L.S[5], L.Z[5]}});
-  for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  mv_group(g, 1, I, {{ty[6], L.W[6], t, L.S[6], L.Z[6]}});
-  for (int64_t i = 0; i < d; ++i) xp[i] += t[i];
+  for (int64_t r = 0; r < R; ++r) {
+    rope_heads(q + r * H * D, H, D, at.cos + r * D, at.sin + r * D);
+    rope_heads(k + r * Hkv * D, Hkv, D, at.cos + r * D, at.sin + r * D);
+    const int64_t p = at.pos[r], block = at.tables[r * at.nbmax + p / B];
+    TORCH_CHECK(block >= 0 && block < NB, "block ", block, " is outside the pool");
+    const int64_t slot = block * B + p % B;
+    std::copy(k + r * Hkv * D, k + (r + 1) * Hkv * D, kvp + slot * Hkv * D);
+    std::copy(v + r * Hkv * D, v + (r + 1) * Hkv * D, kvp + (NB * B + slot) * Hkv * D);
+    lens[r] = p + 1;
+  }
+  decode<float>(q, kvp, at.tables, lens.data(), att, R, H, Hkv, D, NB, B, at.nbmax, at.scale, at.window);
+  mv_group(att, R, H * D, {{ty[3], L.W[3], t, L.S[3], L.Z[3]}});
+  for (int64_t i = 0; i < R * d; ++i) xp[i] += t[i];
+  for (int64_t r = 0; r < R; ++r) rms_norm(xp + r * d, L.ln2.data_ptr<float>(), L.eps2, y + r * d, d);
+  mv_group(y, R, d, {{ty[4], L.W[4], g, L.S[4], L.Z[4]}, {ty[5], L.W[5], u, L.S[5], L.Z[5]}});
+  for (int64_t i = 0; i < R * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  mv_group(g, R, I, {{ty[6], L.W[6], t, L.S[6], L.Z[6]}});
+  for (int64_t i = 0; i < R * d; ++i) xp[i] += t[i];
 }
 
-// x [d], cos/sin [D], one pool layer kv [2, NB, B, Hkv, D] (or the whole pool [L, 2, NB, B, Hkv, D]), table
+// x [R, d] (or [d]: one row), cos/sin [R, D], one pool layer kv [2, NB, B, Hkv, D] (or the whole pool
+// [L, 2, NB, B, Hkv, D]), tables [R, nbmax] (or [nbmax]) and positions [R] int64
 static StepAt check_step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
-                         const at::Tensor& table, int64_t pos, double scale, int64_t H, int64_t window) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [d]");
+                         const at::Tensor& tables, const at::Tensor& pos, double scale, int64_t H,
+                         int64_t window) {
+  TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be contiguous float32 [d] or [rows, d]");
+  const int64_t R = x.dim() == 2 ? x.size(0) : 1;
   const int64_t r = kv.dim() - 5;
   TORCH_CHECK((r == 0 || r == 1) && kv.size(r) == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous(),
               "kv must be a contiguous float32 pool layer [2, blocks, B, Hkv, D] or pool [layers, 2, ...]");
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous(), "table must be contiguous int64");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && tables.is_contiguous() && tables.numel() > 0 &&
+                  (tables.dim() == 1 ? R == 1 : tables.dim() == 2 && tables.size(0) == R),
+              "tables must be contiguous int64 [rows, blocks] with one row per row of x");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == R,
+              "positions must be contiguous int64 with one entry per row of x");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos and sin must be contiguous float32");
   StepAt at;
-  at.NB = kv.size(r + 1); at.B = kv.size(r + 2); at.Hkv = kv.size(r + 3); at.D = kv.size(r + 4); at.H = H;
-  TORCH_CHECK(at.D <= 1024 && at.D % 2 == 0 && H % at.Hkv == 0 && cos.numel() == at.D && sin.numel() == at.D,
-              "head shapes");
-  TORCH_CHECK(pos >= 0 && pos / at.B < table.numel(), "position ", pos, " is past the block table");
-  at.pos = pos; at.ntable = table.numel(); at.window = window; at.scale = static_cast<float>(scale);
-  at.cos = cos.data_ptr<float>(); at.sin = sin.data_ptr<float>(); at.table = table.data_ptr<int64_t>();
+  at.R = R; at.NB = kv.size(r + 1); at.B = kv.size(r + 2); at.Hkv = kv.size(r + 3); at.D = kv.size(r + 4); at.H = H;
+  TORCH_CHECK(at.D <= 1024 && at.D % 2 == 0 && H % at.Hkv == 0 && cos.numel() == R * at.D &&
+                  sin.numel() == R * at.D, "head shapes (cos and sin must be [rows, D])");
+  at.nbmax = tables.numel() / R;
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] / at.B < at.nbmax, "position ", pp[i], " is past the block table");
+  at.window = window; at.scale = static_cast<float>(scale);
+  at.cos = cos.data_ptr<float>(); at.sin = sin.data_ptr<float>(); at.tables = tables.data_ptr<int64_t>();
+  at.pos = pp;
   return at;
 }
 
@@ -998,7 +1020,9 @@ void decode_layer(at::Tensor x, at::Tensor ln1, at::Tensor ln2, double eps1, dou
                   std::vector<int64_t> types, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
                   int64_t pos, double scale, int64_t H, int64_t window) {
   cos = cos.contiguous().to(at::kFloat); sin = sin.contiguous().to(at::kFloat);
-  const StepAt at = check_step(x, cos, sin, kv, table, pos, scale, H, window);
+  TORCH_CHECK(x.dim() == 1, "x must be contiguous float32 [d]");
+  const at::Tensor p = at::full({1}, pos, at::TensorOptions().dtype(at::kLong));
+  const StepAt at = check_step(x, cos, sin, kv, table, p, scale, H, window);
   TORCH_CHECK(kv.dim() == 5, "kv must be one pool layer [2, blocks, B, Hkv, D]");
   const LayerWeights L = check_layer(std::move(w), types, ln1, ln2, eps1, eps2, x.size(0), H, at.Hkv, at.D);
   run_layer(L, x.data_ptr<float>(), x.size(0), kv.data_ptr<float>(), at);
@@ -1057,9 +1081,10 @@ int64_t decode_plan_count() {
   return static_cast<int64_t>(plans.size());
 }
 
-// every layer of the plan on x [d] in place; kv is the whole pool [layers, 2, NB, B, Hkv, D]
-void decode_plan_run(int64_t id, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor table,
-                     int64_t pos, double scale, int64_t window) {
+// every layer of the plan on x [R, d] (or [d]) in place; kv is the whole pool [layers, 2, NB, B, Hkv, D]; row r
+// is the token at positions[r] of the sequence whose block table is tables[r]
+void decode_plan_run(int64_t id, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor kv, at::Tensor tables,
+                     at::Tensor positions, double scale, int64_t window) {
   std::shared_ptr<const DecodePlan> plan;
   {
     std::lock_guard<std::mutex> g(plans_lock);
@@ -1067,10 +1092,12 @@ void decode_plan_run(int64_t id, at::Tensor x, at::Tensor cos, at::Tensor sin, a
     TORCH_CHECK(it != plans.end(), "no decode plan ", id, " (freed, or made by another build)");
     plan = it->second;
   }
-  const StepAt at = check_step(x, cos, sin, kv, table, pos, scale, plan->H, window);
+  const StepAt at = check_step(x, cos, sin, kv, tables, positions, scale, plan->H, window);
   const int64_t n = static_cast<int64_t>(plan->layers.size());
-  TORCH_CHECK(kv.dim() == 6 && kv.size(0) == n && at.Hkv == plan->Hkv && at.D == plan->D && x.size(0) == plan->d,
-              "kv must be the pool [", n, ", 2, blocks, B, ", plan->Hkv, ", ", plan->D, "] and x [", plan->d, "]");
+  TORCH_CHECK(kv.dim() == 6 && kv.size(0) == n && at.Hkv == plan->Hkv && at.D == plan->D &&
+                  x.size(x.dim() - 1) == plan->d,
+              "kv must be the pool [", n, ", 2, blocks, B, ", plan->Hkv, ", ", plan->D, "] and x [rows, ", plan->d,
+              "]");
   float* kvp = kv.data_ptr<float>();
   const int64_t stride = kv.stride(0);
   for (int64_t l = 0; l < n; ++l) run_layer(plan->layers[l], x.data_ptr<float>(), plan->d, kvp + l * stride, at);

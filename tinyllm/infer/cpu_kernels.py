@@ -279,12 +279,14 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps1: fl
 
 
 class DecodePlan:
-    """Every layer of a batch-1 decode step in one native call: `layers` is a list of `decode_layer`'s per-layer
-    arguments (ln1, ln2, eps1, eps2, weights, types), checked once here and held by the build that is active now.
-    `plan(x, cos, sin, kv, table, pos)` runs them in order on x [d] in place, each exactly as `decode_layer`
-    would, with kv the whole fp32 pool [layers, 2, blocks, B, Hkv, D]. One call instead of one per layer: each
-    crossing from Python into the kernels costs tens of microseconds when the layer before has flushed the
-    caches (BENCHMARKS.md, batch-1 decode)."""
+    """Every layer of a decode step in one native call: `layers` is a list of `decode_layer`'s per-layer arguments
+    (ln1, ln2, eps1, eps2, weights, types), checked once here and held by the build that is active now.
+    `plan(x, cos, sin, kv, tables, positions)` runs them in order on x [R, d] in place: row r is the token at
+    positions[r] of the sequence with block table tables[r] (cos/sin [R, D] its rotary rows, kv the whole fp32
+    pool [layers, 2, blocks, B, Hkv, D]); each row is computed exactly as `decode_layer` computes a lone token,
+    every row's K/V written before any row attends. One call instead of one per layer: each crossing from
+    Python into the kernels costs tens of microseconds when the layer before has flushed the caches
+    (BENCHMARKS.md, batch-1 decode)."""
 
     def __init__(self, layers: list[tuple], heads: int, kv_heads: int, head_dim: int, scale: float,
                  window: int | None = None) -> None:
@@ -297,6 +299,6 @@ class DecodePlan:
         self.scale, self.window = float(scale), int(window) if window else 0
         weakref.finalize(self, self.ops.decode_plan_free, self.id)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, table: torch.Tensor,
-                 pos: int) -> None:
-        self.ops.decode_plan_run(self.id, x, cos, sin, kv, table, int(pos), self.scale, self.window)
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+                 tables: torch.Tensor, positions: torch.Tensor) -> None:
+        self.ops.decode_plan_run(self.id, x, cos, sin, kv, tables, positions, self.scale, self.window)

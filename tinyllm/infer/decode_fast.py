@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tinyllm.infer import cpu_kernels
+from tinyllm.infer import fused as fused_mod
 from tinyllm.infer.cpu_kernels import F32_TYPE, GGML_NATIVE_TYPES, OWN_INT4_TYPE, OWN_INT8_TYPE, X_Q8
 from tinyllm.infer.fused import FusedForward, _rms
 from tinyllm.infer.ggml_linear import GGMLLinear
@@ -86,6 +87,10 @@ class DecodeStep:
                                 [t for ts in weights for t in ts], list(types)))
         self.x = torch.empty(self.embed.shape[1], dtype=torch.float32)  # the residual stream, reused every step
         self.plans: dict[str | None, cpu_kernels.DecodePlan] = {}
+        # rows a step may carry: as many as FusedForward itself would send through these kernels (more rows are
+        # compute-bound prefill, where dequantize + GEMM or torch's GEMM wins)
+        fp32 = all(t == F32_TYPE for lay in self.layers for t in lay[5])
+        self.max_rows = fused_mod.NATIVE_ROWS if fp32 else cpu_kernels.NATIVE_MAX_ROWS
         self.per_layer = False  # True: one `decode_layer` call per layer instead of the plan's one call per step
         head = getattr(model, "lm_head", None)
         # an fp32 LM head (SmolLM2's is the tied 49152 x 576 embedding, a fifth of the bytes a token reads) goes
@@ -95,25 +100,41 @@ class DecodeStep:
             else None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head on the final hidden state `h` [1, d] -> [1, vocab] fp32."""
+        """The LM head on final hidden states `h` [R, d] -> [R, vocab] fp32."""
         if self.head_weight is not None:
-            return cpu_kernels.f32_matvec(h[0], self.head_weight)[None]
+            return cpu_kernels.f32_matvec(h[0] if len(h) == 1 else h, self.head_weight).view(len(h), -1)
         return self.head(h).float()
 
     def __call__(self, token: int, pos: int, block_table: list[int], kv: torch.Tensor) -> torch.Tensor:
+        """One token at `pos` of the sequence with `block_table` -> its final hidden state [1, d]."""
+        return self.rows([token], [pos], [block_table], kv)
+
+    def rows(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+             kv: torch.Tensor) -> torch.Tensor:
+        """R tokens in one step -> their final hidden states [R, d]: row r is tokens[r] at positions[r] of the
+        sequence whose block table is tables[r] (a decode batch: one row per sequence; a speculative
+        verification or a short prefill: consecutive positions of one sequence, its table repeated)."""
         f = self.fused
-        cos, sin = f._table(pos + 1, self.x.device)
-        c, s = cos[pos].float().contiguous(), sin[pos].float().contiguous()
-        table = torch.tensor(block_table, dtype=torch.long)
-        x = self.x
-        x.copy_(self.embed[token])
-        if self.per_layer:  # the reference twin of the plan: one native call per layer
-            for i, (ln1, ln2, eps1, eps2, weights, types) in enumerate(self.layers):
-                cpu_kernels.decode_layer(x, ln1, ln2, eps1, eps2, weights, types, c, s, kv[i], table, pos, f.scale,
-                                         f.h, self.window)
+        cos, sin = f._table(max(positions) + 1, self.x.device)
+        c, s = cos[positions].float().contiguous(), sin[positions].float().contiguous()
+        if len(tables) == 1 or all(t is tables[0] for t in tables):
+            table = torch.tensor(tables[0], dtype=torch.long).expand(len(tables), -1).contiguous()
         else:
-            self.plan()(x, c, s, kv, table, pos)
-        return _rms(x[None], self.norm.weight, self.norm.eps)
+            width = max(len(t) for t in tables)
+            table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
+        if len(tokens) == 1:
+            x = self.x[None]
+            x[0].copy_(self.embed[tokens[0]])
+        else:
+            x = self.embed[tokens].float().contiguous()
+        if self.per_layer:  # the reference twin of the plan: one native call per layer, one row at a time
+            for r, p in enumerate(positions):
+                for i, (ln1, ln2, eps1, eps2, weights, types) in enumerate(self.layers):
+                    cpu_kernels.decode_layer(x[r], ln1, ln2, eps1, eps2, weights, types, c[r], s[r], kv[i], table[r],
+                                             p, f.scale, f.h, self.window)
+        else:
+            self.plan()(x, c, s, kv, table, torch.tensor(positions, dtype=torch.long))
+        return _rms(x, self.norm.weight, self.norm.eps)
 
     def plan(self) -> cpu_kernels.DecodePlan:
         """The plan of every layer for the build active now (made on first use per build)."""

@@ -61,19 +61,14 @@ class ModelRunner:
         self.split_head = hasattr(model, "model") and hasattr(model, "lm_head")
         # the flat forward of fused.py for the LLaMA family; the model's own forward is the reference
         self.fused = FusedForward(model) if fused and fused_supports(model) else None
-        # a lone sequence decoding one token: one native call per step (decode_fast; FusedForward is its twin)
+        # up to `max_rows` tokens a step (a decode batch, a speculative verification, a short prefill): one native
+        # call for all layers (decode_fast; FusedForward is its twin)
         self.decode1 = DecodeStep(model, self.fused) if fused and decode_supports(model, self.fused, cache.kv) else None
 
     @torch.inference_mode()
     def forward(self, seqs: Seq[Sequence], num_new: Seq[int]) -> tuple[list[Sequence], torch.Tensor]:
         """(sequences that get a next token, their logits [S, V] in fp32); a sequence with draft tokens gets
         1 + len(draft) consecutive rows (its pending token, then each draft token)."""
-        if self.decode1 is not None and len(seqs) == 1 and num_new[0] == 1 and not seqs[0].draft:
-            seq = seqs[0]
-            s = seq.num_computed
-            if s + 1 == seq.num_scheduled_tokens:
-                h = self.decode1(seq.token_ids[s], s, seq.block_table, self.cache.kv)
-                return [seq], self.decode1.logits(h)
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)  # stable: decodes first
         ids: list[int] = []
         positions: list[int] = []
@@ -92,6 +87,13 @@ class ModelRunner:
                 # a speculating sequence wants the logits of its pending token and of every draft token
                 rows.extend(range(len(ids) - 1 - len(seq.draft), len(ids)))
                 wanted.append(seq)
+        if self.decode1 is not None and len(ids) <= self.decode1.max_rows:
+            # a few tokens (a decode batch, a speculative verification, a short prefill): one native call
+            row_tables = [t for t, n in zip(tables, lengths, strict=True) for _ in range(n)]
+            h = self.decode1.rows(ids, positions, row_tables, self.cache.kv)
+            if not rows:
+                return [], torch.empty(0)
+            return wanted, self.decode1.logits(h if len(rows) == len(ids) else h[rows])
         meta = build_paged_meta(tables, starts, lengths, self.cache.block_size, self.mode, self.window, self.device)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
