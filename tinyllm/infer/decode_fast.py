@@ -1,23 +1,29 @@
-"""The batch-1 decode fast path: one native call per step for a lone running sequence (notes ch.06.3
+"""The decode fast path: every layer of a step in one native call, for steps of a few tokens (notes ch.06.3
 "inference optimisation": operator fusion, fewer kernel launches; the issue's profile in BENCHMARKS.md).
 
 A chat user sees batch-1 decode. There a 135M model's step is ~100 small operations per layer-stack of
 Python and torch dispatch around matrix–vector products that themselves take a few milliseconds: the
 profile of SmolLM2-135M on GGUF blocks showed the kernels at well under half of the step. `DecodeStep`
-runs each decoder layer as one native call (`cpu_kernels.decode_layer`: RMSNorm, q/k/v from the GGUF
-blocks, RoPE, the K/V write into the paged pool, paged attention, o-projection, RMSNorm, SwiGLU, residuals),
-into preallocated state; a `cpu_kernels.DecodePlan` holds every layer's checked weights, so a step is the embedding
-row, one native call for all layers, the final norm and the LM head (`per_layer=True`: one call per layer).
+runs each decoder layer in native code (`cpu_kernels.decode_layer`: RMSNorm, q/k/v from the GGUF blocks,
+RoPE, the K/V write into the paged pool, paged attention, o-projection, RMSNorm, SwiGLU, residuals), and a
+`cpu_kernels.DecodePlan` holds every layer's checked weights, so a step is the embedding rows, one native call
+for all layers, the final norm and the LM head (`per_layer=True`: one call per layer and row, the twin).
+
+A step carries R rows, each a token with its own position and block table: one row per sequence of a decode
+batch, or consecutive tokens of one sequence (a speculative verification, a draft model catching up, a short
+prefill). Each row's products are computed exactly as a lone row's, and every row's K/V is written before any
+row attends, so R tokens of one sequence in one step give what R single-token steps give, bit for bit — the
+reason speculative greedy output equals plain greedy output exactly. The runner sends a step here when it has
+at most `max_rows` tokens (as many as FusedForward itself would send through these kernels: 32 rows for fp32
+weights, 16 for quantized ones); larger steps are compute-bound prefill and keep FusedForward.
 
 It serves only what it reproduces: a model `FusedForward` supports whose seven projections per layer are all
 native `GGMLLinear` (GGUF Q4_0/Q4_1/Q8_0 blocks, with fp32 or int8-rounded activations as the module says),
 native `QuantLinear` (tinyllm's int8 per-row and int4 per-group formats, each row computed by the kernels of
-`int8_linear` / `int4_linear`) or plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`,
-four row streams per thread: batch-1 fp32 decode reads every weight once per token), without biases, SiLU
-gating, and an fp32 paged pool. The
-runner uses it when the step is exactly one sequence decoding one token; everything else (prefill, batches,
-speculative verification) keeps `FusedForward`, which is the reference twin: tests show the same greedy
-tokens and logits equal to rounding. Not covered: bf16/fp16 weights, int4 with padded groups, bf16 pools.
+`int8_linear` / `int4_linear`) or plain fp32 `nn.Linear` on the CPU (`cpu_kernels.f32_matvec`, four row
+streams per thread: a decode step reads every weight once), without biases, SiLU gating, and an fp32 paged
+pool. FusedForward is the reference twin: tests show the same greedy tokens and logits equal to rounding.
+Not covered: bf16/fp16 weights, int4 with padded groups, bf16 pools.
 """
 
 from __future__ import annotations
