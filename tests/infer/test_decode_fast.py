@@ -47,10 +47,11 @@ def test_f32_matvec_equals_torch(isa) -> None:
         for n, k in ((7, 5), (64, 576), (1537, 100), (3, 33)):  # row tails, K tails of every vector width
             w, x = torch.randn(n, k, generator=g), torch.randn(k, generator=g)
             torch.testing.assert_close(cpu_kernels.f32_matvec(x, w), w @ x, rtol=1e-5, atol=1e-5)
-            xs = torch.randn(5, k, generator=g)  # several rows of x: each row is that row's matvec, bit for bit
-            many = cpu_kernels.f32_matvec(xs, w)
-            torch.testing.assert_close(many, xs @ w.T, rtol=1e-5, atol=1e-5)
-            assert all(torch.equal(many[m], cpu_kernels.f32_matvec(xs[m], w)) for m in range(5))
+            for rows in (2, 3, 5, 7):  # several rows of x (blocks of 3 and 2, a lone rest): each row is that
+                xs = torch.randn(rows, k, generator=g)  # row's matvec, bit for bit
+                many = cpu_kernels.f32_matvec(xs, w)
+                torch.testing.assert_close(many, xs @ w.T, rtol=1e-5, atol=1e-5)
+                assert all(torch.equal(many[m], cpu_kernels.f32_matvec(xs[m], w)) for m in range(rows))
     finally:
         cpu_kernels._state.update(saved)
 
@@ -240,7 +241,7 @@ def test_only_models_it_reproduces_are_served(llm) -> None:
     assert biased.engine.runner.decode1 is None  # biases: FusedForward only
 
 
-@pytest.mark.parametrize("weights", ["gguf", "int4"])
+@pytest.mark.parametrize("weights", ["gguf", "int4", "fp32"])
 def test_plan_equals_one_call_per_layer(request, weights, monkeypatch) -> None:
     llm = request.getfixturevalue(WEIGHTS[weights])
     step = llm.engine.runner.decode1

@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -689,6 +690,44 @@ static inline void dot4_f32(const float* x, const float* const* w, int64_t K, fl
     for (int r = 0; r < 4; ++r) out[r] += x[k] * w[r][k];
 }
 
+// Four weight rows against R rows of x at once (x[j] for j < R), out[j][0..4): each weight load serves R rows of
+// x, where R calls of `dot4_f32` would load it R times — a few rows of x (a speculative verification, a small
+// decode batch) stay bound by the weight stream instead of by loads. Every (weight row, x row) pair is summed
+// exactly as `dot4_f32` sums it (even and odd 8-column chunks apart, then the tail), so the products are
+// bit-identical to R single-row calls. The AVX-512 build holds R = 3 in its 32 registers; AVX2 keeps R = 1.
+#if defined(TINYLLM_AVX512)
+constexpr int kF32RowBlock = 3;
+#else
+constexpr int kF32RowBlock = 1;
+#endif
+#if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
+template <int R>
+static inline void dot4_f32_rows(const float* const* x, const float* const* w, int64_t K, float (*out)[4]) {
+  __m256 a[R][4], b[R][4];
+  for (int j = 0; j < R; ++j)
+    for (int r = 0; r < 4; ++r) a[j][r] = b[j][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 wv[4];
+    for (int r = 0; r < 4; ++r) wv[r] = _mm256_loadu_ps(w[r] + k);
+    for (int j = 0; j < R; ++j) {
+      const __m256 xv = _mm256_loadu_ps(x[j] + k);
+      for (int r = 0; r < 4; ++r) a[j][r] = _mm256_fmadd_ps(xv, wv[r], a[j][r]);
+    }
+    for (int r = 0; r < 4; ++r) wv[r] = _mm256_loadu_ps(w[r] + k + 8);
+    for (int j = 0; j < R; ++j) {
+      const __m256 xv = _mm256_loadu_ps(x[j] + k + 8);
+      for (int r = 0; r < 4; ++r) b[j][r] = _mm256_fmadd_ps(xv, wv[r], b[j][r]);
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int r = 0; r < 4; ++r) out[j][r] = hsum256(_mm256_add_ps(a[j][r], b[j][r]));
+  for (; k < K; ++k)
+    for (int j = 0; j < R; ++j)
+      for (int r = 0; r < 4; ++r) out[j][r] += x[j][k] * w[r][k];
+}
+#endif
+
 // ---------------------------------------------------------------- y = W x for any weight format
 // fp32 (kF32, ggml's F32 id), GGUF blocks (a ggml type id, kXQ8 set: x as int8 blocks), and tinyllm's own
 // weight-only formats (`QuantLinear`, kOwnI8 / kOwnI4): int8 per row (q [N, K], scale [N]) and int4 per group
@@ -761,7 +800,26 @@ static void mv_group(const float* x, int64_t M, int64_t K, std::initializer_list
       const int64_t a = std::max(begin, first[j]), b = std::min(end, first[j + 1]), N = job[j].w->size(0);
       if (a >= b) continue;
       four_streams(a - first[j], b - first[j], [&](const int64_t* r, int count) {
-        for (int64_t i = 0; i < M; ++i) {
+        int64_t i = 0;
+#if defined(TINYLLM_AVX512) || defined(TINYLLM_AVX2)
+        if (job[j].type == kF32 && kF32RowBlock > 1) {  // several rows of x per weight load
+          const float* wp = job[j].w->data_ptr<float>();
+          const float* w[4] = {wp + r[0] * K, wp + r[1] * K, wp + r[2] * K, wp + r[3] * K};
+          auto block = [&](auto rows) {  // rows of x i..i+R against the four weight rows
+            constexpr int R = decltype(rows)::value;
+            const float* xs[R];
+            float outs[R][4];
+            for (int q = 0; q < R; ++q) xs[q] = x + (i + q) * K;
+            dot4_f32_rows<R>(xs, w, K, outs);
+            for (int q = 0; q < R; ++q)
+              for (int c = 0; c < count; ++c) job[j].y[(i + q) * N + r[c]] = outs[q][c];
+            i += R;
+          };
+          while (i + kF32RowBlock <= M) block(std::integral_constant<int, kF32RowBlock>());
+          if (i + 2 <= M) block(std::integral_constant<int, 2>());  // a remainder of two rows
+        }
+#endif
+        for (; i < M; ++i) {
           rows4_of(job[j], xb[i], K, r, out);
           for (int c = 0; c < count; ++c) job[j].y[i * N + r[c]] = out[c];
         }
