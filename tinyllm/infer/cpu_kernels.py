@@ -23,8 +23,8 @@ at M = 1 on this build; these loops read each code once (int4: y = Σ_g s_g·Σ 
 `QuantLinear` uses them for inputs of at most `NATIVE_MAX_ROWS` rows (prefill stays dequantize + matmul,
 which is compute-bound and where BLAS wins) and keeps the dequantize path as the reference.
 
-One build per instruction set, chosen when loaded. The C++ (`cpu_kernels.cpp`, beside this file) has three
-code paths selected by the compiler flags of its build, never by `-march=native`:
+One build per instruction set, chosen when loaded. The C++ (`cpu_kernels.cpp` and `csrc/*.h`, beside this file)
+has three code paths selected by the compiler flags of its build, never by `-march=native`:
 
     avx512    -mavx512f -mavx512bw -mavx512vl -mfma   16-wide fp32 FMA intrinsics
     avx2      -mavx2 -mfma -mf16c                      8-wide fp32 FMA intrinsics (int8 codes widened with
@@ -137,6 +137,7 @@ def _build(target: Path, source: str, flags: list[str]) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_path(target) as tmp_so:
         src = Path(tmp) / "kernels.cpp"
         src.write_text(source)
+        shutil.copytree(_SOURCE_FILE.parent / "csrc", Path(tmp) / "csrc")  # the headers it includes
         cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *incs, str(src), "-o", str(tmp_so),
                f"-L{libdir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -145,12 +146,13 @@ def _build(target: Path, source: str, flags: list[str]) -> None:
 
 
 def _load_library(isa: str) -> Any:
-    """Build (cached on disk, keyed by source, flags, compiler and torch) and load one ISA's library."""
+    """Build (cached on disk, keyed by source and headers, flags, compiler and torch) and load one ISA's library."""
     if isa in _libs:
         return _libs[isa]
     source = _SOURCE_FILE.read_text()
+    headers = [h.read_text() for h in sorted((_SOURCE_FILE.parent / "csrc").glob("*.h"))]
     flags = [*_FLAGS, *ISA_FLAGS[isa], f"-DTINYLLM_NS={_namespace(isa)}"]
-    parts = [source, *flags, os.environ.get("CXX", "g++"), torch.__version__]
+    parts = [source, *headers, *flags, os.environ.get("CXX", "g++"), torch.__version__]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tinyllm_cpu_{isa}_{key}.so"
     if not target.exists():
