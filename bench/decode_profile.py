@@ -56,7 +56,7 @@ def build(cfg: str, path: Any, tokenizer: Any) -> Any:
     if cfg.startswith("gguf"):
         llm = LLM(path, tokenizer, max_model_len=1024, max_num_seqs=4, quantization="gguf")
         if cfg == "gguf_fused":  # the fast path's twin: FusedForward over the same GGUF-block modules
-            llm.engine.runner.decode1 = None
+            llm.engine.runner.fast_step = None
         return llm
     q = None if cfg == "fp32" else cfg
     return LLM(load_model(path), tokenizer, max_model_len=1024, max_num_seqs=4, quantization=q, group_size=32)
@@ -88,14 +88,16 @@ def profile(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
                     times["trunk"].append(time.perf_counter() - t0)
 
         eng.runner.fused = _Timed()
-    step = getattr(eng.runner, "decode1", None)
-    if step is not None:  # the batch-1 fast path (decode_fast): its layers and its LM head, timed apart
+    step = getattr(eng.runner, "fast_step", None)
+    if step is not None:  # the decode fast path (decode_fast): its layers and its LM head, timed apart
 
         class _TimedStep:
-            def __call__(self, *a: Any) -> Any:
+            max_rows = step.max_rows
+
+            def rows(self, *a: Any) -> Any:
                 t0 = time.perf_counter()
                 try:
-                    return step(*a)
+                    return step.rows(*a)
                 finally:
                     times["decode_fast_layers"].append(time.perf_counter() - t0)
 
@@ -106,7 +108,7 @@ def profile(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
                 finally:
                     times["lm_head"].append(time.perf_counter() - t0)
 
-        eng.runner.decode1 = _TimedStep()
+        eng.runner.fast_step = _TimedStep()
     else:
         _wrap(eng.runner.model.lm_head, "forward", times, "lm_head")
     eng.add_request("r", None, params, prompt_token_ids=prompt)
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["fp32", "int8", "int4", "gguf", "gguf_fused"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.prompt_len < 1:
+        ap.error(f"--prompt-len must be at least 1, got {args.prompt_len}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from tinyllm.infer import cpu_kernels
