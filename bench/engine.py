@@ -217,7 +217,7 @@ def bench_batch1(path, tokenizer, prompt: list[int], n: int, repeats: int, dtype
         gllm = LLM(path, tokenizer, quantization="gguf", gguf_activations=acts, max_model_len=1024, max_num_seqs=4)
         model = gllm.engine.runner.model
         per_token = sum(m.blocks.nbytes for m in model.modules() if isinstance(m, GGMLLinear))
-        extra = {"native_isa": cpu_kernels.active_isa(), "fast_path": gllm.engine.runner.decode1 is not None,
+        extra = {"native_isa": cpu_kernels.active_isa(), "fast_path": gllm.engine.runner.fast_step is not None,
                  "weight_mb_per_token": round(per_token / 2**20, 1), "activations": acts}
         suffix = "" if acts == "int8" else "_fp32_activations"
         line = bench_llama_cpp(path, gllm, prompt, n, repeats, f"batch1_gguf{suffix}_vs_llama_cpp", **extra)
@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every contender's dtype")
     ap.add_argument("--skip", nargs="*", default=[], choices=FIGURES, help="figures to leave out")
     args = ap.parse_args(argv)
+    if args.prompt_len < 1:
+        ap.error(f"--prompt-len must be at least 1, got {args.prompt_len}")
 
     from tinyllm import LLM
     from tinyllm.infer.quant import model_nbytes
