@@ -121,7 +121,7 @@ def test_few_row_products_take_the_native_stream_and_equal_torch(monkeypatch) ->
 
 def _count_fast_steps(runner, monkeypatch) -> list[list[int]]:
     """Route the runner's fast path through a recorder of each step's positions; returns the record."""
-    step, calls = runner.decode1, []
+    step, calls = runner.fast_step, []
 
     class Counting:
         max_rows = step.max_rows
@@ -132,7 +132,7 @@ def _count_fast_steps(runner, monkeypatch) -> list[list[int]]:
 
         logits = staticmethod(step.logits)
 
-    monkeypatch.setattr(runner, "decode1", Counting())
+    monkeypatch.setattr(runner, "fast_step", Counting())
     return calls
 
 
@@ -157,13 +157,13 @@ def test_fast_path_equals_fused_twin(request, isa, weights, monkeypatch) -> None
     assert cpu_kernels.load(isa)
     try:
         runner = llm.engine.runner
-        assert runner.decode1 is not None
+        assert runner.fast_step is not None
         calls = _count_fast_steps(runner, monkeypatch)
         prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
         fast = _run(llm, [prompt])[0]
         # the 8-token prefill in one call, then every decode step
         assert calls == [list(range(len(prompt)))] + [[p] for p in range(len(prompt), len(prompt) + 11)]
-        monkeypatch.setattr(runner, "decode1", None)
+        monkeypatch.setattr(runner, "fast_step", None)
         ref = _run(llm, [prompt])[0]
     finally:
         cpu_kernels._state.update(saved)
@@ -172,7 +172,7 @@ def test_fast_path_equals_fused_twin(request, isa, weights, monkeypatch) -> None
 
 
 def test_own_formats_take_the_fast_path_and_bad_layouts_are_refused(llm_int4) -> None:
-    step = llm_int4.engine.runner.decode1
+    step = llm_int4.engine.runner.fast_step
     assert step is not None and step.layers[0][5] == [cpu_kernels.OWN_INT4_TYPE] * 7
     ln1, ln2, eps1, eps2, weights, types = step.layers[0]
     assert len(weights) == 21  # packed, scale and zero for each of the seven projections
@@ -190,12 +190,12 @@ def test_own_formats_take_the_fast_path_and_bad_layouts_are_refused(llm_int4) ->
 
 def test_int8_activations_fast_path_follows_its_twin(llm_q8, monkeypatch) -> None:
     runner = llm_q8.engine.runner
-    assert runner.decode1 is not None and all(t & cpu_kernels.X_Q8 for t in runner.decode1.layers[0][5])
+    assert runner.fast_step is not None and all(t & cpu_kernels.X_Q8 for t in runner.fast_step.layers[0][5])
     calls = _count_fast_steps(runner, monkeypatch)
     prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
     fast = _run(llm_q8, [prompt])[0]
     assert calls
-    monkeypatch.setattr(runner, "decode1", None)
+    monkeypatch.setattr(runner, "fast_step", None)
     ref = _run(llm_q8, [prompt])[0]
     same = next((i for i, (a, b) in enumerate(zip(fast[0], ref[0], strict=True)) if a != b), len(ref[0]))
     assert same >= 4  # greedy agrees until two candidates are nearly tied
@@ -209,7 +209,7 @@ def test_small_batches_take_one_call_and_follow_the_twin(llm, monkeypatch) -> No
     both = _run(llm, prompts, n=4)
     # both prefills in one call (9 rows, two block tables), then one row per sequence each step
     assert calls == [[0, 1, 2, 3, 0, 1, 2, 3, 4], [4, 5], [5, 6], [6, 7]]
-    monkeypatch.setattr(runner, "decode1", None)
+    monkeypatch.setattr(runner, "fast_step", None)
     ref = _run(llm, prompts, n=4)
     for (t, lp), (rt, rlp) in zip(both, ref, strict=True):
         assert t == rt
@@ -219,7 +219,7 @@ def test_small_batches_take_one_call_and_follow_the_twin(llm, monkeypatch) -> No
 def test_more_rows_than_the_kernels_take_keep_the_fused_path(llm, monkeypatch) -> None:
     runner = llm.engine.runner
     calls = _count_fast_steps(runner, monkeypatch)
-    long = list(range(10, 10 + runner.decode1.max_rows + 1))
+    long = list(range(10, 10 + runner.fast_step.max_rows + 1))
     _run(llm, [long], n=2)
     assert calls == [[len(long)]]  # the prefill went through FusedForward; the decode step did not
 
@@ -235,16 +235,16 @@ def test_only_models_it_reproduces_are_served(llm) -> None:
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
     plain = LLM(build_model(cfg), max_model_len=32, max_num_seqs=1)
-    assert plain.engine.runner.decode1 is not None  # fp32 nn.Linear weights: the native fp32 stream
+    assert plain.engine.runner.fast_step is not None  # fp32 nn.Linear weights: the native fp32 stream
     biased = LLM(build_model(ModelConfig(**{**cfg.__dict__, "attention_bias": True})), max_model_len=32,
                  max_num_seqs=1)
-    assert biased.engine.runner.decode1 is None  # biases: FusedForward only
+    assert biased.engine.runner.fast_step is None  # biases: FusedForward only
 
 
 @pytest.mark.parametrize("weights", ["gguf", "int4", "fp32"])
 def test_plan_equals_one_call_per_layer(request, weights, monkeypatch) -> None:
     llm = request.getfixturevalue(WEIGHTS[weights])
-    step = llm.engine.runner.decode1
+    step = llm.engine.runner.fast_step
     prompt = [1, 4093, 314, 253, 2165, 30, 198, 2]
     one_call = _run(llm, [prompt])[0]
     assert cpu_kernels.active_isa() in step.plans
@@ -253,7 +253,7 @@ def test_plan_equals_one_call_per_layer(request, weights, monkeypatch) -> None:
 
 
 def test_plans_are_freed_and_bad_steps_named(llm_int4) -> None:
-    step = llm_int4.engine.runner.decode1
+    step = llm_int4.engine.runner.fast_step
     ops = cpu_kernels._ops()
     before = ops.decode_plan_count()
     plan = cpu_kernels.DecodePlan(step.layers, 9, 3, 64, 0.125)

@@ -78,7 +78,7 @@ def _weight(m: nn.Module) -> tuple[list[torch.Tensor], int]:
 
 
 class DecodeStep:
-    """`DecodeStep(model, fused)(token, pos, block_table, kv) -> hidden [1, d]` (after the final norm)."""
+    """`DecodeStep(model, fused).rows(tokens, positions, tables, kv) -> hidden [R, d]` (after the final norm)."""
 
     def __init__(self, model: nn.Module, fused: FusedForward) -> None:
         self.fused = fused
@@ -110,10 +110,6 @@ class DecodeStep:
         if self.head_weight is not None:
             return cpu_kernels.f32_matvec(h[0] if len(h) == 1 else h, self.head_weight).view(len(h), -1)
         return self.head(h).float()
-
-    def __call__(self, token: int, pos: int, block_table: list[int], kv: torch.Tensor) -> torch.Tensor:
-        """One token at `pos` of the sequence with `block_table` -> its final hidden state [1, d]."""
-        return self.rows([token], [pos], [block_table], kv)
 
     def rows(self, tokens: list[int], positions: list[int], tables: list[list[int]],
              kv: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ class ModelRunner:
         self.fused = FusedForward(model) if fused and fused_supports(model) else None
         # up to `max_rows` tokens a step (a decode batch, a speculative verification, a short prefill): one native
         # call for all layers (decode_fast; FusedForward is its twin)
-        self.decode1 = DecodeStep(model, self.fused) if fused and decode_supports(model, self.fused, cache.kv) else None
+        self.fast_step = DecodeStep(model, self.fused) if fused and decode_supports(model, self.fused, cache.kv) else None
 
     @torch.inference_mode()
     def forward(self, seqs: Seq[Sequence], num_new: Seq[int]) -> tuple[list[Sequence], torch.Tensor]:
@@ -87,13 +87,13 @@ class ModelRunner:
                 # a speculating sequence wants the logits of its pending token and of every draft token
                 rows.extend(range(len(ids) - 1 - len(seq.draft), len(ids)))
                 wanted.append(seq)
-        if self.decode1 is not None and len(ids) <= self.decode1.max_rows:
+        if self.fast_step is not None and len(ids) <= self.fast_step.max_rows:
             # a few tokens (a decode batch, a speculative verification, a short prefill): one native call
             row_tables = [t for t, n in zip(tables, lengths, strict=True) for _ in range(n)]
-            h = self.decode1.rows(ids, positions, row_tables, self.cache.kv)
+            h = self.fast_step.rows(ids, positions, row_tables, self.cache.kv)
             if not rows:
                 return [], torch.empty(0)
-            return wanted, self.decode1.logits(h if len(rows) == len(ids) else h[rows])
+            return wanted, self.fast_step.logits(h if len(rows) == len(ids) else h[rows])
         meta = build_paged_meta(tables, starts, lengths, self.cache.block_size, self.mode, self.window, self.device)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)

@@ -14,6 +14,9 @@ namespace {
 // The torch twin is FusedForward over the same modules (same matrix-vector kernels); matrices that read the same
 // x run as one `mv_group`, and each row is computed exactly as a lone matvec computes it.
 
+// how many tensors a projection of weight type t passes: codes (+ scales for kOwnI8, + zeros for kOwnI4)
+static inline size_t tensors_of(int64_t t) { return t == kOwnI4 ? 3 : t == kOwnI8 ? 2 : 1; }
+
 // One layer's checked weights: the tensors (held), their types, and per projection where its codes, scales and
 // zeros sit in `w`.
 struct LayerWeights {
@@ -34,7 +37,6 @@ static LayerWeights check_layer(std::vector<at::Tensor> w, const std::vector<int
                                 at::Tensor ln2, double eps1, double eps2, int64_t d, int64_t H, int64_t Hkv,
                                 int64_t D) {
   TORCH_CHECK(types.size() == 7, "seven weights (q, k, v, o, gate, up, down) and their types");
-  auto tensors_of = [](int64_t t) -> size_t { return t == kOwnI4 ? 3 : t == kOwnI8 ? 2 : 1; };
   size_t gate_at = 0;
   for (int i = 0; i < 4; ++i) gate_at += tensors_of(types[i]);
   TORCH_CHECK(gate_at < w.size() && w[gate_at].dim() == 2, "too few weight tensors for the types given");
@@ -214,7 +216,6 @@ int64_t decode_plan_new(std::vector<at::Tensor> w, std::vector<int64_t> types, s
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && D <= 1024 && D % 2 == 0, "head shapes");
   auto plan = std::make_shared<DecodePlan>();
   plan->d = norms[0].numel(); plan->H = H; plan->Hkv = Hkv; plan->D = D;
-  auto tensors_of = [](int64_t t) -> size_t { return t == kOwnI4 ? 3 : t == kOwnI8 ? 2 : 1; };
   size_t at_w = 0;
   for (int64_t l = 0; l < n; ++l) {
     std::vector<int64_t> ty(types.begin() + 7 * l, types.begin() + 7 * (l + 1));
