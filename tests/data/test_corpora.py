@@ -47,6 +47,10 @@ def test_sft_tasks_are_deterministic_and_split() -> None:
     assert len(title) > 900 and set(title[0]) == {"instruction", "input", "output"}
     senti = corpora.sft_examples("sentiment", "train")
     assert {r["output"] for r in senti} == set(corpora.INEWS_LABELS)
+    # the sentiment task reads the whole news item: headline first, then the body, cut together
+    art = next(a for a in corpora.inews("train") if a.content and a.title)
+    assert senti[0]["input"] == corpora.news_text(art, 200) and senti[0]["input"].startswith(art.title)
+    assert all(len(r["input"]) <= 120 + 2 for r in corpora.sft_examples("sentiment", "dev", max_chars=120))
     tr_train, tr_test = corpora.sft_examples("translate", "train"), corpora.sft_examples("translate", "test")
 
     def zh_side(recs):
@@ -245,3 +249,11 @@ def test_parquet_and_saved_hf_dataset(tmp_path) -> None:
     assert list(corpora.read_texts(tmp_path / "ds", field="content")) == ["丙", "丁"]
     with pytest.raises(CorpusError, match="no column 'text'"):
         list(corpora.read_texts(tmp_path / "ds"))
+
+
+def test_news_text_joins_headline_and_body() -> None:
+    art = corpora.Article
+    assert corpora.news_text(art("股市大涨", "投资者信心十足。", 0), 50) == "股市大涨。投资者信心十足。"
+    assert corpora.news_text(art("股市大涨！", "投资者信心十足。", 0), 50) == "股市大涨！投资者信心十足。"
+    assert corpora.news_text(art("", "投资者  信心\n十足。", 0), 50) == "投资者 信心 十足。"
+    assert corpora.news_text(art("股市大涨", "投资者信心十足。", 0), 6) == "股市大涨。投……"

@@ -6,8 +6,8 @@ Built-in builders (deterministic in `seed`, from the offline inews corpus of `ti
 - `title`: prompt = "为下面的新闻写一个标题。" + the article; chosen = its own title; rejected = the title of
   another article of the same split (drawn with random.Random(seed)). A model that reads the article can tell
   them apart, so preference accuracy measures whether it does.
-- `sentiment`: prompt = the sentiment instruction + the article; chosen = the correct label (积极/中性/消极);
-  rejected = one of the two wrong labels, drawn from the seed.
+- `sentiment`: prompt = the sentiment instruction + the news item (headline, then body); chosen = the correct
+  label (积极/中性/消极); rejected = one of the two wrong labels, drawn from the seed.
 
 Prompts use exactly the user text of the SFT tasks (`corpora.sft_examples`), so a model fine-tuned by the
 recipe sees familiar inputs. A JSONL file works too: one object per line with string fields `prompt`,
@@ -52,14 +52,9 @@ class TokenPair:
     rejected: list[int]
 
 
-def _cut(text: str, max_chars: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= max_chars else text[:max_chars] + "……"
-
-
 def title_pairs(split: str = "train", seed: int = 0, max_chars: int = 120) -> list[PreferencePair]:
     """Correct title (chosen) vs another article's title (rejected) for every inews article of `split`."""
-    from tinyllm.data.corpora import inews
+    from tinyllm.data.corpora import cut_text, inews
 
     arts = [a for a in inews(split) if a.title and a.content]
     rng = random.Random(seed)
@@ -69,13 +64,13 @@ def title_pairs(split: str = "train", seed: int = 0, max_chars: int = 120) -> li
             j = rng.randrange(len(arts))
             if j != i and arts[j].title != a.title:
                 break
-        out.append(PreferencePair(f"{TITLE_INSTRUCTION}\n\n{_cut(a.content, max_chars)}", a.title, arts[j].title))
+        out.append(PreferencePair(f"{TITLE_INSTRUCTION}\n\n{cut_text(a.content, max_chars)}", a.title, arts[j].title))
     return out
 
 
 def sentiment_pairs(split: str = "train", seed: int = 0, max_chars: int = 120) -> list[PreferencePair]:
     """Correct sentiment label (chosen) vs a wrong one (rejected) for every inews article of `split`."""
-    from tinyllm.data.corpora import INEWS_LABELS, inews
+    from tinyllm.data.corpora import INEWS_LABELS, inews, news_text
 
     rng = random.Random(seed)
     out = []
@@ -83,7 +78,7 @@ def sentiment_pairs(split: str = "train", seed: int = 0, max_chars: int = 120) -
         if not a.content:
             continue
         wrong = rng.choice([lab for i, lab in enumerate(INEWS_LABELS) if i != a.label])
-        out.append(PreferencePair(f"{SENTIMENT_INSTRUCTION}\n\n{_cut(a.content, max_chars)}",
+        out.append(PreferencePair(f"{SENTIMENT_INSTRUCTION}\n\n{news_text(a, max_chars)}",
                                   INEWS_LABELS[a.label], wrong))
     return out
 

@@ -232,7 +232,7 @@ def write_report(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], metrics: di
         f"| validation loss / perplexity after pretraining | {fmt(metrics['pretrain_val_loss'])} / "
         f"{fmt(metrics['pretrain_val_ppl'], '.1f')} |",
         f"| validation loss / perplexity after SFT | {fmt(metrics['sft_val_loss'])} / {fmt(metrics['sft_val_ppl'], '.1f')} |",
-        f"| sentiment accuracy (inews test, {metrics['sentiment_examples']} articles, label log-likelihood) | "
+        f"| sentiment accuracy (inews test, {metrics['sentiment_examples']} items, headline + body, label log-likelihood) | "
         f"{fmt(metrics['sentiment_accuracy'], '.1%')} |",
         f"| sentiment accuracy, contextually calibrated | {fmt(metrics['sentiment_accuracy_calibrated'], '.1%')} |",
         f"| majority-class baseline | {fmt(metrics['sentiment_majority_baseline'], '.1%')} |",
