@@ -227,7 +227,7 @@ def build(cfg: dict[str, Any], vocab_size: int, eos: int) -> torch.nn.Module:
 
 def probe(out: Path, names: list[str], seconds: float, precision: str) -> None:
     from tinyllm.capability import describe, resolve_precision
-    from tinyllm.recipes.tiny_zh import measure_step_seconds
+    from tinyllm.recipes.tiny_zh_plan import measure_step_seconds
 
     prec = resolve_precision(precision, "cpu")
     for name in names:

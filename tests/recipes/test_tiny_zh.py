@@ -161,7 +161,7 @@ def test_plan_replans_precision_then_batch_when_the_budget_is_too_short(monkeypa
     """Regression: on an AVX2-only CPU bf16 ran ~88 s/step and the recipe planned 20 useless steps."""
     import dataclasses
 
-    from tinyllm.recipes import tiny_zh
+    from tinyllm.recipes import tiny_zh, tiny_zh_plan
 
     sc = dataclasses.replace(tiny_zh.SCALES["test"], max_steps=None, pretrain_seconds=100.0, min_steps=50,
                              batch_size=16)
@@ -170,22 +170,22 @@ def test_plan_replans_precision_then_batch_when_the_budget_is_too_short(monkeypa
 
     monkeypatch.setattr(cap, "resolve_precision", lambda p, d: "bf16")
     # bf16 is slow everywhere, fp32 at batch 16 fits: fp32 wins, and the reason says why
-    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+    monkeypatch.setattr(tiny_zh_plan, "measure_step_seconds", _fake_probe(
         {("bf16", 16): 50.0, ("bf16", 8): 25.0, ("bf16", 4): 12.0, ("fp32", 16): 1.0}))
-    plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
+    plan = tiny_zh_plan.plan_pretrain(cfg, sc, _Tok())
     assert (plan["precision"], plan["batch_size"], plan["max_steps"]) == ("fp32", 16, 100)
     assert "allows only 2 steps" in plan["reason"] and [p["batch_size"] for p in plan["probes"]] == [16, 8, 4, 16]
     # nothing fits: the most tokens wins and the plan warns
-    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+    monkeypatch.setattr(tiny_zh_plan, "measure_step_seconds", _fake_probe(
         {("bf16", 16): 50.0, ("bf16", 8): 25.0, ("bf16", 4): 20.0, ("fp32", 16): 10.0, ("fp32", 8): 5.0,
          ("fp32", 4): 4.0}))
-    plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
+    plan = tiny_zh_plan.plan_pretrain(cfg, sc, _Tok())
     assert plan["precision"] == "fp32" and plan["batch_size"] == 16 and "undertrained" in plan["reason"]
     # an explicit precision is kept; the epoch cap bounds the steps
     cfg32 = TinyZhConfig(scale="test", device="cpu", precision="fp32")
     monkeypatch.setattr(cap, "resolve_precision", lambda p, d: p)
-    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe({("fp32", 16): 0.1}))
-    plan = tiny_zh.plan_pretrain(cfg32, sc, _Tok(), corpus_tokens=16 * 32 * 300)
+    monkeypatch.setattr(tiny_zh_plan, "measure_step_seconds", _fake_probe({("fp32", 16): 0.1}))
+    plan = tiny_zh_plan.plan_pretrain(cfg32, sc, _Tok(), corpus_tokens=16 * 32 * 300)
     assert plan["max_steps"] == int(sc.max_epochs * 300) and "capped" in plan["reason"]
 
 
@@ -195,15 +195,15 @@ def test_plan_never_probes_emulated_bf16(monkeypatch) -> None:
     import dataclasses
 
     import tinyllm.capability as cap
-    from tinyllm.recipes import tiny_zh
+    from tinyllm.recipes import tiny_zh, tiny_zh_plan
 
     sc = dataclasses.replace(tiny_zh.SCALES["test"], max_steps=None, pretrain_seconds=100.0, min_steps=500,
                              batch_size=16)
     monkeypatch.setattr(cap, "resolve_precision", lambda p, d: "fp32")
     monkeypatch.setattr(cap, "bf16_matmul_speedup", lambda: 0.02)
-    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+    monkeypatch.setattr(tiny_zh_plan, "measure_step_seconds", _fake_probe(
         {("fp32", 16): 0.32, ("fp32", 8): 0.15, ("fp32", 4): 0.1}))
-    plan = tiny_zh.plan_pretrain(TinyZhConfig(scale="test", device="cpu", precision="auto"), sc, _Tok())
+    plan = tiny_zh_plan.plan_pretrain(TinyZhConfig(scale="test", device="cpu", precision="auto"), sc, _Tok())
     assert (plan["precision"], plan["batch_size"], plan["max_steps"]) == ("fp32", 8, 666)
     assert [(p["precision"], p["batch_size"]) for p in plan["probes"]] == [("fp32", 16), ("fp32", 8)]
 
@@ -212,7 +212,7 @@ def test_plan_takes_a_narrower_model_only_where_it_buys_tokens(monkeypatch) -> N
     import dataclasses
 
     import tinyllm.capability as cap
-    from tinyllm.recipes import tiny_zh
+    from tinyllm.recipes import tiny_zh, tiny_zh_plan
 
     heads = dict(num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
     sc = dataclasses.replace(tiny_zh.SCALES["test"], max_steps=None, pretrain_seconds=100.0, min_steps=50,
@@ -221,17 +221,17 @@ def test_plan_takes_a_narrower_model_only_where_it_buys_tokens(monkeypatch) -> N
     cfg = TinyZhConfig(scale="test", device="cpu", precision="fp32")
     monkeypatch.setattr(cap, "resolve_precision", lambda p, d: p)
     # compute-bound: 48 runs 1.25× the tokens of 64 (taken), 32 only 1.07× those of 48 (not taken)
-    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+    monkeypatch.setattr(tiny_zh_plan, "measure_step_seconds", _fake_probe(
         {("fp32", 16, 64): 1.0, ("fp32", 16, 48): 0.8, ("fp32", 16, 32): 0.75}))
-    plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
+    plan = tiny_zh_plan.plan_pretrain(cfg, sc, _Tok())
     assert plan["model"]["hidden_size"] == 48 and (plan["batch_size"], plan["max_steps"]) == (16, 125)
     assert "width 48 (not 64)" in plan["reason"] and len(plan["width_probes"]) == 3
-    pcfg = tiny_zh._pretrain_config(cfg, sc, tiny_zh.Path("o"), tiny_zh.Path("s"), plan)
+    pcfg = tiny_zh_plan.pretrain_config(cfg, sc, tiny_zh.Path("o"), tiny_zh.Path("s"), plan)
     assert pcfg.hidden_size == 48
     # overhead-bound (widths run alike): the scale's model stays, and the narrowest is never timed
-    monkeypatch.setattr(tiny_zh, "measure_step_seconds", _fake_probe(
+    monkeypatch.setattr(tiny_zh_plan, "measure_step_seconds", _fake_probe(
         {("fp32", 16, 64): 1.0, ("fp32", 16, 48): 0.95, ("fp32", 16, 32): 0.5}))
-    plan = tiny_zh.plan_pretrain(cfg, sc, _Tok())
+    plan = tiny_zh_plan.plan_pretrain(cfg, sc, _Tok())
     assert plan["model"]["hidden_size"] == 64 and "width" not in plan["reason"]
     assert [w["hidden_size"] for w in plan["width_probes"]] == [64, 48]
 

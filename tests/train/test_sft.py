@@ -96,7 +96,7 @@ def test_length_grouped_batches_keep_each_epochs_examples_and_pad_less() -> None
 
 
 def test_sft_steps_for_budget_prices_each_batch_by_its_width() -> None:
-    from tinyllm.recipes.tiny_zh_sft import sft_steps_for_budget
+    from tinyllm.recipes.tiny_zh_plan import sft_steps_for_budget
 
     exs = _examples_of_lengths([65] * 40 + [129] * 40)  # widths 64 and 128 after the shift
     full = SFTBatches(exs, 8, pad_id=0, seed=0, group_by_length=True)
@@ -111,7 +111,7 @@ def test_sft_steps_for_budget_prices_each_batch_by_its_width() -> None:
 
 def test_sft_learning_rate_scales_with_the_square_root_of_the_planned_batch() -> None:
     from tinyllm.recipes.tiny_zh import SCALES
-    from tinyllm.recipes.tiny_zh_sft import sft_learning_rate
+    from tinyllm.recipes.tiny_zh_plan import sft_learning_rate
 
     sc = SCALES["default"]
     assert sft_learning_rate(sc, sc.batch_size) == sc.sft_lr
@@ -123,7 +123,7 @@ def test_sft_learning_rate_scales_with_the_square_root_of_the_planned_batch() ->
 
 def test_sft_rows_hold_the_tokens_of_the_planned_pretraining_batch() -> None:
     from tinyllm.recipes.tiny_zh import SCALES
-    from tinyllm.recipes.tiny_zh_sft import sft_shape
+    from tinyllm.recipes.tiny_zh_plan import sft_shape
 
     sc = SCALES["default"]  # pretraining 64 × 64, SFT rows up to 256 tokens
     assert sft_shape(sc, {"batch_size": sc.batch_size}) == (sc.batch_size * sc.seq_len // sc.sft_seq_len,

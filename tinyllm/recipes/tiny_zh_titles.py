@@ -251,7 +251,7 @@ def stage_titles(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], tokenizer: 
     from tinyllm.data.corpora import sft_examples
     from tinyllm.model.hf import load_model
     from tinyllm.recipes.tiny_zh import _log
-    from tinyllm.recipes.tiny_zh_sft import sft_shape
+    from tinyllm.recipes.tiny_zh_plan import sft_shape
 
     final = out / "title_tagger"
     if final.is_dir():  # written whole or not at all

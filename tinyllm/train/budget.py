@@ -1,6 +1,6 @@
 """Wall-clock budgets for training runs: how many steps fit, re-measured while the run goes.
 
-A plan made before training (a short probe of a few steps, `recipes.tiny_zh.measure_step_seconds`) times the
+A plan made before training (a short probe of a few steps, `recipes.tiny_zh_plan.measure_step_seconds`) times the
 machine when it is quiet and the caches are warm; a long run on a shared or thermally limited CPU is often
 slower (on a 2-core AVX-512 EPYC: a 0.270 s/step probe, then 10.4–17.3 k tokens/s in 23-step windows and 348 s
 for a 320 s plan). `StepBudget` re-plans the step count from the run's own mean step time, so the run ends
