@@ -66,12 +66,31 @@ def test_floor_keeps_the_wsd_decay_whole_and_cosine_past_half() -> None:
     assert replan_open(49, 100, "cosine", 0.2) and not replan_open(50, 100, "cosine", 0.2)
 
 
-def test_step_budget_waits_to_settle_then_only_shortens() -> None:
+def test_step_budget_settles_then_follows_the_mean_below_max_steps() -> None:
     b = StepBudget(10.0, 1000, settle=5)
     assert [b.replan(s, 0.1 * s) for s in range(1, 6)] == [1000] * 5  # settling (step 5 marks the start)
+    assert [b.replan(s, 0.1 * s) for s in range(6, 10)] == [1000] * 4  # 4 steps timed: too few to plan from
     assert b.replan(10, 1.0) == 10 + 90  # 0.1 s a step, 9 s left
-    assert b.replan(20, 2.0, floor=150) == 100  # never grows back, even for a floor
-    assert StepBudget(1e6, 40).replan(6, 0.6) == 40  # a generous budget keeps max_steps
+    assert b.replan(20, 2.0, floor=150) == 150  # a floor the schedule needs holds
+    assert b.replan(20, 2.0) == 100
+    assert StepBudget(1e6, 40).replan(11, 1.1) == 40  # a generous budget keeps max_steps
+
+
+def test_one_slow_step_after_settling_does_not_fix_a_short_plan() -> None:
+    # a 320 s budget at 0.4 s a step, one step of 3 s among the first timed ones: the plan dips, then recovers
+    b, t, plans = StepBudget(320.0, 703, settle=5), 0.0, []
+    for step in range(1, 301):
+        t += 3.0 if step == 7 else 0.4
+        plans.append(b.replan(step, t))
+    assert min(plans) < 703 * 0.92  # the slow stretch lowered it
+    assert plans[-1] == 703  # the mean (0.41 s a step) fits all of max_steps again
+    assert max(plans) == 703  # never past max_steps
+    # a machine that stays slow keeps the lowered plan: (320 - 10 × 0.4) / 0.8 s a step from step 10
+    b, t = StepBudget(320.0, 703, settle=5), 0.0
+    for step in range(1, 201):
+        t += 0.4 if step <= 10 else 0.8
+        last = b.replan(step, t)
+    assert abs(last - (200 + (320 - t) / ((t - 2.0) / 195))) <= 1
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="seconds"):
             StepBudget(bad, 10)
