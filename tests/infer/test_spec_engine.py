@@ -60,9 +60,12 @@ def reference(model, prompts) -> list[list[int]]:
             for p in prompts]
 
 
-NGRAM = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
+# every sequence drafts k whatever the batch (fit_native_step=False), so large batches exercise verification too;
+# test_drafts_shrink_to_keep_decode_steps_native checks the default
+NGRAM = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, fit_native_step=False)
 # a draft model that agrees with the target often but not always: the target with int8 weights, 1 layer
-DRAFT = dict(method="draft", num_speculative_tokens=3, draft_quantization="int8", draft_num_layers=1)
+DRAFT = dict(method="draft", num_speculative_tokens=3, draft_quantization="int8", draft_num_layers=1,
+             fit_native_step=False)
 
 
 @pytest.mark.parametrize("spec", [NGRAM, DRAFT], ids=["ngram", "draft"])
@@ -91,6 +94,28 @@ def test_tight_token_budget_trims_the_draft(model, prompts, reference) -> None:
     llm = LLM(model, max_num_batched_tokens=6, speculative=NGRAM)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
     assert llm.engine.stats["spec_accepted"] > 0
+
+
+def test_drafts_shrink_to_keep_decode_steps_native(model, prompts, reference) -> None:
+    """A step of decoding sequences stays within the runner's native step (`fast_step.max_rows`): with 8 running
+    and room for 16 rows each drafts 1 token, fewer running draft more; greedy output unchanged."""
+    llm = LLM(model, max_num_batched_tokens=64, max_num_seqs=8, speculative={**NGRAM, "fit_native_step": True})
+    eng = llm.engine
+    if eng.runner.fast_step is None:
+        pytest.skip("no native decode step in this build")
+    eng.runner.fast_step.max_rows = 16
+    forward, decode_rows = eng.runner.forward, []
+
+    def record(seqs, num_new):
+        if all(s.num_tokens - s.num_computed == 1 for s in seqs):  # decoding only: pending token + its draft
+            decode_rows.append((len(seqs), sum(num_new)))
+        return forward(seqs, num_new)
+
+    eng.runner.forward = record
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+    assert max(r for _, r in decode_rows) <= 16 and eng.stats["spec_accepted"] > 0
+    assert any(n == 8 and r > 8 for n, r in decode_rows)  # 8 sequences still speculate, one draft token each
+    assert any(n < 8 and r - n > n for n, r in decode_rows)  # fewer sequences draft more than one each
 
 
 def test_rejected_slots_are_rolled_back_every_step(model, prompts) -> None:
@@ -170,8 +195,8 @@ def _target_distribution(model, prompt: list[int], n: int, temperature: float, t
 
 
 @pytest.mark.parametrize("spec", [
-    dict(method="ngram", num_speculative_tokens=2),
-    dict(method="draft", num_speculative_tokens=2, draft_quantization=None),  # a different model: q ≠ p
+    dict(method="ngram", num_speculative_tokens=2, fit_native_step=False),
+    dict(method="draft", num_speculative_tokens=2, draft_quantization=None, fit_native_step=False),  # q ≠ p
 ], ids=["ngram", "draft"])
 def test_sampling_preserves_target_distribution(spec) -> None:
     vocab, n, count = 4, 3, 1500
@@ -214,7 +239,7 @@ def test_prompt_lookup_equals_plain_loop() -> None:
     (dict(method="medusa"), "method='medusa'"), (dict(num_speculative_tokens=0), "num_speculative_tokens=0"),
     (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min=3"),
     (dict(draft_quantization="int3"), "draft_quantization='int3'"), (dict(draft_num_layers=0), "draft_num_layers=0"),
-    (dict(draft_model=3), "draft_model=3"),
+    (dict(draft_model=3), "draft_model=3"), (dict(fit_native_step="yes"), "fit_native_step=.yes."),
 ])
 def test_config_errors(kw, name) -> None:
     with pytest.raises(ValueError, match=name.replace("[", r"\[")):

@@ -52,6 +52,9 @@ class SpeculativeConfig:
     draft_quantization: "int4", "int8" or None, applied to the draft's Linears but its LM head (to a copy: the
         target is never touched). draft_head_quantization: the same for the draft's LM head (untied).
     draft_group_size: int4 group size. draft_num_layers: keep only the draft's first N layers (None: all).
+    fit_native_step: lower the drafts so that a step of decoding sequences keeps within the CPU runner's native
+        step (`fast_step.max_rows` rows: 32 fp32, 16 quantized); past it a verification costs more than it saves.
+        False drafts k tokens for every sequence whatever the batch. No effect where there is no native step (CUDA).
     """
 
     method: str = "ngram"
@@ -63,6 +66,7 @@ class SpeculativeConfig:
     draft_head_quantization: str | None = "int8"
     draft_group_size: int = 32
     draft_num_layers: int | None = None
+    fit_native_step: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +85,8 @@ class SpeculativeConfig:
                                                   or isinstance(self.draft_num_layers, bool)
                                                   or self.draft_num_layers < 1):
             raise ValueError(f"draft_num_layers={self.draft_num_layers!r} must be a positive integer or None")
+        if not isinstance(self.fit_native_step, bool):
+            raise ValueError(f"fit_native_step={self.fit_native_step!r} must be True or False")
         if self.draft_model is not None and not isinstance(self.draft_model, (nn.Module, str, os.PathLike)):
             raise ValueError(f"draft_model={self.draft_model!r} must be a model, a path or a model name")
 
