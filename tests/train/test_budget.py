@@ -85,6 +85,13 @@ def test_one_slow_step_after_settling_does_not_fix_a_short_plan() -> None:
     assert min(plans) < 703 * 0.92  # the slow stretch lowered it
     assert plans[-1] == 703  # the mean (0.41 s a step) fits all of max_steps again
     assert max(plans) == 703  # never past max_steps
+    # a resumed run starts from its checkpoint's plan and may rise from it back to max_steps
+    b, t = StepBudget(320.0, 703, settle=5, plan=400), 0.0
+    assert b.max_steps == 400
+    for step in range(1, 21):
+        t += 0.4
+        last = b.replan(step, t)
+    assert last == 703
     # a machine that stays slow keeps the lowered plan: (320 - 10 × 0.4) / 0.8 s a step from step 10
     b, t = StepBudget(320.0, 703, settle=5), 0.0
     for step in range(1, 201):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllm.atomic import atomic_write_json, atomic_write_text
+from tinyllm.recipes.tiny_zh_plan import log as _log
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,6 @@ ALIGN_SCALES = {
     "test": AlignScale(8, 2, 4, 8, 4, 2, 2, 2),
 }
 ALIGN_SCALES["gpu"] = ALIGN_SCALES["default"]
-
-
-def _log(msg: str) -> None:
-    print(f"[tiny-zh] {msg}", flush=True)
 
 
 def stage_dpo(cfg: Any, sc: Any, out: Path, model_dir: Path, tokenizer: Any) -> dict[str, Any]:

@@ -250,7 +250,7 @@ def stage_titles(cfg: Any, sc: Any, out: Path, plan: dict[str, Any], tokenizer: 
     seconds per token); saved with the tokenizer in `title_tagger/`."""
     from tinyllm.data.corpora import sft_examples
     from tinyllm.model.hf import load_model
-    from tinyllm.recipes.tiny_zh import _log
+    from tinyllm.recipes.tiny_zh_plan import log as _log
     from tinyllm.recipes.tiny_zh_plan import sft_shape
 
     final = out / "title_tagger"

@@ -64,15 +64,18 @@ class StepBudget:
     costs: allocation, compilation, cold caches) and `settle` more have been timed, the mean seconds per step
     since the first gives the steps that still fit, and the plan becomes min(max_steps, step + steps that fit),
     never below `floor` (what the schedule needs). A resumed run passes `spent`, the budget its earlier part used,
-    and `start`, the step it resumes from (the settling steps count from there)."""
+    `start`, the step it resumes from (the settling steps count from there), and `plan`, the step count its
+    checkpoint held (the plan may rise from there back towards `max_steps`)."""
 
-    def __init__(self, seconds: float, max_steps: int, settle: int = 5, spent: float = 0.0, start: int = 0) -> None:
+    def __init__(self, seconds: float, max_steps: int, settle: int = 5, spent: float = 0.0, start: int = 0,
+                 plan: int | None = None) -> None:
         if not seconds > 0:
             raise ValueError(f"seconds={seconds!r} must be > 0")
         if max_steps <= 0:
             raise ValueError(f"max_steps={max_steps!r} must be positive")
         self.seconds, self.spent = float(seconds), float(spent)
-        self.limit = self.max_steps = int(max_steps)  # the most it may plan, and the plan as it stands
+        self.limit = int(max_steps)  # the most it may plan
+        self.max_steps = min(self.limit, int(plan)) if plan else self.limit  # the plan as it stands
         self.settle, self.settle_at = int(settle), start + int(settle)
         self._mark: tuple[int, float] | None = None  # (step, elapsed) where timing began
 

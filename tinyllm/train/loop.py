@@ -101,7 +101,7 @@ class TrainConfig:
     max_steps: int = field(default=1000, metadata=_meta("optimizer steps"))
     time_budget_s: float = field(default=0.0, metadata=_meta(
         "wall-clock budget in seconds: re-plan max_steps from the measured step time so the run ends near it "
-        "(only shortens; wsd keeps its whole decay; single-process runs; 0: run max_steps)"))
+        "(never past max_steps; wsd keeps its whole decay; single-process runs; 0: run max_steps)"))
     batch_size: int = field(default=8, metadata=_meta("sequences per micro-batch"))
     grad_accum_steps: int = field(default=1, metadata=_meta("micro-batches per optimizer step"))
     lr: float = field(default=3e-4, metadata=_meta("peak learning rate"))
@@ -293,7 +293,7 @@ class _Run:
             self.device = init_from_env(cfg.device, timeout_s=parallel.timeout_s)
         else:
             self.device = pick_device(cfg.device)
-        self.max_steps = cfg.max_steps  # the plan; a time budget may shorten it
+        self.max_steps = cfg.max_steps  # the plan; a time budget may move it below cfg.max_steps
         self.spent_s = 0.0  # budget seconds used before a resume
         self.model.to(self.device)
         self.params = _named(task.trainable_parameters(model))
@@ -485,7 +485,7 @@ def _train(run: _Run) -> TrainResult:
     t_start = t_window = time.perf_counter()
     peak = None
     interrupted, last_ckpt = False, None
-    budget = (StepBudget(cfg.time_budget_s, run.max_steps, spent=run.spent_s, start=start)
+    budget = (StepBudget(cfg.time_budget_s, cfg.max_steps, spent=run.spent_s, start=start, plan=run.max_steps)
               if cfg.time_budget_s else None)
 
     def spent() -> float:  # budget seconds used so far, earlier parts of a resumed run included
