@@ -92,6 +92,8 @@ def test_one_slow_step_after_settling_does_not_fix_a_short_plan() -> None:
         t += 0.4
         last = b.replan(step, t)
     assert last == 703
+    with pytest.raises(ValueError, match="plan=0"):
+        StepBudget(320.0, 703, plan=0)
     # a machine that stays slow keeps the lowered plan: (320 - 10 × 0.4) / 0.8 s a step from step 10
     b, t = StepBudget(320.0, 703, settle=5), 0.0
     for step in range(1, 201):

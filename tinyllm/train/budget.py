@@ -73,9 +73,11 @@ class StepBudget:
             raise ValueError(f"seconds={seconds!r} must be > 0")
         if max_steps <= 0:
             raise ValueError(f"max_steps={max_steps!r} must be positive")
+        if plan is not None and plan <= 0:
+            raise ValueError(f"plan={plan!r} must be positive (or None: max_steps)")
         self.seconds, self.spent = float(seconds), float(spent)
         self.limit = int(max_steps)  # the most it may plan
-        self.max_steps = min(self.limit, int(plan)) if plan else self.limit  # the plan as it stands
+        self.max_steps = self.limit if plan is None else min(self.limit, int(plan))  # the plan as it stands
         self.settle, self.settle_at = int(settle), start + int(settle)
         self._mark: tuple[int, float] | None = None  # (step, elapsed) where timing began
 
