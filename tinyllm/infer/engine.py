@@ -74,6 +74,8 @@ class LLMEngine:
     native: decode attention through the native CPU kernel (`cpu_kernels`, built on first use; the torch
     path is the reference and the fallback when it cannot be built).
     speculative: a `SpeculativeConfig` (or a dict of its fields, or "ngram"/"draft"); None decodes plainly.
+    huge_pages: on the CPU, move the weights onto transparent huge pages (`hugepages.rehome`: the same values,
+    faster weight streams; a no-op where the OS offers none).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = 16,
@@ -81,7 +83,8 @@ class LLMEngine:
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, attention: str = "paged",
                  max_model_len: int | None = None, fused: bool = True, native: bool = True,
-                 speculative: SpeculativeConfig | dict[str, Any] | str | None = None) -> None:
+                 speculative: SpeculativeConfig | dict[str, Any] | str | None = None,
+                 huge_pages: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -102,7 +105,7 @@ class LLMEngine:
         self.drafter = None if self.speculative is None else build_drafter(
             self.speculative, model, self.cache, native and attention == "paged")
         self.spec_stats = SpecStats()
-        self.runner = ModelRunner(model, self.cache, attention, fused)
+        self.runner = ModelRunner(model, self.cache, attention, fused, huge_pages)
         self.device = next(model.parameters()).device
         self.eos_ids = set(_ids(getattr(cfg, "eos_token_id", None)))
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:

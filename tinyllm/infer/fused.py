@@ -119,6 +119,10 @@ class FusedForward:
         self.scale = self.trunk.layers[0].self_attn.scale
         self._cos = self._sin = torch.empty(0)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The fused q/k/v and gate/up matrices (and biases) this forward holds besides the model's own tensors."""
+        return [t for lay in self.layers for pair in (lay.qkv, lay.gate_up) if pair for t in pair if t is not None]
+
     def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos.shape[0] < n:
             size = max(n, 2 * self._cos.shape[0], 256)

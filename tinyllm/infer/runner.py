@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyllm.infer import hugepages
 from tinyllm.infer.decode_fast import DecodeStep
 from tinyllm.infer.decode_fast import supports as decode_supports
 from tinyllm.infer.fused import FusedForward
@@ -49,7 +50,7 @@ def presence_frequency(scores: torch.Tensor, output_ids: list[int], presence: fl
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, attention: str = "paged",
-                 fused: bool = True) -> None:
+                 fused: bool = True, huge_pages: bool = True) -> None:
         if attention not in ("paged", "gather"):
             raise ValueError(f"attention={attention!r} must be 'paged' or 'gather'")
         self.model, self.cache = model, cache
@@ -61,6 +62,8 @@ class ModelRunner:
         self.split_head = hasattr(model, "model") and hasattr(model, "lm_head")
         # the flat forward of fused.py for the LLaMA family; the model's own forward is the reference
         self.fused = FusedForward(model) if fused and fused_supports(model) else None
+        if huge_pages and self.device.type == "cpu":  # a decode step streams every weight: 2 MiB pages, fewer misses
+            hugepages.rehome(hugepages.module_tensors(model) + (self.fused.tensors() if self.fused else []))
         # up to `max_rows` tokens a step (a decode batch, a speculative verification, a short prefill): one native
         # call for all layers (decode_fast; FusedForward is its twin)
         self.fast_step = DecodeStep(model, self.fused) if fused and decode_supports(model, self.fused, cache.kv) else None
