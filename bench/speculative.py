@@ -4,7 +4,8 @@ tokens must be identical. One JSON line per figure with ratio = speculative / pl
 
   ngram       batch 1, prompt lookup (k tokens, n-grams 1–4) on a repetitive-text workload: a chat prompt
               asking to copy a passage back, so the output repeats its input;
-  draft       batch 1, the same workload drafted by the int4 (g32) copy of the target (self-speculation),
+  draft       batch 1, the same workload drafted by a quantized copy of the target (self-speculation: Q4_1 blocks
+              and a Q8_0 head by default, --draft-quantization int4 for tinyllm's int4 g32 with an int8 head),
               optionally cut to its first --draft-layers layers;
   batched     --batch requests of the workload (different passages) together, prompt lookup.
 
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step (prompt lookup)")
     ap.add_argument("--draft-k", type=int, default=6, help="draft tokens per step (draft model)")
-    ap.add_argument("--draft-layers", type=int, default=None, help="cut the int4 self-draft to N layers")
+    ap.add_argument("--draft-layers", type=int, default=None, help="cut the self-draft to N layers")
+    ap.add_argument("--draft-quantization", default="q4_1", choices=["q4_1", "q8_0", "int4", "int8"],
+                    help="the self-draft's layers (its LM head: q8_0 beside llama.cpp blocks, int8 beside our own)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[], choices=FIGURES)
@@ -120,10 +123,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spec = LLM(model, tok, max_model_len=1024, speculative=dict(method="ngram", num_speculative_tokens=args.k))
         lines.append(compare("ngram", plain, spec, one, args.new_tokens, args.repeats, k=args.k))
     if "draft" not in args.skip:
-        cfg = dict(method="draft", num_speculative_tokens=args.draft_k, draft_quantization="int4",
-                   draft_group_size=32, draft_num_layers=args.draft_layers)
+        q = args.draft_quantization
+        cfg = dict(method="draft", num_speculative_tokens=args.draft_k, draft_quantization=q,
+                   draft_head_quantization="q8_0" if q.startswith("q") else "int8", draft_group_size=32,
+                   draft_num_layers=args.draft_layers)
         spec = LLM(model, tok, max_model_len=1024, speculative=cfg)
-        lines.append(compare("draft_int4", plain, spec, one, args.new_tokens, args.repeats, k=args.draft_k,
+        lines.append(compare(f"draft_{q}", plain, spec, one, args.new_tokens, args.repeats, k=args.draft_k,
                              draft_layers=args.draft_layers or model.config.num_hidden_layers))
     if "batched" not in args.skip:
         many = [workload(tok, i) for i in range(args.batch)]

@@ -14,7 +14,8 @@ from hf_helpers import smollm2_path
 
 from tinyllm.infer import cpu_kernels
 from tinyllm.infer.cpu_kernels import NATIVE_MAX_ROWS
-from tinyllm.infer.ggml_linear import GGMLLinear, use_gguf_blocks
+from tinyllm.infer.ggml_linear import GGMLLinear, quantize_blocks, use_gguf_blocks
+from tinyllm.infer.quant import quantize_model
 from tinyllm.model.gguf import dequantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,3 +139,44 @@ def test_smollm2_engine_on_gguf_blocks_matches_fp32() -> None:
     del blocks, model, layers
     ref = LLM(path, max_model_len=128, max_num_seqs=2).generate([prompt], params, use_tqdm=False)
     assert ours == ref[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_quantize_blocks_equals_llama_cpp_reference(qtype) -> None:
+    """Our quantizer writes the bytes gguf's reference quantizer writes: random rows of varied scale, an all-zero
+    row, a constant row (Q4_1: d = 0), and rows of exact halves (roundf rounds them away from zero)."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((40, 128)) * rng.uniform(1e-3, 4.0, (40, 1))).astype(np.float32)
+    w[1] = 0.0
+    w[2] = 0.75
+    w[3] = (np.arange(128) % 32 - 15.5).astype(np.float32)  # Q4_1 codes (w - min)/d land on whole steps
+    w[4, :32] = np.float32(127 / 2) * np.sign(rng.standard_normal(32)).astype(np.float32)
+    w[4, 0] = 127.0  # Q8_0: d = 1, the others ±63.5 → ±64
+    got = quantize_blocks(torch.from_numpy(w), qtype)
+    assert torch.equal(got, torch.from_numpy(ref_quantize(w, getattr(Q, qtype)).copy()))
+    back = torch.from_numpy(dequantize(got.numpy(), qtype)).view(40, 128)  # within half a step of w
+    assert (back - torch.from_numpy(w)).abs().max() <= np.abs(w).max() / (15 if qtype == "Q4_1" else 127)
+
+
+def test_quantize_blocks_errors() -> None:
+    with pytest.raises(ValueError, match="Q4_0"):
+        quantize_blocks(torch.zeros(2, 32), "Q4_0")
+    with pytest.raises(ValueError, match=r"\(2, 48\)"):
+        quantize_blocks(torch.zeros(2, 48), "Q8_0")
+
+
+def test_quantize_model_to_llama_cpp_blocks() -> None:
+    """`quantize_model(m, "q4_1" | "q8_0")`: every Linear becomes a GGMLLinear on its own weights' blocks, with
+    int8-rounded activations (llama.cpp's arithmetic), close to the fp32 layer; a width blocks cannot hold is
+    refused by name."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8, bias=False))
+    x = torch.randn(3, 64)
+    ref = m(x)
+    for method, qtype, tol in (("q8_0", "Q8_0", 0.02), ("q4_1", "Q4_1", 0.15)):
+        q = quantize_model(m, method, skip=(), inplace=False)
+        assert all(isinstance(q[i], GGMLLinear) and q[i].ggml_type == qtype and q[i].x_q8 for i in (0, 2))
+        assert torch.equal(q[0].blocks, quantize_blocks(m[0].weight, qtype))
+        assert (q(x) - ref).abs().max() < tol * ref.abs().max()
+    with pytest.raises(ValueError, match="0: in_features=48"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(48, 8)), "q4_1", skip=())

@@ -64,8 +64,8 @@ def reference(model, prompts) -> list[list[int]]:
 # test_drafts_shrink_to_keep_decode_steps_native checks the default
 NGRAM = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, fit_native_step=False)
 # a draft model that agrees with the target often but not always: the target with int8 weights, 1 layer
-DRAFT = dict(method="draft", num_speculative_tokens=3, draft_quantization="int8", draft_num_layers=1,
-             fit_native_step=False)
+DRAFT = dict(method="draft", num_speculative_tokens=3, draft_quantization="int8", draft_head_quantization="int8",
+             draft_num_layers=1, fit_native_step=False)
 
 
 @pytest.mark.parametrize("spec", [NGRAM, DRAFT], ids=["ngram", "draft"])
@@ -116,6 +116,61 @@ def test_drafts_shrink_to_keep_decode_steps_native(model, prompts, reference) ->
     assert max(r for _, r in decode_rows) <= 16 and eng.stats["spec_accepted"] > 0
     assert any(n == 8 and r > 8 for n, r in decode_rows)  # 8 sequences still speculate, one draft token each
     assert any(n < 8 and r - n > n for n, r in decode_rows)  # fewer sequences draft more than one each
+
+
+@pytest.mark.parametrize("from_target", [True, False])
+def test_self_draft_takes_the_targets_kv(model, prompts, reference, from_target) -> None:
+    """A self-draft does not prefill the prompt again: its first forward for a sequence feeds only the token the
+    target has not computed, and the prompt's K/V in the draft's pool are the target's, slot for slot (the draft's
+    one layer is the target's first). draft_kv_from_target=False computes the whole context. Greedy output is the
+    plain output either way."""
+    llm = LLM(model, max_num_batched_tokens=64, speculative={**DRAFT, "draft_kv_from_target": from_target})
+    eng, drafter = llm.engine, llm.engine.drafter
+    forward, first_rows, seen = drafter.runner.forward, [], set()
+
+    def record(seqs, num_new):
+        for s, n in zip(seqs, num_new, strict=True):
+            if s.seq.seq_id not in seen:
+                seen.add(s.seq.seq_id)
+                first_rows.append((s.seq.num_prompt_tokens, n))
+        return forward(seqs, num_new)
+
+    drafter.runner.forward = record
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+    assert len(first_rows) == len(prompts)
+    if from_target:
+        assert all(n == 1 for _, n in first_rows)
+    else:
+        assert all(n >= p for p, n in first_rows)  # the draft computes the prompt itself
+
+    eng.add_request("again", None, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                    prompt_token_ids=prompts[0])
+    eng.step()  # prefill (the target's)
+    eng.step()  # the first proposal, then its verification
+    seq = next(s for s in eng.scheduler.running)
+    B, n = eng.cache.block_size, len(prompts[0])
+    slots = torch.tensor([seq.block_table[p // B] * B + p % B for p in range(n)])
+    mine, target = drafter.cache.kv[0].flatten(1, 2)[:, slots], eng.cache.kv[0].flatten(1, 2)[:, slots]
+    assert torch.equal(mine, target) == from_target
+
+
+def test_q4_1_self_draft_decodes_as_plain() -> None:
+    """The default self-draft: llama.cpp Q4_1 layers and a Q8_0 head (int8-rounded activations); greedy output is
+    the target's. A model whose widths are not multiples of 32 gets tinyllm's int4/int8 twins, with a warning."""
+    from tinyllm.infer.ggml_linear import GGMLLinear
+
+    model, prompts = _model(seed=3, hidden=64), [[5, 6, 7, 8, 5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 45))]
+    plain = [o.outputs[0].token_ids for o in LLM(model).generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(model, speculative=dict(method="draft", num_speculative_tokens=3))
+    draft = llm.engine.drafter.model
+    assert isinstance(draft.lm_head, GGMLLinear) and draft.lm_head.ggml_type == "Q8_0" and draft.lm_head.x_q8
+    assert isinstance(draft.model.layers[0].mlp.down_proj, GGMLLinear)
+    assert draft.model.layers[0].mlp.down_proj.ggml_type == "Q4_1"
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == plain
+    assert llm.engine.stats["spec_accepted"] > 0
+    with pytest.warns(RuntimeWarning, match="not multiples of 32"):
+        odd = LLM(_model(hidden=48), speculative="draft")
+    assert odd.engine.drafter.model.lm_head.method == "int8"
 
 
 def test_rejected_slots_are_rolled_back_every_step(model, prompts) -> None:
@@ -240,6 +295,7 @@ def test_prompt_lookup_equals_plain_loop() -> None:
     (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min=3"),
     (dict(draft_quantization="int3"), "draft_quantization='int3'"), (dict(draft_num_layers=0), "draft_num_layers=0"),
     (dict(draft_model=3), "draft_model=3"), (dict(fit_native_step="yes"), "fit_native_step=.yes."),
+    (dict(draft_kv_from_target=1), "draft_kv_from_target=1"), (dict(draft_head_quantization="q5_0"), "q5_0"),
 ])
 def test_config_errors(kw, name) -> None:
     with pytest.raises(ValueError, match=name.replace("[", r"\[")):

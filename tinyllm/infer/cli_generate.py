@@ -11,7 +11,7 @@ prompt (prompt, text, num_tokens, finish_reason) to `--output-file` or stdout. `
 quantizes the weights (`quant.quantize_model`, lm_head kept) before generation; `--quantization gguf` runs a
 .gguf model's own Q4_0/Q4_1/Q8_0 blocks as llama.cpp does (int8-rounded activations, the batch-1 fast path). `--speculative ngram|draft`
 decodes speculatively in the engine (`drafters.py`: prompt lookup, or a draft model — `--draft-model`, by
-default the int4 copy of the target), `--num-speculative-tokens` draft tokens per step; same greedy text. `chat` is an interactive loop on stdin that keeps
+default the Q4_1 copy of the target), `--num-speculative-tokens` draft tokens per step; same greedy text. `chat` is an interactive loop on stdin that keeps
 the conversation, renders it with the checkpoint's chat template each turn and streams the reply; `/reset`
 clears the history, `/exit` (or end of input) quits. Each turn re-encodes the whole conversation (no KV cache
 kept across turns) and drops the oldest turns when it outgrows the context window.
@@ -82,7 +82,7 @@ class GenerateConfig:
         "choices": ["none", "ngram", "draft"]})
     num_speculative_tokens: int = field(default=4, metadata={"help": "draft tokens verified per step"})
     draft_model: str | None = field(default=None, metadata={
-        "help": "--speculative draft: the draft checkpoint (default: the int4 copy of the target)"})
+        "help": "--speculative draft: the draft checkpoint (default: the Q4_1 copy of the target)"})
     draft_layers: int | None = field(default=None, metadata={"help": "keep only the draft's first N layers"})
 
     def __post_init__(self) -> None:
@@ -113,10 +113,10 @@ class GenerateConfig:
             return None
         from tinyllm.infer.drafters import SpeculativeConfig
 
-        # a separate draft checkpoint is taken as it is; the self-draft is the int4 copy of the target
+        # a separate draft checkpoint is taken as it is; the self-draft is the Q4_1 copy of the target
         return SpeculativeConfig(self.speculative, self.num_speculative_tokens, draft_model=self.draft_model,
-                                 draft_quantization=None if self.draft_model else "int4",
-                                 draft_head_quantization=None if self.draft_model else "int8",
+                                 draft_quantization=None if self.draft_model else "q4_1",
+                                 draft_head_quantization=None if self.draft_model else "q8_0",
                                  draft_num_layers=self.draft_layers)
 
     def sampling_params(self) -> Any:

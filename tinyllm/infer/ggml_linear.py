@@ -74,6 +74,41 @@ class GGMLLinear(nn.Module):
                 + (", x_q8=True" if self.x_q8 else ""))
 
 
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero), computed so that x + 0.5 rounding up in fp32 cannot carry
+    0.49999997 to 1."""
+    a = x.abs()
+    fl = torch.floor(a)
+    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
+
+
+def quantize_blocks(w: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """fp32 weights [N, K] (K a multiple of 32) → ggml blocks uint8 [N, K/32 · block bytes], as llama.cpp's
+    reference quantizers write them (tested byte-equal to `gguf.quants.quantize`):
+
+      Q8_0: d = max|w| / 127 (fp16), q = roundf(w / d) ∈ [−127, 127];                         ŵ = d·q
+      Q4_1: d = (max w − min w) / 15 (fp16), m = min w (fp16), q = trunc((w − m)/d + ½) ∈ [0, 15]; ŵ = d·q + m
+            (codes from the fp32 d and m; nibble j of a byte is column j, the high nibble column j + 16)
+    """
+    if ggml_type not in ("Q4_1", "Q8_0"):
+        raise ValueError(f"ggml_type={ggml_type!r}: quantize_blocks writes Q4_1 or Q8_0")
+    if w.dim() != 2 or w.shape[1] % 32:
+        raise ValueError(f"w must be [N, K] with K a multiple of 32, got {tuple(w.shape)}")
+    n = w.shape[0]
+    b = w.detach().float().cpu().reshape(-1, 32)
+    if ggml_type == "Q8_0":
+        d = b.abs().amax(-1, keepdim=True) / 127
+        q = torch.where(d == 0, torch.zeros_like(b), b / d)
+        codes = _round_half_away(q).to(torch.int8).view(torch.uint8)
+        return torch.cat([d.half().view(torch.uint8), codes], dim=1).reshape(n, -1)
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc((b - lo) * inv + 0.5).to(torch.uint8).clamp_(0, 15)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat([d.half().view(torch.uint8), lo.half().view(torch.uint8), packed], dim=1).reshape(n, -1)
+
+
 def use_gguf_blocks(model: nn.Module, path: str | os.PathLike, native: bool = True, x_q8: bool = False) -> nn.Module:
     """Replace, in place, every `nn.Linear` of `model` (loaded from the GGUF file `path`) whose tensor the
     file stores as Q4_0/Q4_1/Q8_0 by a `GGMLLinear` on those blocks; a tied LM head gets the embedding's

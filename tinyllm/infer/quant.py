@@ -37,6 +37,9 @@ from tinyllm.infer import cpu_kernels
 from tinyllm.infer.cpu_kernels import NATIVE_MAX_ROWS, int4_linear, int8_linear
 
 METHODS = ("int8", "int4")
+# llama.cpp's block formats, written from the fp32 weights (`ggml_linear.quantize_blocks`) and run as stored by
+# `GGMLLinear` with activations rounded to int8 blocks, as llama.cpp computes them
+BLOCK_METHODS = {"q4_1": "Q4_1", "q8_0": "Q8_0"}
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -203,14 +206,16 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 def quantize_model(model: nn.Module, method: str = "int8", group_size: int = 128,
                    skip: Iterable[str] = ("lm_head",), use_kernel: bool = False, untie: bool = False,
                    inplace: bool = True, native: bool = True) -> nn.Module:
-    """Replace every `nn.Linear` of `model` (except those matched by `skip`) by a `QuantLinear`; return the model.
+    """Replace every `nn.Linear` of `model` (except those matched by `skip`) by a `QuantLinear` (`method` "int8",
+    "int4") or by a `GGMLLinear` on llama.cpp blocks ("q4_1", "q8_0": integer block products with activations
+    rounded to int8, as llama.cpp's CPU backend computes; in_features must be a multiple of 32); return the model.
 
     A Linear whose weight is shared with another module (tied embeddings) is refused unless `untie=True`
     (the other module then keeps the full-precision weight, so the tie is broken knowingly and nothing is
     saved for that matrix). `inplace=False` quantizes a deep copy and leaves `model` untouched.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
+    if method not in METHODS and method not in BLOCK_METHODS:
+        raise ValueError(f"method={method!r} is not one of {list(METHODS) + list(BLOCK_METHODS)}")
     if method == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r} is not one of {list(GROUP_SIZES)}")
     skip = tuple(skip)
@@ -229,8 +234,19 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = 128
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(mod, method, group_size, use_kernel, native))
+        setattr(parent, attr, _block_linear(name, mod, method, native) if method in BLOCK_METHODS
+                else QuantLinear(mod, method, group_size, use_kernel, native))
     return model
+
+
+def _block_linear(name: str, mod: nn.Linear, method: str, native: bool) -> nn.Module:
+    from tinyllm.infer.ggml_linear import GGMLLinear, quantize_blocks
+
+    if mod.in_features % 32:
+        raise ValueError(f"{name}: in_features={mod.in_features} is not a multiple of the 32-weight block of "
+                         f"{method}")
+    blocks = quantize_blocks(mod.weight, BLOCK_METHODS[method]).to(mod.weight.device)
+    return GGMLLinear(BLOCK_METHODS[method], blocks, mod.in_features, mod.bias, native, x_q8=True)
 
 
 def model_nbytes(model: nn.Module) -> int:

@@ -35,7 +35,7 @@ class ServeConfig:
         "choices": ["none", "ngram", "draft"]})
     num_speculative_tokens: int = field(default=4, metadata={"help": "draft tokens verified per step"})
     draft_model: str | None = field(default=None, metadata={
-        "help": "--speculative draft: the draft checkpoint (default: the int4 copy of the served model)"})
+        "help": "--speculative draft: the draft checkpoint (default: the Q4_1 copy of the served model)"})
     graceful_shutdown_s: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on SIGTERM"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
     tool_prompt: str = field(default="template", metadata={
@@ -59,8 +59,8 @@ class ServeConfig:
         from tinyllm.infer.drafters import SpeculativeConfig
 
         return SpeculativeConfig(self.speculative, self.num_speculative_tokens, draft_model=self.draft_model,
-                                 draft_quantization=None if self.draft_model else "int4",
-                                 draft_head_quantization=None if self.draft_model else "int8")
+                                 draft_quantization=None if self.draft_model else "q4_1",
+                                 draft_head_quantization=None if self.draft_model else "q8_0")
 
 
 def check_address(host: str, port: int) -> None:
