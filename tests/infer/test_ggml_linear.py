@@ -180,3 +180,13 @@ def test_quantize_model_to_llama_cpp_blocks() -> None:
         assert (q(x) - ref).abs().max() < tol * ref.abs().max()
     with pytest.raises(ValueError, match="0: in_features=48"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(48, 8)), "q4_1", skip=())
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_native_dequantize_equals_reference(isa, qtype) -> None:
+    """The native dequantizer (the prefill path's) gives numpy's values exactly, rows of any scale."""
+    blocks = _blocks(qtype, 67, 320, seed=5)
+    lin = GGMLLinear(qtype, blocks, 320)
+    assert lin.native
+    assert torch.equal(cpu_kernels.ggml_dequantize(blocks, qtype), lin.dequantize_reference())
+    assert torch.equal(lin.dequantize(), _weight(blocks, qtype))

@@ -50,6 +50,7 @@ TINYLLM_LIBRARY(TINYLLM_NS, m) {
   m.def("wo_int8", &wo_int8);
   m.def("wo_int4", &wo_int4);
   m.def("ggml_matvec", &ggml_matvec);
+  m.def("ggml_dequantize", &ggml_dequantize);
   m.def("decode_layer", &decode_layer);
   m.def("decode_plan_new", &decode_plan_new);
   m.def("decode_plan_run", &decode_plan_run);

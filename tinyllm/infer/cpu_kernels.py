@@ -255,6 +255,12 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str, x_q8: boo
     return _ops().ggml_matvec(x.float(), blocks, GGML_NATIVE_TYPES[ggml_type] | (X_Q8 if x_q8 else 0))
 
 
+def ggml_dequantize(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """ŵ [N, K] fp32 of the llama.cpp blocks uint8 [N, K/32 · block bytes] (Q4_0, Q4_1 or Q8_0): the values
+    `model.gguf.dequantize` computes, in parallel native code. Requires `load()`."""
+    return _ops().ggml_dequantize(blocks, GGML_NATIVE_TYPES[ggml_type])
+
+
 def quantize_x_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference of the kernels' activation rounding, per block of 32 of the last axis of x [..., K]:
     (codes int8 [..., K], d [..., K/32], s [..., K/32]) with d = fp16(amax/127), codes = round-half-even(x ·

@@ -145,6 +145,44 @@ at::Tensor ggml_matvec(at::Tensor x, at::Tensor blocks, int64_t type) {
   return y;
 }
 
+// ŵ [N, K] fp32 from the blocks [N, K/32 · block bytes] of a ggml type: what `model.gguf.dequantize` computes,
+// value for value (d·q and d·q + m rounded as numpy rounds them: two steps, no fused multiply-add), for the
+// compute-bound products of a long prefill, where dequantize + GEMM beats the block kernels.
+__attribute__((optimize("fp-contract=off"))) at::Tensor ggml_dequantize(at::Tensor blocks, int64_t type) {
+  const int64_t bytes = ggml_block_bytes(type);
+  TORCH_CHECK(bytes > 0, "ggml type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(1) % bytes == 0,
+              "blocks must be uint8 [N, K/32 * ", bytes, "]");
+  blocks = blocks.contiguous();
+  const int64_t N = blocks.size(0), nb = blocks.size(1) / bytes, K = 32 * nb;
+  auto w = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  float* dst = w.data_ptr<float>();
+  at::parallel_for(0, N * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* blk = src + i * bytes;
+      float* out = dst + i * 32;
+      const float d = half_to_float(blk);
+      if (type == kQ8_0) {
+        for (int j = 0; j < 32; ++j) out[j] = d * static_cast<float>(static_cast<int8_t>(blk[2 + j]));
+      } else if (type == kQ4_0) {
+        for (int j = 0; j < 16; ++j) {
+          out[j] = d * static_cast<float>((blk[2 + j] & 15) - 8);
+          out[j + 16] = d * static_cast<float>((blk[2 + j] >> 4) - 8);
+        }
+      } else {
+        const float m = half_to_float(blk + 2);
+        for (int j = 0; j < 16; ++j) {
+          const float lo = d * static_cast<float>(blk[4 + j] & 15), hi = d * static_cast<float>(blk[4 + j] >> 4);
+          out[j] = lo + m;
+          out[j + 16] = hi + m;
+        }
+      }
+    }
+  });
+  return w;
+}
+
 // y[m] = W x[m] for the M rows of x. For a few rows (a short prompt's prefill, a small decode batch, a speculative
 // verification) this streams the weights at the matvec's rate, where torch's GEMM measured 5–9 GB/s for M ≤ 16
 // on 2-core EPYCs (it repacks the weight on every call). Row m is bit-identical to the matvec of x[m].
