@@ -490,8 +490,9 @@ class LLM:
     """Offline batched generation: `LLM(model).generate(prompts, params)`.
 
     model: a model object, or anything `tinyllm.load_model` accepts (HF directory, GGUF file, short name);
-    then the tokenizer comes from the same path. quantization "int8" or "int4" (group_size 32/64/128)
-    applies `quant.quantize_model` (weight-only, in place, lm_head kept) before the engine is built;
+    then the tokenizer comes from the same path. quantization "int8" or "int4" (group_size 32/64/128), or
+    "q4_1" / "q8_0" (llama.cpp blocks written from the weights, int8-rounded activations), applies
+    `quant.quantize_model` (in place, lm_head kept) before the engine is built;
     "gguf" (model a .gguf path) runs the file's Q4_0/Q4_1/Q8_0 blocks as stored (`ggml_linear`), with
     activations rounded to int8 blocks as llama.cpp does (`gguf_activations="int8"`, the fast default) or
     kept fp32 (`"fp32"`: the dequantized model's arithmetic, up to summation order).
