@@ -190,3 +190,21 @@ def test_native_dequantize_equals_reference(isa, qtype) -> None:
     assert lin.native
     assert torch.equal(cpu_kernels.ggml_dequantize(blocks, qtype), lin.dequantize_reference())
     assert torch.equal(lin.dequantize(), _weight(blocks, qtype))
+
+
+def test_llm_quantization_q4_1_runs_llama_cpp_blocks() -> None:
+    """`LLM(model, quantization="q4_1")`: every layer's Linear on Q4_1 blocks written from its weights, the LM
+    head kept; it decodes."""
+    from tinyllm import LLM, SamplingParams
+    from tinyllm.model.config import ModelConfig
+    from tinyllm.model.hf import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    llm = LLM(model, quantization="q4_1")
+    mlp = llm.engine.runner.model.model.layers[1].mlp
+    assert isinstance(mlp.down_proj, GGMLLinear) and mlp.down_proj.ggml_type == "Q4_1"
+    assert type(llm.engine.runner.model.lm_head) is torch.nn.Linear
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
