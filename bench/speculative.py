@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step (prompt lookup)")
     ap.add_argument("--draft-k", type=int, default=6, help="draft tokens per step (draft model)")
     ap.add_argument("--draft-layers", type=int, default=None, help="cut the self-draft to N layers")
-    ap.add_argument("--draft-quantization", default="q4_1", choices=["q4_1", "q8_0", "int4", "int8"],
+    from tinyllm.infer.drafters import DRAFT_QUANTIZATIONS
+
+    ap.add_argument("--draft-quantization", default="q4_1", choices=list(DRAFT_QUANTIZATIONS),
                     help="the self-draft's layers (its LM head: q8_0 beside llama.cpp blocks, int8 beside our own)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
